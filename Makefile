@@ -1,0 +1,53 @@
+# quota-ledger: every target installs what it needs into .venv first (pinned by constraints.txt).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTO_FILES := $(wildcard protos/quota_ledger/v1/*.proto)
+
+.PHONY: install run test test-fast protos protos-check lint bench soak crash browse clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run: install everything and serve on 127.0.0.1:50051 with SQLite under ./data/
+run: $(STAMP)
+	$(BIN)/quota-ledger serve
+
+## test: install everything, check generated code, run the whole default suite
+test: $(STAMP) protos-check
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## protos: regenerate the Python modules from protos/*.proto (never edit them by hand)
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --grpc_python_out=protos \
+	  --mypy_out=protos --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy $(PROTO_FILES)
+
+## protos-check: fail when the committed generated code drifts from the .proto files
+protos-check: $(STAMP)
+	rm -rf .protos-check && mkdir -p .protos-check
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=.protos-check --grpc_python_out=.protos-check \
+	  --mypy_out=.protos-check --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy $(PROTO_FILES)
+	for f in $$(cd .protos-check && find . -type f); do \
+	  cmp -s .protos-check/$$f protos/$$f || { echo "generated code drifted: protos/$$f (run make protos)"; exit 1; }; \
+	done
+	rm -rf .protos-check
+
+lint: $(STAMP)
+	$(BIN)/ruff check ledger server clients tests
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench
+
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/test_soak.py
+
+crash: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/test_crash.py
+
+clean:
+	rm -rf $(VENV) .protos-check .pytest_cache .hypothesis data
