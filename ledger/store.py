@@ -1,0 +1,390 @@
+"""The journal store: the one module that speaks SQL.
+
+SQLite in WAL mode with ``synchronous=FULL`` (an acknowledged request survives a power cut,
+not only a crash), explicit ``BEGIN IMMEDIATE`` transactions (TRAPS: sqlite-utils' atomic()
+issues a plain BEGIN), and an exclusive lock file so a second server refuses to start.
+
+Tables:
+- ``journal``: append-only (R25), refused UPDATE/DELETE by triggers; each entry chained to the
+  previous one by a SHA-256 hash; the idempotency key (R12) is a partial unique index on
+  ``(account_id, kind, request_id)``.
+- derived tables (``accounts``, ``plans``, ``usage_daily``, ``offsets_daily``,
+  ``features_daily``), written in the same transaction as the entries that change them.
+
+The engine hands over one :class:`UnitOfWork` per group of requests; :meth:`Store.commit`
+writes it in one transaction (group commit: one fsync for the whole group).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from .errors import Unavailable
+from .model import AccountState, AccountStatus, PlanState, Validity
+
+BUSY_TIMEOUT_MS = 5_000
+JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+GENESIS_HASH = b"\x00" * 32
+
+SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE journal (
+    seq INTEGER PRIMARY KEY,
+    at_us INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    account_id TEXT,
+    request_id TEXT,
+    fingerprint TEXT,
+    payload TEXT NOT NULL,
+    hash BLOB NOT NULL
+);
+CREATE UNIQUE INDEX journal_idempotency ON journal (account_id, kind, request_id)
+    WHERE request_id IS NOT NULL;
+CREATE TRIGGER journal_no_update BEFORE UPDATE ON journal
+    BEGIN SELECT RAISE(ABORT, 'the journal is append-only (R25): UPDATE refused'); END;
+CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal
+    BEGIN SELECT RAISE(ABORT, 'the journal is append-only (R25): DELETE refused'); END;
+CREATE TABLE accounts (
+    account_id TEXT PRIMARY KEY,
+    display_name TEXT NOT NULL,
+    created_at_us INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    cash_micros INTEGER NOT NULL CHECK (cash_micros >= 0),
+    voucher_micros INTEGER NOT NULL CHECK (voucher_micros >= 0),
+    outstanding_micros INTEGER NOT NULL CHECK (outstanding_micros >= 0),
+    overdue_since_us INTEGER,
+    suspended_at_us INTEGER,
+    scenario_ids TEXT NOT NULL,
+    custom_policy INTEGER NOT NULL
+);
+CREATE TABLE plans (
+    plan_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    spec_id TEXT NOT NULL,
+    units_total INTEGER NOT NULL,
+    units_remaining INTEGER NOT NULL CHECK (units_remaining >= 0),
+    units_forfeited INTEGER NOT NULL,
+    price_micros INTEGER NOT NULL,
+    validity INTEGER NOT NULL,
+    purchased_at_us INTEGER NOT NULL,
+    expires_at_us INTEGER NOT NULL,
+    purchase_seq INTEGER NOT NULL,
+    paid_voucher_micros INTEGER NOT NULL,
+    paid_cash_micros INTEGER NOT NULL,
+    refunded_at_us INTEGER
+);
+CREATE INDEX plans_by_account ON plans (account_id, expires_at_us, purchase_seq);
+CREATE TABLE usage_daily (
+    account_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    region INTEGER NOT NULL,
+    payg_units INTEGER NOT NULL,
+    payg_micros INTEGER NOT NULL,
+    PRIMARY KEY (account_id, day, region)
+) WITHOUT ROWID;
+CREATE TABLE offsets_daily (
+    account_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    plan_id TEXT NOT NULL,
+    units INTEGER NOT NULL,
+    PRIMARY KEY (account_id, day, plan_id)
+) WITHOUT ROWID;
+CREATE INDEX offsets_by_day ON offsets_daily (day);
+CREATE INDEX usage_by_day ON usage_daily (day);
+CREATE TABLE features_daily (
+    account_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    start_scenarios INTEGER NOT NULL,
+    start_custom INTEGER NOT NULL,
+    max_scenarios INTEGER NOT NULL,
+    custom_any INTEGER NOT NULL,
+    PRIMARY KEY (account_id, day)
+) WITHOUT ROWID;
+"""
+
+# Each migration takes the schema from version i to i+1; never edit one that has shipped.
+MIGRATIONS: list[str] = [SCHEMA_V1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class DatabaseLocked(RuntimeError):
+    """Another server holds the database: refuse to start (CONTRACT: single writer)."""
+
+
+@dataclass(slots=True)
+class Entry:
+    seq: int
+    at_us: int
+    kind: str
+    account_id: str | None
+    request_id: str | None
+    fingerprint: str | None
+    payload: dict[str, Any]
+
+
+def canonical_json(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True)
+
+
+def chain_hash(prev: bytes, seq: int, at_us: int, kind: str, account_id: str | None,
+               request_id: str | None, payload_json: str) -> bytes:
+    """Each entry's hash covers the previous hash and every stored field of the entry."""
+    h = hashlib.sha256(prev)
+    h.update(f"{seq}|{at_us}|{kind}|{account_id or ''}|{request_id or ''}|".encode())
+    h.update(payload_json.encode())
+    return h.digest()
+
+
+@dataclass(slots=True)
+class UnitOfWork:
+    """Everything one group commit writes: entries plus the derived rows they change."""
+
+    rows: list[tuple] = field(default_factory=list)
+    accounts: dict[str, AccountState] = field(default_factory=dict)
+    plans: dict[str, PlanState] = field(default_factory=dict)
+    usage: dict[tuple[str, str, int], list[int]] = field(default_factory=dict)
+    offsets: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    features: dict[tuple[str, str], tuple[int, int, int, int]] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+    keys: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    last_hash: bytes = GENESIS_HASH
+    next_seq: int = 1
+
+    def append(self, e: Entry) -> int:
+        """Seal the entry into the chain and queue it; returns its seq."""
+        assert e.seq == self.next_seq, "journal order is total and gap-free"
+        payload_json = canonical_json(e.payload)
+        self.last_hash = chain_hash(self.last_hash, e.seq, e.at_us, e.kind, e.account_id,
+                                    e.request_id, payload_json)
+        self.rows.append((e.seq, e.at_us, e.kind, e.account_id, e.request_id, e.fingerprint,
+                          payload_json, self.last_hash))
+        if e.request_id is not None:
+            self.keys[(e.account_id or "", e.kind, e.request_id)] = e.seq
+        self.next_seq += 1
+        return e.seq
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+    return conn
+
+
+class Store:
+    """Owns the database file: the lock, the schema, the writer connection and readers."""
+
+    def __init__(self, path: str | os.PathLike[str], *, lock: bool = True) -> None:
+        self.path = str(path)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = self._take_lock() if lock else None
+        self.conn = _connect(self.path)
+        self.db = sqlite_utils.Database(self.conn)
+        self._migrate()
+        self._local = threading.local()
+        self.commits = 0
+        self.entries_committed = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _take_lock(self) -> int:
+        lock_path = self.path + ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DatabaseLocked(
+                f"the database {self.path} is in use by another quota-ledger server "
+                f"(pid {holder}); only one server may write to it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, newer than this build's "
+                f"{SCHEMA_VERSION}; upgrade quota-ledger"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _statements(MIGRATIONS[target - 1]):
+                    self.conn.execute(stmt)
+                self.conn.execute(f"PRAGMA user_version = {target}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        self.conn.close()
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def checkpoint(self) -> None:
+        """TRAPS: long-lived readers can starve the checkpoint; run this on a schedule."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def reader(self) -> sqlite3.Connection:
+        """A read-only connection for the calling thread; sees only committed data."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path, readonly=True)
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    # ------------------------------------------------------------------ writer-side loads
+
+    def journal_tail(self) -> tuple[int, bytes, int]:
+        """(last seq, last hash, last at_us): where the next entry continues the chain."""
+        row = self.conn.execute(
+            "SELECT seq, hash, at_us FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+        return (row[0], bytes(row[1]), row[2]) if row else (0, GENESIS_HASH, 0)
+
+    def meta_get(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def load_account(self, account_id: str) -> AccountState | None:
+        row = self.conn.execute(
+            "SELECT account_id, display_name, created_at_us, status, cash_micros, voucher_micros,"
+            " outstanding_micros, overdue_since_us, suspended_at_us, scenario_ids, custom_policy"
+            " FROM accounts WHERE account_id = ?", (account_id,)).fetchone()
+        if row is None:
+            return None
+        acct = AccountState(
+            account_id=row[0], display_name=row[1], created_at=row[2],
+            status=AccountStatus(row[3]), cash_micros=row[4], voucher_micros=row[5],
+            outstanding_micros=row[6], overdue_since=row[7], suspended_at=row[8],
+            scenario_ids=tuple(json.loads(row[9])), custom_policy_enabled=bool(row[10]))
+        acct.live_plans = self.load_plans(
+            "WHERE account_id = ? AND refunded_at_us IS NULL AND units_remaining > 0",
+            (account_id,))
+        return acct
+
+    def load_plans(self, where: str, params: tuple = (), conn: sqlite3.Connection | None = None
+                   ) -> list[PlanState]:
+        rows = (conn or self.conn).execute(
+            "SELECT plan_id, account_id, spec_id, units_total, units_remaining, price_micros,"
+            " validity, purchased_at_us, expires_at_us, purchase_seq, paid_voucher_micros,"
+            " paid_cash_micros, refunded_at_us, units_forfeited FROM plans "
+            + where + " ORDER BY expires_at_us, purchase_seq", params).fetchall()
+        return [PlanState(r[0], r[1], r[2], r[3], r[4], r[5], Validity(r[6]), r[7], r[8], r[9],
+                          r[10], r[11], r[12], r[13]) for r in rows]
+
+    def find_key(self, account_id: str, kind: str, request_id: str
+                 ) -> tuple[int, str | None, dict[str, Any], int] | None:
+        """R12: the entry that already claimed this key: (seq, fingerprint, payload, at_us)."""
+        row = self.conn.execute(
+            "SELECT seq, fingerprint, payload, at_us FROM journal"
+            " WHERE account_id = ? AND kind = ? AND request_id = ?",
+            (account_id, kind, request_id)).fetchone()
+        return (row[0], row[1], json.loads(row[2]), row[3]) if row else None
+
+    def feature_day(self, account_id: str, day: str) -> tuple[int, int, int, int] | None:
+        row = self.conn.execute(
+            "SELECT start_scenarios, start_custom, max_scenarios, custom_any FROM features_daily"
+            " WHERE account_id = ? AND day = ?", (account_id, day)).fetchone()
+        return tuple(row) if row else None  # type: ignore[return-value]
+
+    def entry(self, seq: int) -> tuple[str | None, dict[str, Any], int] | None:
+        row = self.conn.execute(
+            "SELECT fingerprint, payload, at_us FROM journal WHERE seq = ?", (seq,)).fetchone()
+        return (row[0], json.loads(row[1]), row[2]) if row else None
+
+    # ------------------------------------------------------------------ the group commit
+
+    def commit(self, uow: UnitOfWork) -> None:
+        """Write one group in one transaction. Raises Unavailable; then nothing was written."""
+        c = self.conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                self._write(c, uow)
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise Unavailable(f"the journal could not be written: {exc}") from exc
+        self.commits += 1
+        self.entries_committed += len(uow.rows)
+
+    @staticmethod
+    def _write(c: sqlite3.Connection, uow: UnitOfWork) -> None:
+        c.executemany("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", uow.rows)
+        if uow.accounts:
+            c.executemany(
+                "INSERT OR REPLACE INTO accounts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(a.account_id, a.display_name, a.created_at, int(a.status), a.cash_micros,
+                  a.voucher_micros, a.outstanding_micros, a.overdue_since, a.suspended_at,
+                  json.dumps(list(a.scenario_ids)), int(a.custom_policy_enabled))
+                 for a in uow.accounts.values()])
+        if uow.plans:
+            c.executemany(
+                "INSERT OR REPLACE INTO plans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(p.plan_id, p.account_id, p.spec_id, p.units_total, p.units_remaining,
+                  p.units_forfeited, p.price_micros, int(p.validity), p.purchased_at,
+                  p.expires_at, p.purchase_seq, p.paid_voucher_micros, p.paid_cash_micros,
+                  p.refunded_at) for p in uow.plans.values()])
+        if uow.usage:
+            c.executemany(
+                "INSERT INTO usage_daily VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+                " payg_units = payg_units + excluded.payg_units,"
+                " payg_micros = payg_micros + excluded.payg_micros",
+                [(*k, v[0], v[1]) for k, v in uow.usage.items()])
+        if uow.offsets:
+            c.executemany(
+                "INSERT INTO offsets_daily VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET"
+                " units = units + excluded.units",
+                [(*k, v) for k, v in uow.offsets.items()])
+        if uow.features:
+            c.executemany("INSERT OR REPLACE INTO features_daily VALUES (?,?,?,?,?,?)",
+                          [(*k, *v) for k, v in uow.features.items()])
+        if uow.meta:
+            c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", list(uow.meta.items()))
+
+
+def _statements(script: str) -> list[str]:
+    """Split a schema script into statements, keeping trigger bodies whole."""
+    out, buf = [], []
+    for line in script.strip().splitlines():
+        buf.append(line)
+        joined = "\n".join(buf).strip()
+        if joined.endswith(";") and sqlite3.complete_statement(joined):
+            out.append(joined)
+            buf = []
+    return out

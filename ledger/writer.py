@@ -1,0 +1,222 @@
+"""The single writer: group commit behind a bounded queue.
+
+Every state-changing command goes through one thread. It takes whatever is waiting (up to
+``GROUP_REQUESTS_MAX`` requests), runs each through the engine, commits them all in one
+transaction and one fsync, and only then answers them: no reply before its commit (R11).
+A full queue fails fast with ``Overloaded`` instead of waiting without limit.
+
+Answers go back in one hop per group: asyncio futures are resolved through one
+``call_soon_threadsafe`` per event loop; ``concurrent.futures`` futures directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import Engine
+from .errors import LedgerError, Overloaded, Unavailable
+
+log = logging.getLogger("quota_ledger.writer")
+
+QUEUE_DEPTH_MAX = 10_000  # queued submissions (a batch counts once)
+GROUP_REQUESTS_MAX = 4_096  # requests committed together at most
+IDLE_WAKE_S = 0.5  # how often an idle writer looks for due work (expiries, settlements)
+CHECKPOINT_EVERY_COMMITS = 2_000
+
+
+class Batch(list):
+    """Several commands submitted as one queue item; answered with a list of outcomes."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _Item:
+    cmd: Any
+    future: Any  # asyncio.Future or concurrent.futures.Future
+    size: int = 1
+
+
+@dataclass
+class WriterStats:
+    commits: int = 0
+    requests: int = 0
+    last_commit_s: float = 0.0
+
+
+class Writer:
+    def __init__(self, engine: Engine, *, queue_depth_max: int = QUEUE_DEPTH_MAX,
+                 group_requests_max: int = GROUP_REQUESTS_MAX,
+                 on_commit: Callable[[int, float], None] | None = None) -> None:
+        self.engine = engine
+        self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_depth_max)
+        self.group_requests_max = group_requests_max
+        self.on_commit = on_commit
+        self.stats = WriterStats()
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._stopping = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Answer everything already queued, then stop."""
+        self._stopping = True
+        self._q.put(None)
+        self._thread.join(timeout_s)
+
+    def depth(self) -> int:
+        return self._q.qsize()
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit_async(self, cmd: Any) -> asyncio.Future[Any]:
+        fut = asyncio.get_running_loop().create_future()
+        self._put(_Item(cmd, fut, len(cmd) if isinstance(cmd, Batch) else 1))
+        return fut
+
+    def submit(self, cmd: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self._put(_Item(cmd, fut, len(cmd) if isinstance(cmd, Batch) else 1))
+        return fut
+
+    def call(self, cmd: Any, timeout_s: float = 30.0) -> Any:
+        """Blocking helper for tools and tests."""
+        return self.submit(cmd).result(timeout_s)
+
+    def _put(self, item: _Item) -> None:
+        if self._stopping:
+            raise Unavailable("the ledger is shutting down", reason="SHUTTING_DOWN")
+        try:
+            self._q.put_nowait(item)
+        except queue.Full:
+            raise Overloaded(
+                f"the ledger's write queue is full ({self._q.maxsize} waiting); retry shortly",
+                reason="QUEUE_FULL") from None
+
+    # ------------------------------------------------------------------ the loop
+
+    def _take_group(self) -> tuple[list[_Item], bool]:
+        due = self.engine.next_due_us()
+        wait = IDLE_WAKE_S
+        if due is not None and not self.engine.clock.is_test_clock:
+            wait = max(0.0, min(wait, (due - self.engine.now()) / 1e6))
+        try:
+            first = self._q.get(timeout=wait)
+        except queue.Empty:
+            return [], False
+        if first is None:
+            return [], True
+        group, size, stop = [first], first.size, False
+        while size < self.group_requests_max:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            group.append(item)
+            size += item.size
+        return group, stop
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            group, stop = self._take_group()
+            try:
+                self._process(group)
+            except Exception:  # never let the writer die: answer and go on
+                log.exception("writer group failed")
+        self._drain_after_stop()
+
+    def _drain_after_stop(self) -> None:
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._process([item])
+
+    def _process(self, group: list[_Item]) -> None:
+        engine = self.engine
+        engine.begin()
+        outcomes: list[Any] = []
+        try:
+            if not engine.clock.is_test_clock:
+                engine.run_due(engine.now())
+            for item in group:
+                if isinstance(item.cmd, Batch):
+                    outcomes.append([self._one(c) for c in item.cmd])
+                else:
+                    outcomes.append(self._one(item.cmd))
+            t0 = time.perf_counter()
+            engine.commit()
+            elapsed = time.perf_counter() - t0
+        except LedgerError as exc:  # the commit failed: nothing of this group is written
+            failed = Outcome(error=exc)
+            self._deliver(group, [[failed] * len(i.cmd) if isinstance(i.cmd, Batch) else failed
+                                  for i in group])
+            return
+        except BaseException as exc:
+            engine.uow = None
+            engine.reload()
+            failed = Outcome(error=Unavailable(f"internal error: {exc!r}", reason="INTERNAL"))
+            self._deliver(group, [[failed] * len(i.cmd) if isinstance(i.cmd, Batch) else failed
+                                  for i in group])
+            raise
+        n = sum(i.size for i in group)
+        self.stats.commits += 1
+        self.stats.requests += n
+        self.stats.last_commit_s = elapsed
+        if self.on_commit is not None:
+            self.on_commit(n, elapsed)
+        if self.stats.commits % CHECKPOINT_EVERY_COMMITS == 0:
+            engine.store.checkpoint()
+        self._deliver(group, outcomes)
+
+    def _one(self, cmd: Any) -> Outcome:
+        try:
+            return Outcome(value=self.engine.execute(cmd))
+        except LedgerError as exc:
+            return Outcome(error=exc)
+
+    @staticmethod
+    def _deliver(group: list[_Item], outcomes: list[Any]) -> None:
+        per_loop: dict[Any, list[tuple[asyncio.Future[Any], Any]]] = defaultdict(list)
+        for item, outcome in zip(group, outcomes, strict=True):
+            if isinstance(item.future, Future):
+                item.future.set_result(outcome)
+            else:
+                per_loop[item.future.get_loop()].append((item.future, outcome))
+        for loop, pairs in per_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, pairs)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+
+def _resolve_all(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for fut, outcome in pairs:
+        if not fut.done():
+            fut.set_result(outcome)
+
+
+def unwrap(outcome: Outcome) -> Any:
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.value
