@@ -278,31 +278,15 @@ class Store:
         return row[0] if row else None
 
     def load_account(self, account_id: str) -> AccountState | None:
-        row = self.conn.execute(
-            "SELECT account_id, display_name, created_at_us, status, cash_micros, voucher_micros,"
-            " outstanding_micros, overdue_since_us, suspended_at_us, scenario_ids, custom_policy"
-            " FROM accounts WHERE account_id = ?", (account_id,)).fetchone()
-        if row is None:
-            return None
-        acct = AccountState(
-            account_id=row[0], display_name=row[1], created_at=row[2],
-            status=AccountStatus(row[3]), cash_micros=row[4], voucher_micros=row[5],
-            outstanding_micros=row[6], overdue_since=row[7], suspended_at=row[8],
-            scenario_ids=tuple(json.loads(row[9])), custom_policy_enabled=bool(row[10]))
-        acct.live_plans = self.load_plans(
-            "WHERE account_id = ? AND refunded_at_us IS NULL AND units_remaining > 0",
-            (account_id,))
+        acct = read_account(self.conn, account_id)
+        if acct is not None:
+            acct.live_plans = self.load_plans(
+                "WHERE account_id = ? AND refunded_at_us IS NULL AND units_remaining > 0",
+                (account_id,))
         return acct
 
-    def load_plans(self, where: str, params: tuple = (), conn: sqlite3.Connection | None = None
-                   ) -> list[PlanState]:
-        rows = (conn or self.conn).execute(
-            "SELECT plan_id, account_id, spec_id, units_total, units_remaining, price_micros,"
-            " validity, purchased_at_us, expires_at_us, purchase_seq, paid_voucher_micros,"
-            " paid_cash_micros, refunded_at_us, units_forfeited FROM plans "
-            + where + " ORDER BY expires_at_us, purchase_seq", params).fetchall()
-        return [PlanState(r[0], r[1], r[2], r[3], r[4], r[5], Validity(r[6]), r[7], r[8], r[9],
-                          r[10], r[11], r[12], r[13]) for r in rows]
+    def load_plans(self, where: str, params: tuple = ()) -> list[PlanState]:
+        return read_plans(self.conn, where, params)
 
     def find_key(self, account_id: str, kind: str, request_id: str
                  ) -> tuple[int, str | None, dict[str, Any], int] | None:
@@ -388,3 +372,54 @@ def _statements(script: str) -> list[str]:
             out.append(joined)
             buf = []
     return out
+
+
+# ---------------------------------------------------------------------- read queries
+# Run on a reader connection (Store.reader()): they see only committed state.
+
+_ACCOUNT_COLUMNS = (
+    "account_id, display_name, created_at_us, status, cash_micros, voucher_micros,"
+    " outstanding_micros, overdue_since_us, suspended_at_us, scenario_ids, custom_policy")
+
+
+def read_account(conn: sqlite3.Connection, account_id: str) -> AccountState | None:
+    row = conn.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ?",
+                       (account_id,)).fetchone()
+    if row is None:
+        return None
+    return AccountState(
+        account_id=row[0], display_name=row[1], created_at=row[2],
+        status=AccountStatus(row[3]), cash_micros=row[4], voucher_micros=row[5],
+        outstanding_micros=row[6], overdue_since=row[7], suspended_at=row[8],
+        scenario_ids=tuple(json.loads(row[9])), custom_policy_enabled=bool(row[10]))
+
+
+_PLAN_COLUMNS = (
+    "plan_id, account_id, spec_id, units_total, units_remaining, price_micros, validity,"
+    " purchased_at_us, expires_at_us, purchase_seq, paid_voucher_micros, paid_cash_micros,"
+    " refunded_at_us, units_forfeited")
+
+
+def read_plans(conn: sqlite3.Connection, where: str, params: tuple = ()) -> list[PlanState]:
+    rows = conn.execute(f"SELECT {_PLAN_COLUMNS} FROM plans {where}"
+                        " ORDER BY expires_at_us, purchase_seq", params).fetchall()
+    return [PlanState(r[0], r[1], r[2], r[3], r[4], r[5], Validity(r[6]), r[7], r[8], r[9],
+                      r[10], r[11], r[12], r[13]) for r in rows]
+
+
+def read_usage(conn: sqlite3.Connection, account_id: str, from_day: str, to_day: str
+               ) -> tuple[list[tuple[str, int, int, int]], list[tuple[str, str, int]]]:
+    """(payg rows (day, region, units, micros), offset rows (day, plan_id, units)), by day."""
+    payg = conn.execute(
+        "SELECT day, region, payg_units, payg_micros FROM usage_daily"
+        " WHERE account_id = ? AND day BETWEEN ? AND ? ORDER BY day, region",
+        (account_id, from_day, to_day)).fetchall()
+    offsets = conn.execute(
+        "SELECT day, plan_id, units FROM offsets_daily"
+        " WHERE account_id = ? AND day BETWEEN ? AND ? ORDER BY day, plan_id",
+        (account_id, from_day, to_day)).fetchall()
+    return [tuple(r) for r in payg], [tuple(r) for r in offsets]  # type: ignore[misc]
+
+
+def journal_count(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM journal").fetchone()[0]

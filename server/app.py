@@ -1,0 +1,127 @@
+"""Assemble and run the server: store, engine, writer, servicers, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ledger import catalog as catalog_mod
+from ledger.clock import SystemClock, TestClock
+from ledger.engine import Engine
+from ledger.store import Store
+from ledger.writer import Writer
+from quota_ledger.v1 import accounts_pb2, accounts_pb2_grpc, quota_ledger_pb2
+from quota_ledger.v1 import quota_ledger_pb2_grpc, settlement_pb2, settlement_pb2_grpc
+from quota_ledger.v1 import test_clock_pb2, test_clock_pb2_grpc
+
+from .services import AccountsService, Context, QuotaLedgerService, TestClockService
+
+log = logging.getLogger("quota_ledger.server")
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DB = "data/ledger.db"
+MESSAGE_BYTES_MAX = 4 * 1024 * 1024
+GRACE_S = 5.0
+SERVICE_NAMES = {
+    "QuotaLedger": quota_ledger_pb2.DESCRIPTOR.services_by_name["QuotaLedger"].full_name,
+    "Accounts": accounts_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
+    "Settlement": settlement_pb2.DESCRIPTOR.services_by_name["Settlement"].full_name,
+    "TestClock": test_clock_pb2.DESCRIPTOR.services_by_name["TestClock"].full_name,
+}
+
+
+class StartupError(RuntimeError):
+    """The server cannot start; the message says why, for a person."""
+
+
+@dataclass
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    db: str = DEFAULT_DB
+    catalog: str | None = None
+    test_clock: bool = False
+    grace_s: float = GRACE_S
+
+
+class LedgerServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.port = 0
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.catalog = catalog_mod.load(cfg.catalog)
+        self.store = Store(Path(cfg.db))  # raises DatabaseLocked for a second server
+        try:
+            self.clock = TestClock() if cfg.test_clock else SystemClock()
+            self.engine = Engine(self.store, self.clock, self.catalog)
+            self.writer = Writer(self.engine)
+            self.writer.start()
+            await self._serve()
+        except BaseException:
+            self.store.close()
+            raise
+
+    async def _serve(self) -> None:
+        cfg = self.config
+        server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0),  # TRAPS: a second server must not share the port
+            ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+            ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+        ])
+        ctx = Context(self.writer, self.clock, self.catalog)
+        quota_ledger_pb2_grpc.add_QuotaLedgerServicer_to_server(QuotaLedgerService(ctx), server)
+        accounts_pb2_grpc.add_AccountsServicer_to_server(AccountsService(ctx), server)
+        settlement_pb2_grpc.add_SettlementServicer_to_server(
+            settlement_pb2_grpc.SettlementServicer(), server)
+        names = [SERVICE_NAMES["QuotaLedger"], SERVICE_NAMES["Accounts"],
+                 SERVICE_NAMES["Settlement"]]
+        if cfg.test_clock:
+            test_clock_pb2_grpc.add_TestClockServicer_to_server(TestClockService(ctx), server)
+            names.append(SERVICE_NAMES["TestClock"])
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        try:
+            self.port = server.add_insecure_port(cfg.listen)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {cfg.listen}: {exc}") from exc
+        if not self.port:
+            raise StartupError(f"cannot listen on {cfg.listen} (in use or not a local address)")
+        await server.start()
+        self.server = server
+        for name in ["", *names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s (db %s, test clock %s)", cfg.listen, cfg.db, cfg.test_clock)
+
+    async def stop(self) -> None:
+        """Drain: stop taking calls, let in-flight ones finish, commit, close."""
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(self.config.grace_s)
+            self.server = None
+        self.writer.stop()
+        self.store.close()
+
+    async def wait(self) -> None:
+        assert self.server is not None
+        await self.server.wait_for_termination()
+
+
+async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
+    srv = LedgerServer(config)
+    await srv.start()
+    if ready is not None:
+        ready.set()
+    try:
+        await srv.wait()
+    finally:
+        await srv.stop()

@@ -1,0 +1,76 @@
+"""Protos to domain commands and back. No logic beyond the shape of the data."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ledger import model as m
+from ledger.engine import ConsumeOutcome
+from ledger.money import Region
+from quota_ledger.v1 import common_pb2 as pb
+from quota_ledger.v1 import quota_ledger_pb2 as qpb
+
+US = 1_000_000
+
+
+def ts(t_us: int | None) -> Timestamp | None:
+    if t_us is None:
+        return None
+    return Timestamp(seconds=t_us // US, nanos=(t_us % US) * 1_000)
+
+
+def from_ts(t: Timestamp) -> int:
+    return t.seconds * US + t.nanos // 1_000
+
+
+def consume(req: qpb.ConsumeRequest) -> m.Consume:
+    """Validate every field (R5, limits) and build the domain command."""
+    account_id = m.check_id(req.account_id, "account_id")
+    request_id = m.check_request_id(req.request_id)
+    scenario = None
+    if req.HasField("scenario_id") and req.scenario_id:
+        scenario = m.check_id(req.scenario_id, "scenario_id", m.SCENARIO_ID_LEN_MAX)
+    return m.Consume(
+        account_id=account_id, request_id=request_id,
+        region=m.parse_enum(Region, req.region, "region"),
+        captcha_type=m.parse_enum(m.CaptchaType, req.captcha_type, "captcha_type"),
+        architecture=m.parse_enum(m.Architecture, req.architecture, "architecture"),
+        step=m.parse_enum(m.Step, req.step, "step"),
+        scenario_id=scenario, quantity=m.check_quantity(req.quantity), dry_run=req.dry_run,
+        client_timestamp_us=from_ts(req.client_timestamp) if req.HasField("client_timestamp")
+        else None)
+
+
+def consume_response(o: ConsumeOutcome) -> qpb.ConsumeResponse:
+    return qpb.ConsumeResponse(
+        billable=o.billable,
+        allocations=[pb.PlanUnits(plan_id=p, units=n) for p, n in o.allocations],
+        payg_units=o.payg_units, payg_amount_micros=o.payg_amount_micros, replayed=o.replayed,
+        billing_day=o.billing_day, recorded_at=ts(o.recorded_at_us),
+        plan_units_remaining=o.plan_units_remaining, request_id=o.request_id,
+        journal_seq=o.journal_seq)
+
+
+def plan(p: m.PlanState, now_us: int) -> pb.Plan:
+    return pb.Plan(
+        plan_id=p.plan_id, account_id=p.account_id, spec_id=p.spec_id,
+        units_total=p.units_total, units_remaining=p.units_remaining,
+        units_consumed=p.units_consumed, price_micros=p.price_micros, validity=int(p.validity),
+        purchased_at=ts(p.purchased_at), expires_at=ts(p.expires_at),
+        status=int(p.status_at(now_us)), paid_voucher_micros=p.paid_voucher_micros,
+        paid_cash_micros=p.paid_cash_micros, refunded_at=ts(p.refunded_at),
+        units_forfeited=p.units_forfeited)
+
+
+def account(a: m.AccountState) -> pb.Account:
+    return pb.Account(
+        account_id=a.account_id, status=int(a.status), cash_balance_micros=a.cash_micros,
+        voucher_balance_micros=a.voucher_micros, outstanding_micros=a.outstanding_micros,
+        overdue_since=ts(a.overdue_since), scenario_ids=list(a.scenario_ids),
+        custom_policy_enabled=a.custom_policy_enabled, display_name=a.display_name,
+        created_at=ts(a.created_at), suspended_at=ts(a.suspended_at))
+
+
+def plan_spec(s: m.PlanSpec) -> pb.PlanSpec:
+    return pb.PlanSpec(spec_id=s.spec_id, units=s.units, validity=int(s.validity),
+                       price_micros=s.price_micros)

@@ -1,0 +1,76 @@
+"""The one table from domain errors to gRPC status codes, with google.rpc.ErrorInfo details."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ledger import errors as e
+
+log = logging.getLogger("quota_ledger.server")
+
+STATUS_BY_ERROR: dict[type[e.LedgerError], grpc.StatusCode] = {
+    e.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    e.NotFound: grpc.StatusCode.NOT_FOUND,
+    e.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    e.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    e.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(exc: e.LedgerError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(exc: e.LedgerError) -> grpc.Status:
+    code = status_code(exc)
+    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=e.ERROR_DOMAIN,
+                                       metadata=exc.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(status_pb2.Status(
+        code=code.value[0], message=exc.message, details=[detail]))
+
+
+def internal(exc: BaseException) -> e.LedgerError:
+    err = e.LedgerError("internal error; the request was not applied", reason="INTERNAL")
+    err.__cause__ = exc
+    return err
+
+
+def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a unary aio handler: domain errors become statuses; surprises become INTERNAL."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except e.LedgerError as exc:
+            await context.abort_with_status(to_status(exc))
+        except Exception as exc:  # noqa: BLE001 - the server must stay up
+            if isinstance(exc, grpc.aio.AbortError) or inspect.isawaitable(exc):
+                raise
+            log.exception("unexpected error in %s", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; nothing was applied")
+
+    return wrapper
+
+
+def error_message(exc: e.LedgerError) -> dict[str, Any]:
+    """Fields of the wire ``Error`` message (batch and stream results)."""
+    return {"code": status_code(exc).value[0], "reason": exc.reason, "message": exc.message}
+
+
+_ = code_pb2  # google.rpc codes share numbers with grpc.StatusCode

@@ -1,0 +1,257 @@
+"""The gRPC servicers: convert, submit to the writer or read committed state, convert back."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from ledger import calendar as cal
+from ledger import model as m
+from ledger import store as q
+from ledger.engine import Replayed
+from ledger.errors import InvalidArgument, LedgerError, NotFound
+from ledger.writer import Batch, Outcome, Writer, unwrap
+from quota_ledger.v1 import accounts_pb2 as apb
+from quota_ledger.v1 import accounts_pb2_grpc as apb_grpc
+from quota_ledger.v1 import common_pb2 as pb
+from quota_ledger.v1 import quota_ledger_pb2 as qpb
+from quota_ledger.v1 import quota_ledger_pb2_grpc as qpb_grpc
+from quota_ledger.v1 import test_clock_pb2 as tpb
+from quota_ledger.v1 import test_clock_pb2_grpc as tpb_grpc
+
+from . import convert
+from .errors import error_message, rpc
+
+STREAM_IN_FLIGHT_MAX = 256  # per ConsumeStream: results not yet sent back
+USAGE_RANGE_DAYS_MAX = 366
+ADVANCE_SECONDS_MAX = 20 * 366 * 86_400
+
+
+class Context:
+    """What every servicer shares: the writer, the store and the clock."""
+
+    def __init__(self, writer: Writer, clock: Any, catalog: dict[str, m.PlanSpec]) -> None:
+        self.writer = writer
+        self.store = writer.engine.store
+        self.clock = clock
+        self.catalog = catalog
+
+    async def write(self, cmd: Any) -> Any:
+        return unwrap(await self.writer.submit_async(cmd))
+
+    def reader(self):  # noqa: ANN201
+        return self.store.reader()
+
+    def account(self, account_id: str) -> m.AccountState:
+        m.check_id(account_id, "account_id")
+        acct = q.read_account(self.reader(), account_id)
+        if acct is None:
+            raise NotFound(f"no account {account_id!r}", reason="ACCOUNT_NOT_FOUND",
+                           account_id=account_id)
+        return acct
+
+
+def _result(request_id: str, outcome: Outcome) -> qpb.ConsumeResult:
+    if outcome.error is not None:
+        assert isinstance(outcome.error, LedgerError)
+        return qpb.ConsumeResult(request_id=request_id, error=pb.Error(
+            **error_message(outcome.error)))
+    return qpb.ConsumeResult(request_id=request_id,
+                             response=convert.consume_response(outcome.value))
+
+
+def _day_range(from_day: str, to_day: str) -> list[str]:
+    days = cal.days_between(from_day, to_day)
+    if not days:
+        raise InvalidArgument(f"from_day {from_day} is after to_day {to_day}")
+    if len(days) > USAGE_RANGE_DAYS_MAX:
+        raise InvalidArgument(f"a range covers at most {USAGE_RANGE_DAYS_MAX} days")
+    return days
+
+
+class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    @rpc
+    async def Consume(self, request, context):  # noqa: N802
+        outcome = await self.ctx.write(convert.consume(request))
+        return convert.consume_response(outcome)
+
+    @rpc
+    async def ConsumeBatch(self, request, context):  # noqa: N802
+        n = len(request.requests)
+        if n > m.BATCH_SIZE_MAX:
+            raise InvalidArgument(f"a batch holds at most {m.BATCH_SIZE_MAX:,} requests; got {n:,}")
+        results: list[qpb.ConsumeResult | None] = [None] * n
+        batch, where = Batch(), []
+        for i, req in enumerate(request.requests):
+            try:
+                batch.append(convert.consume(req))
+                where.append(i)
+            except LedgerError as exc:  # one bad item fails alone
+                results[i] = _result(req.request_id, Outcome(error=exc))
+        if batch:
+            outcomes = unwrap(await self.ctx.writer.submit_async(batch))
+            for i, outcome in zip(where, outcomes, strict=True):
+                results[i] = _result(request.requests[i].request_id, outcome)
+        return qpb.ConsumeBatchResponse(results=results)
+
+    async def ConsumeStream(self, request_iterator, context):  # noqa: N802
+        pending: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue(STREAM_IN_FLIGHT_MAX)
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    try:
+                        fut: Any = self.ctx.writer.submit_async(convert.consume(req))
+                    except LedgerError as exc:
+                        fut = Outcome(error=exc)
+                    await pending.put((req.request_id, fut))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await pending.get()) is not None:
+                request_id, fut = item
+                outcome = fut if isinstance(fut, Outcome) else await fut
+                yield _result(request_id, outcome)
+            await reader
+        finally:
+            reader.cancel()
+
+    @rpc
+    async def GetRemaining(self, request, context):  # noqa: N802
+        acct = self.ctx.account(request.account_id)
+        now = self.ctx.clock.now_us()
+        day = cal.billing_day(now)
+        plans = [p for p in q.read_plans(
+            self.ctx.reader(), "WHERE account_id = ? AND refunded_at_us IS NULL"
+            " AND units_remaining > 0 AND expires_at_us > ?", (acct.account_id, now))
+            if p.can_offset_at(now)]
+        payg, _ = q.read_usage(self.ctx.reader(), acct.account_id, day, day)
+        return qpb.GetRemainingResponse(
+            plans=[convert.plan(p, now) for p in plans],
+            units_remaining_total=sum(p.units_remaining for p in plans),
+            payg_units=sum(r[2] for r in payg), payg_amount_micros=sum(r[3] for r in payg),
+            billing_day=day)
+
+    @rpc
+    async def ListPlans(self, request, context):  # noqa: N802
+        acct = self.ctx.account(request.account_id)
+        now = self.ctx.clock.now_us()
+        plans = q.read_plans(self.ctx.reader(), "WHERE account_id = ?", (acct.account_id,))
+        if not request.include_inactive:
+            plans = [p for p in plans if p.status_at(now) is m.PlanStatus.ACTIVE]
+        return qpb.ListPlansResponse(plans=[convert.plan(p, now) for p in plans])
+
+    @rpc
+    async def GetUsage(self, request, context):  # noqa: N802
+        acct = self.ctx.account(request.account_id)
+        days = _day_range(request.from_day, request.to_day)
+        payg, offsets = q.read_usage(self.ctx.reader(), acct.account_id, days[0], days[-1])
+        rows = {d: qpb.UsageDay(billing_day=d) for d in days}
+        for day, region, units, micros in payg:
+            rows[day].payg.append(qpb.RegionUsage(region=region, units=units,
+                                                  amount_micros=micros))
+        for day, plan_id, units in offsets:
+            rows[day].plan_units.append(pb.PlanUnits(plan_id=plan_id, units=units))
+        return qpb.GetUsageResponse(days=list(rows.values()))
+
+
+def _account_reply(result: Any) -> pb.Account:
+    return convert.account(result.value if isinstance(result, Replayed) else result)
+
+
+class AccountsService(apb_grpc.AccountsServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    @rpc
+    async def CreateAccount(self, request, context):  # noqa: N802
+        cmd = m.CreateAccount(
+            m.check_id(request.account_id, "account_id"),
+            m.check_text(request.display_name, "display_name", m.DISPLAY_NAME_LEN_MAX,
+                         allow_empty=True))
+        return _account_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def GetAccount(self, request, context):  # noqa: N802
+        return convert.account(self.ctx.account(request.account_id))
+
+    @rpc
+    async def TopUp(self, request, context):  # noqa: N802
+        cmd = m.TopUp(m.check_id(request.account_id, "account_id"),
+                      m.check_request_id(request.request_id),
+                      m.parse_enum(m.FundsKind, request.kind, "kind"),
+                      m.check_amount(request.amount_micros))
+        return _account_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def UpdateFeatures(self, request, context):  # noqa: N802
+        if len(request.scenario_ids) > m.SCENARIOS_PER_ACCOUNT_MAX:
+            raise InvalidArgument(
+                f"at most {m.SCENARIOS_PER_ACCOUNT_MAX} scenarios; got {len(request.scenario_ids)}")
+        ids = tuple(m.check_id(s, "scenario_ids[]", m.SCENARIO_ID_LEN_MAX)
+                    for s in request.scenario_ids)
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("scenario_ids lists the same scenario twice")
+        cmd = m.UpdateFeatures(m.check_id(request.account_id, "account_id"),
+                               m.check_request_id(request.request_id), ids,
+                               request.custom_policy_enabled)
+        return _account_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def ListPlanSpecs(self, request, context):  # noqa: N802
+        return apb.ListPlanSpecsResponse(
+            specs=[convert.plan_spec(s) for s in self.ctx.catalog.values()])
+
+    @rpc
+    async def PurchasePlan(self, request, context):  # noqa: N802
+        cmd = m.PurchasePlan(m.check_id(request.account_id, "account_id"),
+                             m.check_request_id(request.request_id),
+                             m.check_id(request.spec_id, "spec_id"))
+        result = await self.ctx.write(cmd)
+        plan = result.value if isinstance(result, Replayed) else result
+        return convert.plan(plan, self.ctx.clock.now_us())
+
+
+class TestClockService(tpb_grpc.TestClockServicer):
+    """Served only with --test-clock (CONTRACT)."""
+
+    __test__ = False
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    @rpc
+    async def GetTime(self, request, context):  # noqa: N802
+        return tpb.TimeResponse(now=convert.ts(self.ctx.clock.now_us()))
+
+    @rpc
+    async def SetTime(self, request, context):  # noqa: N802
+        if not request.HasField("now"):
+            raise InvalidArgument("now is required")
+        return await self._advance(convert.from_ts(request.now))
+
+    @rpc
+    async def AdvanceTime(self, request, context):  # noqa: N802
+        if not 0 <= request.seconds <= ADVANCE_SECONDS_MAX:
+            raise InvalidArgument(
+                f"seconds must be between 0 and {ADVANCE_SECONDS_MAX:,} (time never goes "
+                f"backwards); got {request.seconds}")
+        return await self._advance(self.ctx.clock.now_us() + request.seconds * 1_000_000)
+
+    async def _advance(self, to_us: int) -> tpb.TimeResponse:
+        if to_us < self.ctx.clock.now_us():
+            raise InvalidArgument(
+                f"the ledger's time never goes backwards (R2): {convert.ts(to_us).ToJsonString()}"
+                f" is before {convert.ts(self.ctx.clock.now_us()).ToJsonString()}")
+        now = await self.ctx.write(m.AdvanceClock(to_us))
+        return tpb.TimeResponse(now=convert.ts(now))
+
+
+_unused = grpc
