@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import calendar as _cal
 import re
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 from .errors import InvalidArgument
 
@@ -15,7 +15,7 @@ BILLING_TZ = timezone(timedelta(hours=8), "UTC+08:00")
 US_PER_SECOND = 1_000_000
 US_PER_HOUR = 3_600 * US_PER_SECOND
 US_PER_DAY = 24 * US_PER_HOUR
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 

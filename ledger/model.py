@@ -74,10 +74,11 @@ class FundsKind(IntEnum):
 
 
 _ALL_TYPES = frozenset(CaptchaType)
+_VISIBLE_TYPES = _ALL_TYPES - {CaptchaType.INVISIBLE}
 # R3: (architecture, captcha type) -> billable steps.
 BILLABLE_STEPS: dict[tuple[Architecture, CaptchaType], frozenset[Step]] = {
     **{(Architecture.V2, t): frozenset({Step.STEP_3}) for t in _ALL_TYPES},
-    **{(Architecture.V3, t): frozenset({Step.STEP_3}) for t in _ALL_TYPES - {CaptchaType.INVISIBLE}},
+    **{(Architecture.V3, t): frozenset({Step.STEP_3}) for t in _VISIBLE_TYPES},
     (Architecture.V3, CaptchaType.INVISIBLE): frozenset({Step.STEP_3, Step.STEP_4_1}),
 }
 

@@ -10,16 +10,24 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from quota_ledger.v1 import (
+    accounts_pb2,
+    accounts_pb2_grpc,
+    quota_ledger_pb2,
+    quota_ledger_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
+    test_clock_pb2,
+    test_clock_pb2_grpc,
+)
 
 from ledger import catalog as catalog_mod
 from ledger.clock import SystemClock, TestClock
 from ledger.engine import Engine
 from ledger.store import Store
 from ledger.writer import Writer
-from quota_ledger.v1 import accounts_pb2, accounts_pb2_grpc, quota_ledger_pb2
-from quota_ledger.v1 import quota_ledger_pb2_grpc, settlement_pb2, settlement_pb2_grpc
-from quota_ledger.v1 import test_clock_pb2, test_clock_pb2_grpc
 
+from .metrics import Metrics
 from .services import AccountsService, Context, QuotaLedgerService, TestClockService
 
 log = logging.getLogger("quota_ledger.server")
@@ -47,12 +55,15 @@ class ServerConfig:
     catalog: str | None = None
     test_clock: bool = False
     grace_s: float = GRACE_S
+    metrics_listen: str | None = None
 
 
 class LedgerServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.port = 0
+        self.metrics_port = 0
+        self.metrics = Metrics()
         self.server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -62,8 +73,12 @@ class LedgerServer:
         try:
             self.clock = TestClock() if cfg.test_clock else SystemClock()
             self.engine = Engine(self.store, self.clock, self.catalog)
-            self.writer = Writer(self.engine)
+            self.writer = Writer(self.engine, on_commit=self.metrics.on_commit)
+            self.metrics.queue_depth.set_function(self.writer.depth)
+            self.metrics.journal_rows.set_function(lambda: self.engine.next_seq - 1)
             self.writer.start()
+            if cfg.metrics_listen:
+                self.metrics_port = self.metrics.serve(cfg.metrics_listen)
             await self._serve()
         except BaseException:
             self.store.close()
@@ -76,7 +91,7 @@ class LedgerServer:
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
         ])
-        ctx = Context(self.writer, self.clock, self.catalog)
+        ctx = Context(self.writer, self.clock, self.catalog, self.metrics)
         quota_ledger_pb2_grpc.add_QuotaLedgerServicer_to_server(QuotaLedgerService(ctx), server)
         accounts_pb2_grpc.add_AccountsServicer_to_server(AccountsService(ctx), server)
         settlement_pb2_grpc.add_SettlementServicer_to_server(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
 
@@ -28,23 +30,35 @@ def main() -> None:
               help="TOML plan catalog replacing the built-in one (see docs).")
 @click.option("--test-clock", is_flag=True,
               help="Serve the TestClock service; time moves only when told to.")
+@click.option("--metrics-listen", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics over HTTP here (off when not given).")
+@click.option("--port-file", default=None, metavar="PATH",
+              help="Write the bound ports as JSON here once serving (for scripts and tests; "
+                   "lets --listen use port 0).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(listen: str, db: str, catalog: str | None, test_clock: bool, log_level: str) -> None:
+def serve(listen: str, db: str, catalog: str | None, test_clock: bool,
+          metrics_listen: str | None, port_file: str | None, log_level: str) -> None:
     """Run the gRPC server (SIGTERM or Ctrl-C drains in-flight calls and exits 0)."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(listen=listen, db=db, catalog=catalog, test_clock=test_clock)
+    config = ServerConfig(listen=listen, db=db, catalog=catalog, test_clock=test_clock,
+                          metrics_listen=metrics_listen)
     try:
-        asyncio.run(_run(config))
+        asyncio.run(_run(config, port_file))
     except (DatabaseLocked, StartupError) as exc:
         click.echo(f"quota-ledger: {exc}", err=True)
         sys.exit(2)
 
 
-async def _run(config: ServerConfig) -> None:
+async def _run(config: ServerConfig, port_file: str | None) -> None:
     srv = LedgerServer(config)
     await srv.start()
+    if port_file:
+        tmp = port_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"grpc": srv.port, "metrics": srv.metrics_port, "pid": os.getpid()}, f)
+        os.replace(tmp, port_file)
     click.echo(f"quota-ledger serving on {config.listen} (db {config.db}"
                f"{', test clock' if config.test_clock else ''})", err=True)
     stop = asyncio.Event()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from quota_ledger.v1 import common_pb2 as pb
+from quota_ledger.v1 import quota_ledger_pb2 as qpb
 
 from ledger import model as m
 from ledger.engine import ConsumeOutcome
 from ledger.money import Region
-from quota_ledger.v1 import common_pb2 as pb
-from quota_ledger.v1 import quota_ledger_pb2 as qpb
 
 US = 1_000_000
 

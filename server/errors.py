@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,17 +53,27 @@ def internal(exc: BaseException) -> e.LedgerError:
 def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a unary aio handler: domain errors become statuses; surprises become INTERNAL."""
 
+    method = handler.__name__
+
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metrics = self.ctx.metrics
+        t0 = time.perf_counter()
+        code = "OK"
         try:
             return await handler(self, request, context)
         except e.LedgerError as exc:
+            code = status_code(exc).name
             await context.abort_with_status(to_status(exc))
-        except Exception as exc:  # noqa: BLE001 - the server must stay up
-            if isinstance(exc, grpc.aio.AbortError) or inspect.isawaitable(exc):
-                raise
-            log.exception("unexpected error in %s", handler.__name__)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # the server must stay up
+            code = "INTERNAL"
+            log.exception("unexpected error in %s", method)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; nothing was applied")
+        finally:
+            metrics.rpcs.labels(method, code).inc()
+            metrics.rpc_latency.labels(method).observe(time.perf_counter() - t0)
 
     return wrapper
 

@@ -6,13 +6,6 @@ import asyncio
 from typing import Any
 
 import grpc
-
-from ledger import calendar as cal
-from ledger import model as m
-from ledger import store as q
-from ledger.engine import Replayed
-from ledger.errors import InvalidArgument, LedgerError, NotFound
-from ledger.writer import Batch, Outcome, Writer, unwrap
 from quota_ledger.v1 import accounts_pb2 as apb
 from quota_ledger.v1 import accounts_pb2_grpc as apb_grpc
 from quota_ledger.v1 import common_pb2 as pb
@@ -21,8 +14,16 @@ from quota_ledger.v1 import quota_ledger_pb2_grpc as qpb_grpc
 from quota_ledger.v1 import test_clock_pb2 as tpb
 from quota_ledger.v1 import test_clock_pb2_grpc as tpb_grpc
 
+from ledger import calendar as cal
+from ledger import model as m
+from ledger import store as q
+from ledger.engine import ConsumeOutcome, Replayed
+from ledger.errors import InvalidArgument, LedgerError, NotFound
+from ledger.writer import Batch, Outcome, Writer, unwrap
+
 from . import convert
 from .errors import error_message, rpc
+from .metrics import Metrics
 
 STREAM_IN_FLIGHT_MAX = 256  # per ConsumeStream: results not yet sent back
 USAGE_RANGE_DAYS_MAX = 366
@@ -32,8 +33,10 @@ ADVANCE_SECONDS_MAX = 20 * 366 * 86_400
 class Context:
     """What every servicer shares: the writer, the store and the clock."""
 
-    def __init__(self, writer: Writer, clock: Any, catalog: dict[str, m.PlanSpec]) -> None:
+    def __init__(self, writer: Writer, clock: Any, catalog: dict[str, m.PlanSpec],
+                 metrics: Metrics) -> None:
         self.writer = writer
+        self.metrics = metrics
         self.store = writer.engine.store
         self.clock = clock
         self.catalog = catalog
@@ -51,6 +54,11 @@ class Context:
             raise NotFound(f"no account {account_id!r}", reason="ACCOUNT_NOT_FOUND",
                            account_id=account_id)
         return acct
+
+
+def _count(metrics: Metrics, cmd: m.Consume, o: ConsumeOutcome) -> None:
+    if o.billable and not o.replayed and not cmd.dry_run:
+        metrics.on_consume(int(cmd.region), cmd.quantity - o.payg_units, o.payg_units)
 
 
 def _result(request_id: str, outcome: Outcome) -> qpb.ConsumeResult:
@@ -77,7 +85,9 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
 
     @rpc
     async def Consume(self, request, context):  # noqa: N802
-        outcome = await self.ctx.write(convert.consume(request))
+        cmd = convert.consume(request)
+        outcome = await self.ctx.write(cmd)
+        _count(self.ctx.metrics, cmd, outcome)
         return convert.consume_response(outcome)
 
     @rpc
@@ -95,29 +105,37 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
                 results[i] = _result(req.request_id, Outcome(error=exc))
         if batch:
             outcomes = unwrap(await self.ctx.writer.submit_async(batch))
-            for i, outcome in zip(where, outcomes, strict=True):
+            for i, cmd, outcome in zip(where, batch, outcomes, strict=True):
+                if outcome.error is None:
+                    _count(self.ctx.metrics, cmd, outcome.value)
                 results[i] = _result(request.requests[i].request_id, outcome)
         return qpb.ConsumeBatchResponse(results=results)
 
     async def ConsumeStream(self, request_iterator, context):  # noqa: N802
-        pending: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue(STREAM_IN_FLIGHT_MAX)
+        pending: asyncio.Queue[tuple[str, Any, Any] | None] = asyncio.Queue(STREAM_IN_FLIGHT_MAX)
 
         async def read() -> None:
             try:
                 async for req in request_iterator:
+                    cmd = None
                     try:
-                        fut: Any = self.ctx.writer.submit_async(convert.consume(req))
+                        cmd = convert.consume(req)
+                        fut: Any = self.ctx.writer.submit_async(cmd)
                     except LedgerError as exc:
                         fut = Outcome(error=exc)
-                    await pending.put((req.request_id, fut))
+                    await pending.put((req.request_id, cmd, fut))
             finally:
                 await pending.put(None)
 
         reader = asyncio.create_task(read())
         try:
             while (item := await pending.get()) is not None:
-                request_id, fut = item
+                request_id, cmd, fut = item
                 outcome = fut if isinstance(fut, Outcome) else await fut
+                if outcome.error is None:
+                    _count(self.ctx.metrics, cmd, outcome.value)
+                self.ctx.metrics.rpcs.labels(
+                    "ConsumeStream.item", "OK" if outcome.error is None else "ERROR").inc()
                 yield _result(request_id, outcome)
             await reader
         finally:

@@ -1,0 +1,58 @@
+"""Prometheus metrics (prometheus-client), served over HTTP with ``--metrics-listen``.
+
+Label sets are bounded: RPC method names and status codes are fixed lists, regions are two.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                     1.0, 2.5)
+GROUP_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.rpcs = Counter("ledger_rpc_requests", "RPCs handled, by method and status code",
+                            ["method", "code"], registry=r)
+        self.rpc_latency = Histogram("ledger_rpc_latency_seconds", "RPC handling time",
+                                     ["method"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.commits = Counter("ledger_commits", "Group commits (one transaction and fsync)",
+                               registry=r)
+        self.group_size = Histogram("ledger_commit_group_requests",
+                                    "Requests committed together in one transaction",
+                                    buckets=GROUP_SIZE_BUCKETS, registry=r)
+        self.commit_latency = Histogram("ledger_commit_latency_seconds",
+                                        "Time to write and fsync one group",
+                                        buckets=LATENCY_BUCKETS_S, registry=r)
+        self.queue_depth = Gauge("ledger_writer_queue_depth", "Submissions waiting for the writer",
+                                 registry=r)
+        self.journal_rows = Gauge("ledger_journal_entries", "Journal entries committed",
+                                  registry=r)
+        self.billable_units = Counter(
+            "ledger_billable_units", "Billable requests, by region and how they were paid",
+            ["region", "paid_by"], registry=r)
+        self._billable = {(reg, by): self.billable_units.labels(reg, by)
+                          for reg in ("chinese_mainland", "outside_chinese_mainland")
+                          for by in ("plan", "payg")}
+        self._region_names = {1: "chinese_mainland", 2: "outside_chinese_mainland"}
+
+    def on_commit(self, requests: int, seconds: float) -> None:
+        self.commits.inc()
+        self.group_size.observe(requests)
+        self.commit_latency.observe(seconds)
+
+    def on_consume(self, region: int, plan_units: int, payg_units: int) -> None:
+        name = self._region_names[region]
+        if plan_units:
+            self._billable[(name, "plan")].inc(plan_units)
+        if payg_units:
+            self._billable[(name, "payg")].inc(payg_units)
+
+    def serve(self, listen: str) -> int:
+        host, _, port = listen.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1",
+                                            registry=self.registry)
+        return server.server_port

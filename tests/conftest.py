@@ -1,0 +1,123 @@
+"""Real servers on free loopback ports, real clients, a temporary database each."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.client import LedgerClient
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 30.0
+# A fixed, far-future start for the test clock: every test sets its own time from here on.
+T0 = datetime(2027, 3, 10, 10, 0, tzinfo=UTC)
+
+
+class ServerProcess:
+    """`python -m server serve` in a subprocess, so tests can SIGKILL and restart it."""
+
+    def __init__(self, tmp: Path, *, test_clock: bool = True, extra: list[str] | None = None):
+        self.tmp = tmp
+        self.db = tmp / "ledger.db"
+        self.test_clock = test_clock
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = self.metrics_port = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        port_file = self.tmp / "ports.json"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0",
+               "--db", str(self.db), "--port-file", str(port_file),
+               "--metrics-listen", "127.0.0.1:0", "--log-level", "warning", *self.extra]
+        if self.test_clock:
+            cmd.append("--test-clock")
+        self.log = open(self.tmp / "server.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(self.tmp / 'server.log').read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start")
+            time.sleep(0.05)
+        ports = json.loads(port_file.read_text())
+        self.port, self.metrics_port = ports["grpc"], ports["metrics"]
+        with grpc.insecure_channel(self.target) as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                         timeout=10)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no cleanup; whatever was committed must survive."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.log.close()
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait(5)
+        self.log.close()
+        return rc
+
+    def client(self, **kwargs) -> LedgerClient:
+        return LedgerClient(self.target, **kwargs)
+
+    def journal_count(self) -> int:
+        import sqlite3
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT count(*) FROM journal").fetchone()[0]
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp_path).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[LedgerClient]:
+    with server.client() as c:
+        c.set_time(T0)
+        yield c
+
+
+def make_account(c: LedgerClient, account_id: str = "acme", cash_micros: int = 0,
+                 voucher_micros: int = 0) -> None:
+    c.create_account(account_id, f"{account_id} Inc.")
+    if cash_micros:
+        c.top_up(account_id, cash_micros, "cash")
+    if voucher_micros:
+        c.top_up(account_id, voucher_micros, "voucher")
+
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
