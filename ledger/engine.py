@@ -26,13 +26,20 @@ from .model import (
     PlanSpec,
     PlanState,
     PurchasePlan,
+    Reactivate,
+    RefundPlan,
+    SettleDay,
     TopUp,
     UpdateFeatures,
 )
 from .money import Region, payg_cost_micros, split_payment
-from .store import Entry, Store, UnitOfWork
+from .settlement import Bill, make_bill
+from .store import Entry, Store, UnitOfWork, bill_row, day_figures, read_bills
 
 CLOCK_META_KEY = "clock_us"
+SETTLED_META_KEY = "settled_through"
+OVERDUE_SUSPEND_AFTER_US = 168 * cal.US_PER_HOUR  # R23: strictly more than 7 days
+REFUND_WINDOW_US = 120 * cal.US_PER_HOUR  # R21: at most 5 days, inclusive
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +95,15 @@ class Engine:
             for p in self.store.load_plans("WHERE refunded_at_us IS NULL AND units_remaining > 0")
         ]
         heapq.heapify(self.expiries)
+        self.suspensions: list[tuple[int, str, int]] = [
+            (since + OVERDUE_SUSPEND_AFTER_US + 1, acct, since)
+            for acct, since in self.store.overdue_accounts()]
+        heapq.heapify(self.suspensions)
+        settled = self.store.meta_get(SETTLED_META_KEY)
+        first_at = self.store.first_entry_at()
+        self.next_settle_day: str | None = (
+            cal.next_day(settled) if settled is not None
+            else cal.billing_day(first_at) if first_at is not None else None)
 
     def begin(self) -> UnitOfWork:
         self.uow = UnitOfWork(last_hash=self.last_hash, next_seq=self.next_seq)
@@ -105,6 +121,11 @@ class Engine:
                 raise
         self.last_hash, self.next_seq = uow.last_hash, uow.next_seq
         self.uow = None
+
+    def flush(self) -> None:
+        """Commit what the open group holds so far (settlement reads committed figures)."""
+        self.commit()
+        self.begin()
 
     @property
     def _uow(self) -> UnitOfWork:
@@ -148,6 +169,8 @@ class Engine:
     def _append(self, at_us: int, kind: str, account_id: str | None, payload: dict[str, Any],
                 request_id: str | None = None, fingerprint: str | None = None) -> int:
         uow = self._uow
+        if self.next_settle_day is None:
+            self.next_settle_day = cal.billing_day(at_us)
         return uow.append(Entry(uow.next_seq, at_us, kind, account_id, request_id, fingerprint,
                                 payload))
 
@@ -162,14 +185,33 @@ class Engine:
 
     # ------------------------------------------------------------------ due work (R9)
 
+    def _due(self) -> list[tuple[int, int]]:
+        """(instant, kind) of the next event of each kind; ties run settlement first."""
+        due = []
+        if self.next_settle_day is not None:
+            due.append((cal.day_end(self.next_settle_day), 0))
+        if self.expiries:
+            due.append((self.expiries[0][0], 1))
+        if self.suspensions:
+            due.append((self.suspensions[0][0], 2))
+        return due
+
     def next_due_us(self) -> int | None:
-        return self.expiries[0][0] if self.expiries else None
+        due = self._due()
+        return min(due)[0] if due else None
 
     def run_due(self, now: int) -> None:
-        """Everything that fell due at or before now, in time order: plan expiries (R9)."""
-        while self.expiries and self.expiries[0][0] <= now:
-            expires_at, _, plan_id, account_id = heapq.heappop(self.expiries)
-            self._expire(self.account(account_id), plan_id, expires_at, now)
+        """Everything that fell due at or before now, in time order: daily settlements (R17),
+        plan expiries (R9) and suspensions (R23)."""
+        while (due := self._due()) and (nxt := min(due))[0] <= now:
+            if nxt[1] == 0:
+                self._settle_one(self.next_settle_day)  # type: ignore[arg-type]
+            elif nxt[1] == 1:
+                expires_at, _, plan_id, account_id = heapq.heappop(self.expiries)
+                self._expire(self.account(account_id), plan_id, expires_at, now)
+            else:
+                _, account_id, since = heapq.heappop(self.suspensions)
+                self._suspend(self.account(account_id), since, now)
 
     def _expire(self, acct: AccountState, plan_id: str, expires_at: int, now: int) -> None:
         plan = next((p for p in acct.live_plans if p.plan_id == plan_id), None)
@@ -268,8 +310,10 @@ class Engine:
         else:
             acct.voucher_micros += rest
         acct.outstanding_micros -= to_outstanding
-        if acct.outstanding_micros == 0 and acct.status is AccountStatus.OVERDUE:
-            acct.status, acct.overdue_since = AccountStatus.ACTIVE, None
+        if acct.outstanding_micros == 0:
+            acct.overdue_since = None
+            if acct.status is AccountStatus.OVERDUE:
+                acct.status = AccountStatus.ACTIVE
         self._touch(acct)
         self._append(now, "top_up", c.account_id,
                      {"kind": int(c.kind), "amount_micros": c.amount_micros,
@@ -355,6 +399,119 @@ class Engine:
             raise NotFound(f"no plan {plan_id!r}", reason="PLAN_NOT_FOUND", plan_id=plan_id)
         return found[0]
 
+    # ------------------------------------------------------------------ settlement (R17-R20)
+
+    def settle_day(self, c: SettleDay) -> list[Bill]:
+        """R17/R19: settle every unsettled ended day up to D, oldest first; D's bills, once."""
+        cal.parse_day(c.billing_day)
+        now = self.now()
+        if now < cal.day_end(c.billing_day):
+            raise FailedPrecondition(
+                f"day {c.billing_day} has not ended yet (it ends at "
+                f"{cal.next_day(c.billing_day)} 00:00 UTC+08:00, R17)", reason="DAY_NOT_ENDED",
+                billing_day=c.billing_day)
+        while self.next_settle_day is not None and self.next_settle_day <= c.billing_day:
+            self._settle_one(self.next_settle_day)
+        self.flush()
+        return read_bills(self.store.conn, "WHERE day = ?", (c.billing_day,))
+
+    def _settle_one(self, day: str) -> None:
+        self.flush()
+        now = self.now()
+        figures = day_figures(self.store.conn, day)
+        for account_id in sorted(figures):
+            acct = self.account(account_id)
+            bill = make_bill(account_id, day, figures[account_id], acct.voucher_micros,
+                             acct.cash_micros, now)
+            acct.voucher_micros -= bill.paid_voucher_micros
+            acct.cash_micros -= bill.paid_cash_micros
+            if bill.outstanding_micros:
+                self._add_outstanding(acct, bill.outstanding_micros, now)
+            self._touch(acct)
+            seq = self._append(now, "bill", account_id, bill.to_payload())
+            self._uow.bills.append(bill_row(bill, seq))
+        self._append(now, "day_settled", None, {"day": day, "bills": len(figures)})
+        self._uow.meta[SETTLED_META_KEY] = day
+        self.next_settle_day = cal.next_day(day)
+
+    def _add_outstanding(self, acct: AccountState, micros: int, now: int) -> None:
+        """R22: overdue from the moment the first unpaid amount arose."""
+        acct.outstanding_micros += micros
+        if acct.overdue_since is None:
+            acct.overdue_since = now
+            heapq.heappush(self.suspensions,
+                           (now + OVERDUE_SUSPEND_AFTER_US + 1, acct.account_id, now))
+        if acct.status is AccountStatus.ACTIVE:
+            acct.status = AccountStatus.OVERDUE
+
+    def _suspend(self, acct: AccountState, since: int, now: int) -> None:
+        """R23: overdue strictly more than 168 hours: suspend, delete configuration."""
+        if (acct.overdue_since != since or acct.outstanding_micros == 0
+                or acct.status is AccountStatus.SUSPENDED):
+            return
+        day = cal.billing_day(now)
+        self._record_feature_day(acct, day, 0, False)
+        deleted = {"scenario_ids": list(acct.scenario_ids),
+                   "custom_policy": acct.custom_policy_enabled}
+        acct.scenario_ids, acct.custom_policy_enabled = (), False
+        acct.status, acct.suspended_at = AccountStatus.SUSPENDED, now
+        self._touch(acct)
+        self._append(now, "account_suspended", acct.account_id,
+                     {"overdue_since_us": since, "outstanding_micros": acct.outstanding_micros,
+                      "deleted": deleted})
+
+    # ------------------------------------------------------------------ refunds (R21)
+
+    def refund_plan(self, c: RefundPlan) -> PlanState | Replayed:
+        plan = self.plan(c.plan_id)
+        acct = self.account(plan.account_id)
+        if self._claimed(acct.account_id, "refund", c.request_id, c.fingerprint()):
+            return Replayed(self.plan(c.plan_id))
+        now = self.now()
+        if plan.refunded_at is not None:
+            raise FailedPrecondition(f"plan {plan.plan_id} was already refunded",
+                                     reason="PLAN_REFUNDED", plan_id=plan.plan_id)
+        if now - plan.purchased_at > REFUND_WINDOW_US:
+            raise FailedPrecondition(
+                f"plan {plan.plan_id} was bought more than 5 days (120 hours) ago; "
+                "refunds are only possible within 5 days of purchase (R21)",
+                reason="REFUND_WINDOW_PASSED", plan_id=plan.plan_id)
+        if plan.units_consumed > 0 or plan.units_forfeited > 0:
+            raise FailedPrecondition(
+                f"plan {plan.plan_id} has already offset {plan.units_consumed} requests; "
+                "a used plan cannot be refunded (R21)", reason="PLAN_USED", plan_id=plan.plan_id)
+        plan.refunded_at = now
+        acct.live_plans = [p for p in acct.live_plans if p is not plan]
+        acct.voucher_micros += plan.paid_voucher_micros
+        acct.cash_micros += plan.paid_cash_micros
+        self._uow.plans[plan.plan_id] = plan
+        self._touch(acct)
+        self._append(now, "refund", acct.account_id,
+                     {"plan_id": plan.plan_id, "reason": c.reason,
+                      "voucher_micros": plan.paid_voucher_micros,
+                      "cash_micros": plan.paid_cash_micros}, c.request_id, c.fingerprint())
+        return plan
+
+    # ------------------------------------------------------------------ reactivation (R24)
+
+    def reactivate(self, c: Reactivate) -> AccountState | Replayed:
+        acct = self.account(c.account_id)
+        if self._claimed(c.account_id, "reactivate", c.request_id, c.fingerprint()):
+            return Replayed(acct)
+        if acct.status is not AccountStatus.SUSPENDED:
+            raise FailedPrecondition(f"account {c.account_id!r} is not suspended",
+                                     reason="NOT_SUSPENDED", account_id=c.account_id)
+        if acct.outstanding_micros > 0:
+            raise FailedPrecondition(
+                f"account {c.account_id!r} still owes {acct.outstanding_micros} micro-USD; "
+                "top up to pay it before reactivating (R24)", reason="OUTSTANDING_BALANCE",
+                account_id=c.account_id)
+        now = self.now()
+        acct.status, acct.suspended_at, acct.overdue_since = AccountStatus.ACTIVE, None, None
+        self._touch(acct)
+        self._append(now, "reactivate", c.account_id, {}, c.request_id, c.fingerprint())
+        return acct
+
     _handlers: dict[type, Any] = {
         Consume: consume,
         CreateAccount: create_account,
@@ -362,6 +519,9 @@ class Engine:
         UpdateFeatures: update_features,
         PurchasePlan: purchase_plan,
         AdvanceClock: advance_clock,
+        SettleDay: settle_day,
+        RefundPlan: refund_plan,
+        Reactivate: reactivate,
     }
 
 

@@ -29,8 +29,10 @@ from typing import Any
 
 import sqlite_utils
 
+from .calendar import day_end
 from .errors import Unavailable
 from .model import AccountState, AccountStatus, PlanState, Validity
+from .settlement import Bill, BillLine, DayFigures
 
 BUSY_TIMEOUT_MS = 5_000
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
@@ -112,8 +114,31 @@ CREATE TABLE features_daily (
 ) WITHOUT ROWID;
 """
 
+SCHEMA_V2 = """
+CREATE TABLE bills (
+    account_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    bill_date TEXT NOT NULL,
+    lines TEXT NOT NULL,
+    plan_offsets TEXT NOT NULL,
+    total_micros INTEGER NOT NULL,
+    amount_due_micros INTEGER NOT NULL,
+    paid_voucher_micros INTEGER NOT NULL,
+    paid_cash_micros INTEGER NOT NULL,
+    outstanding_micros INTEGER NOT NULL,
+    issued_at_us INTEGER NOT NULL,
+    journal_seq INTEGER NOT NULL,
+    PRIMARY KEY (account_id, day)
+) WITHOUT ROWID;
+CREATE INDEX bills_by_day ON bills (day);
+CREATE TRIGGER bills_no_update BEFORE UPDATE ON bills
+    BEGIN SELECT RAISE(ABORT, 'a bill, once issued, never changes (R19)'); END;
+CREATE TRIGGER bills_no_delete BEFORE DELETE ON bills
+    BEGIN SELECT RAISE(ABORT, 'a bill, once issued, never changes (R19)'); END;
+"""
+
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
-MIGRATIONS: list[str] = [SCHEMA_V1]
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -156,6 +181,7 @@ class UnitOfWork:
     offsets: dict[tuple[str, str, str], int] = field(default_factory=dict)
     features: dict[tuple[str, str], tuple[int, int, int, int]] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)
+    bills: list[tuple] = field(default_factory=list)
     keys: dict[tuple[str, str, str], int] = field(default_factory=dict)
     last_hash: bytes = GENESIS_HASH
     next_seq: int = 1
@@ -273,6 +299,16 @@ class Store:
             "SELECT seq, hash, at_us FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
         return (row[0], bytes(row[1]), row[2]) if row else (0, GENESIS_HASH, 0)
 
+    def first_entry_at(self) -> int | None:
+        row = self.conn.execute("SELECT at_us FROM journal ORDER BY seq LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def overdue_accounts(self) -> list[tuple[str, int]]:
+        return [tuple(r) for r in self.conn.execute(  # type: ignore[misc]
+            "SELECT account_id, overdue_since_us FROM accounts"
+            " WHERE overdue_since_us IS NOT NULL AND status != ?",
+            (int(AccountStatus.SUSPENDED),))]
+
     def meta_get(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
@@ -358,6 +394,8 @@ class Store:
         if uow.features:
             c.executemany("INSERT OR REPLACE INTO features_daily VALUES (?,?,?,?,?,?)",
                           [(*k, *v) for k, v in uow.features.items()])
+        if uow.bills:
+            c.executemany("INSERT INTO bills VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", uow.bills)
         if uow.meta:
             c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", list(uow.meta.items()))
 
@@ -419,6 +457,65 @@ def read_usage(conn: sqlite3.Connection, account_id: str, from_day: str, to_day:
         " WHERE account_id = ? AND day BETWEEN ? AND ? ORDER BY day, plan_id",
         (account_id, from_day, to_day)).fetchall()
     return [tuple(r) for r in payg], [tuple(r) for r in offsets]  # type: ignore[misc]
+
+
+def day_figures(conn: sqlite3.Connection, day: str) -> dict[str, DayFigures]:
+    """Every account's figures for one billing day (R13, R14, R18), from the derived tables."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def row(account_id: str) -> dict[str, Any]:
+        return out.setdefault(account_id, {"payg": {}, "offsets": [], "scen": 0, "custom": 0})
+
+    for acct, region, units in conn.execute(
+            "SELECT account_id, region, payg_units FROM usage_daily WHERE day = ?", (day,)):
+        row(acct)["payg"][region] = units
+    for acct, plan_id, units in conn.execute(
+            "SELECT o.account_id, o.plan_id, o.units FROM offsets_daily o"
+            " JOIN plans p USING (plan_id) WHERE o.day = ?"
+            " ORDER BY o.account_id, p.expires_at_us, p.purchase_seq", (day,)):
+        row(acct)["offsets"].append((plan_id, units))
+    # R13/R14: the configuration of a day with changes is its row; a day without changes
+    # had the configuration the next change started from, or else the current one.
+    features: dict[str, tuple[int, int]] = {}
+    for acct, scen, custom in conn.execute(
+            "SELECT account_id, json_array_length(scenario_ids), custom_policy FROM accounts"
+            " WHERE (json_array_length(scenario_ids) > 0 OR custom_policy) AND created_at_us < ?",
+            (day_end(day),)):
+        features[acct] = (scen, custom)
+    for acct, scen, custom in conn.execute(
+            "SELECT f.account_id, f.start_scenarios, f.start_custom FROM features_daily f"
+            " WHERE f.day = (SELECT min(g.day) FROM features_daily g"
+            "                WHERE g.account_id = f.account_id AND g.day > ?)", (day,)):
+        features[acct] = (scen, custom)
+    for acct, scen, custom in conn.execute(
+            "SELECT account_id, max_scenarios, custom_any FROM features_daily WHERE day = ?",
+            (day,)):
+        features[acct] = (scen, custom)
+    for acct, (scen, custom) in features.items():
+        if scen or custom:
+            r = row(acct)
+            r["scen"], r["custom"] = scen, custom
+    figures = {a: DayFigures(r["payg"], tuple(r["offsets"]), r["scen"], bool(r["custom"]))
+               for a, r in out.items()}
+    return {a: f for a, f in figures.items() if f.has_activity}
+
+
+def read_bills(conn: sqlite3.Connection, where: str, params: tuple = ()) -> list[Bill]:
+    rows = conn.execute(
+        "SELECT account_id, day, bill_date, lines, plan_offsets, total_micros,"
+        " amount_due_micros, paid_voucher_micros, paid_cash_micros, outstanding_micros,"
+        f" issued_at_us FROM bills {where} ORDER BY day, account_id", params).fetchall()
+    return [Bill(r[0], r[1], r[2], tuple(BillLine(*ln) for ln in json.loads(r[3])),
+                 tuple((a, b) for a, b in json.loads(r[4])), r[5], r[6], r[7], r[8], r[9], r[10])
+            for r in rows]
+
+
+def bill_row(b: Bill, seq: int) -> tuple:
+    return (b.account_id, b.billing_day, b.bill_date,
+            json.dumps([[ln.item, ln.region, ln.quantity, ln.unit_price_micros,
+                         ln.amount_micros] for ln in b.lines]),
+            json.dumps([list(p) for p in b.plan_offsets]), b.total_micros, b.amount_due_micros,
+            b.paid_voucher_micros, b.paid_cash_micros, b.outstanding_micros, b.issued_at_us, seq)
 
 
 def journal_count(conn: sqlite3.Connection) -> int:

@@ -28,7 +28,13 @@ from ledger.store import Store
 from ledger.writer import Writer
 
 from .metrics import Metrics
-from .services import AccountsService, Context, QuotaLedgerService, TestClockService
+from .services import (
+    AccountsService,
+    Context,
+    QuotaLedgerService,
+    SettlementService,
+    TestClockService,
+)
 
 log = logging.getLogger("quota_ledger.server")
 
@@ -94,8 +100,7 @@ class LedgerServer:
         ctx = Context(self.writer, self.clock, self.catalog, self.metrics)
         quota_ledger_pb2_grpc.add_QuotaLedgerServicer_to_server(QuotaLedgerService(ctx), server)
         accounts_pb2_grpc.add_AccountsServicer_to_server(AccountsService(ctx), server)
-        settlement_pb2_grpc.add_SettlementServicer_to_server(
-            settlement_pb2_grpc.SettlementServicer(), server)
+        settlement_pb2_grpc.add_SettlementServicer_to_server(SettlementService(ctx), server)
         names = [SERVICE_NAMES["QuotaLedger"], SERVICE_NAMES["Accounts"],
                  SERVICE_NAMES["Settlement"]]
         if cfg.test_clock:

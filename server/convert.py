@@ -9,6 +9,7 @@ from quota_ledger.v1 import quota_ledger_pb2 as qpb
 from ledger import model as m
 from ledger.engine import ConsumeOutcome
 from ledger.money import Region
+from ledger.settlement import Bill
 
 US = 1_000_000
 
@@ -69,6 +70,18 @@ def account(a: m.AccountState) -> pb.Account:
         overdue_since=ts(a.overdue_since), scenario_ids=list(a.scenario_ids),
         custom_policy_enabled=a.custom_policy_enabled, display_name=a.display_name,
         created_at=ts(a.created_at), suspended_at=ts(a.suspended_at))
+
+
+def bill(b: Bill) -> pb.Bill:
+    return pb.Bill(
+        account_id=b.account_id, billing_day=b.billing_day, bill_date=b.bill_date,
+        lines=[pb.BillLine(item=ln.item, region=ln.region, quantity=ln.quantity,
+                           unit_price_micros=ln.unit_price_micros, amount_micros=ln.amount_micros)
+               for ln in b.lines],
+        plan_offsets=[pb.PlanUnits(plan_id=p, units=n) for p, n in b.plan_offsets],
+        total_micros=b.total_micros, amount_due_micros=b.amount_due_micros,
+        paid_voucher_micros=b.paid_voucher_micros, paid_cash_micros=b.paid_cash_micros,
+        outstanding_micros=b.outstanding_micros, issued_at=ts(b.issued_at_us))
 
 
 def plan_spec(s: m.PlanSpec) -> pb.PlanSpec:

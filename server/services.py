@@ -11,6 +11,8 @@ from quota_ledger.v1 import accounts_pb2_grpc as apb_grpc
 from quota_ledger.v1 import common_pb2 as pb
 from quota_ledger.v1 import quota_ledger_pb2 as qpb
 from quota_ledger.v1 import quota_ledger_pb2_grpc as qpb_grpc
+from quota_ledger.v1 import settlement_pb2 as spb
+from quota_ledger.v1 import settlement_pb2_grpc as spb_grpc
 from quota_ledger.v1 import test_clock_pb2 as tpb
 from quota_ledger.v1 import test_clock_pb2_grpc as tpb_grpc
 
@@ -232,9 +234,56 @@ class AccountsService(apb_grpc.AccountsServicer):
         cmd = m.PurchasePlan(m.check_id(request.account_id, "account_id"),
                              m.check_request_id(request.request_id),
                              m.check_id(request.spec_id, "spec_id"))
-        result = await self.ctx.write(cmd)
+        return self._plan_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def RefundPlan(self, request, context):  # noqa: N802
+        cmd = m.RefundPlan(m.check_id(request.plan_id, "plan_id"),
+                           m.check_request_id(request.request_id),
+                           m.check_text(request.reason, "reason", m.REASON_LEN_MAX,
+                                        allow_empty=True))
+        return self._plan_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def Reactivate(self, request, context):  # noqa: N802
+        cmd = m.Reactivate(m.check_id(request.account_id, "account_id"),
+                           m.check_request_id(request.request_id))
+        return _account_reply(await self.ctx.write(cmd))
+
+    def _plan_reply(self, result: Any) -> pb.Plan:
         plan = result.value if isinstance(result, Replayed) else result
         return convert.plan(plan, self.ctx.clock.now_us())
+
+
+class SettlementService(spb_grpc.SettlementServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    @rpc
+    async def SettleDay(self, request, context):  # noqa: N802
+        cal.parse_day(request.billing_day)
+        bills = await self.ctx.write(m.SettleDay(request.billing_day))
+        return spb.SettleDayResponse(bills=[convert.bill(b) for b in bills])
+
+    @rpc
+    async def GetBill(self, request, context):  # noqa: N802
+        acct = self.ctx.account(request.account_id)
+        cal.parse_day(request.billing_day)
+        found = q.read_bills(self.ctx.reader(), "WHERE account_id = ? AND day = ?",
+                             (acct.account_id, request.billing_day))
+        if not found:
+            raise NotFound(f"no bill for {acct.account_id!r} on {request.billing_day} (a bill "
+                           "exists only for a settled day with activity, R18)",
+                           reason="BILL_NOT_FOUND", account_id=acct.account_id)
+        return convert.bill(found[0])
+
+    @rpc
+    async def ListBills(self, request, context):  # noqa: N802
+        acct = self.ctx.account(request.account_id)
+        days = _day_range(request.from_day, request.to_day)
+        found = q.read_bills(self.ctx.reader(), "WHERE account_id = ? AND day BETWEEN ? AND ?",
+                             (acct.account_id, days[0], days[-1]))
+        return spb.ListBillsResponse(bills=[convert.bill(b) for b in found])
 
 
 class TestClockService(tpb_grpc.TestClockServicer):
