@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import calendar as cal
 from .allocation import allocate
@@ -42,8 +42,9 @@ OVERDUE_SUSPEND_AFTER_US = 168 * cal.US_PER_HOUR  # R23: strictly more than 7 da
 REFUND_WINDOW_US = 120 * cal.US_PER_HOUR  # R21: at most 5 days, inclusive
 
 
-@dataclass(frozen=True, slots=True)
-class ConsumeOutcome:
+class ConsumeOutcome(NamedTuple):
+    """A Consume's result (a NamedTuple: built once per request on the hot path)."""
+
     request_id: str
     billable: bool
     allocations: tuple[tuple[str, int], ...]
@@ -107,7 +108,17 @@ class Engine:
 
     def begin(self) -> UnitOfWork:
         self.uow = UnitOfWork(last_hash=self.last_hash, next_seq=self.next_seq)
+        self._looked_up: set[tuple[str, str, str]] = set()
+        self._found: dict[tuple[str, str, str], tuple[int, str | None, str, int]] = {}
         return self.uow
+
+    def prefetch_keys(self, cmds: list[Any]) -> None:
+        """Look up the idempotency keys of a group's consumes in a few statements, not one
+        each; keys claimed later in the group are still seen through the UnitOfWork."""
+        keys = [(c.account_id, "consume", c.request_id) for c in cmds
+                if type(c) is Consume and c.billable]
+        self._looked_up.update(keys)
+        self._found.update(self.store.find_keys(keys))
 
     def commit(self) -> None:
         """Commit the open group; on failure reload state and re-raise (Unavailable)."""
@@ -135,6 +146,17 @@ class Engine:
     def now(self) -> int:
         return self.clock.now_us()
 
+    def _billing_day(self, t_us: int) -> str:
+        """R1, cached for the current day: the hot path asks once per request."""
+        start, end, day = self._day_cache
+        if start <= t_us < end:
+            return day
+        day = cal.billing_day(t_us)
+        self._day_cache = (cal.day_start(day), cal.day_end(day), day)
+        return day
+
+    _day_cache: tuple[int, int, str] = (0, 0, "")
+
     # ------------------------------------------------------------------ helpers
 
     def account(self, account_id: str) -> AccountState:
@@ -152,19 +174,21 @@ class Engine:
                  ) -> tuple[int, dict[str, Any], int] | None:
         """R12: the earlier entry for this key, if any; refuses a key reused for other content."""
         uow = self._uow
-        seq = uow.keys.get((account_id, kind, request_id))
+        key = (account_id, kind, request_id)
+        seq = uow.keys.get(key)
         if seq is not None:  # claimed earlier in this very group: not yet in the database
             row = uow.rows[seq - uow.rows[0][0]]
-            found: tuple[int, str | None, dict[str, Any], int] | None = (
-                seq, row[5], json.loads(row[6]), row[1])
+            found: tuple[int, str | None, str, int] | None = (seq, row[5], row[6], row[1])
+        elif key in self._looked_up:
+            found = self._found.get(key)
         else:
             found = self.store.find_key(account_id, kind, request_id)
         if found is None:
             return None
-        seq, fp, payload, at_us = found
+        seq, fp, payload_json, at_us = found
         if fp != fingerprint:
             raise key_reused(kind, request_id)
-        return seq, payload, at_us
+        return seq, json.loads(payload_json), at_us
 
     def _append(self, at_us: int, kind: str, account_id: str | None, payload: dict[str, Any],
                 request_id: str | None = None, fingerprint: str | None = None) -> int:
@@ -240,13 +264,14 @@ class Engine:
     def consume(self, c: Consume) -> ConsumeOutcome:
         now = self.now()
         acct = self.account(c.account_id)
-        day = cal.billing_day(now)
+        day = self._billing_day(now)
         if not c.billable:  # R3: acknowledged, nothing charged, no state changed, no key
             if acct.status is AccountStatus.SUSPENDED:
                 raise suspended(c.account_id)
             return ConsumeOutcome(c.request_id, False, (), 0, 0, False, day, now,
                                   acct.units_remaining_at(now), 0)
-        prior = self._claimed(c.account_id, "consume", c.request_id, c.fingerprint())
+        fingerprint = c.fingerprint()
+        prior = self._claimed(c.account_id, "consume", c.request_id, fingerprint)
         if prior is not None:
             return _consume_replay(c.request_id, *prior)
         if acct.status is AccountStatus.SUSPENDED:  # R23
@@ -280,7 +305,7 @@ class Engine:
             payload["scenario"] = c.scenario_id
         if c.client_timestamp_us is not None:
             payload["client_ts_us"] = c.client_timestamp_us
-        seq = self._append(now, "consume", c.account_id, payload, c.request_id, c.fingerprint())
+        seq = self._append(now, "consume", c.account_id, payload, c.request_id, fingerprint)
         return ConsumeOutcome(c.request_id, True, allocations, payg_units, payg_micros, False,
                               day, now, remaining, seq)
 

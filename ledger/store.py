@@ -37,6 +37,7 @@ from .settlement import Bill, BillLine, DayFigures
 BUSY_TIMEOUT_MS = 5_000
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 GENESIS_HASH = b"\x00" * 32
+KEYS_PER_LOOKUP_MAX = 300  # idempotency keys looked up in one statement (3 parameters each)
 
 SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -158,7 +159,8 @@ class Entry:
 
 
 def canonical_json(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"), sort_keys=True)
+    """Compact and deterministic for a given dict (the hash covers the stored text itself)."""
+    return json.dumps(payload, separators=(",", ":"))
 
 
 def chain_hash(prev: bytes, seq: int, at_us: int, kind: str, account_id: str | None,
@@ -325,13 +327,29 @@ class Store:
         return read_plans(self.conn, where, params)
 
     def find_key(self, account_id: str, kind: str, request_id: str
-                 ) -> tuple[int, str | None, dict[str, Any], int] | None:
+                 ) -> tuple[int, str | None, str, int] | None:
         """R12: the entry that already claimed this key: (seq, fingerprint, payload, at_us)."""
         row = self.conn.execute(
             "SELECT seq, fingerprint, payload, at_us FROM journal"
             " WHERE account_id = ? AND kind = ? AND request_id = ?",
             (account_id, kind, request_id)).fetchone()
-        return (row[0], row[1], json.loads(row[2]), row[3]) if row else None
+        return (row[0], row[1], row[2], row[3]) if row else None
+
+    def find_keys(self, keys: list[tuple[str, str, str]]
+                  ) -> dict[tuple[str, str, str], tuple[int, str | None, str, int]]:
+        """R12 for a whole group at once: {key: (seq, fingerprint, payload_json, at_us)}."""
+        found = {}
+        for i in range(0, len(keys), KEYS_PER_LOOKUP_MAX):
+            chunk = keys[i:i + KEYS_PER_LOOKUP_MAX]
+            values = ",".join(["(?,?,?)"] * len(chunk))
+            params = [x for k in chunk for x in k]
+            for row in self.conn.execute(
+                    f"SELECT j.account_id, j.kind, j.request_id, j.seq, j.fingerprint, j.payload,"
+                    f" j.at_us FROM (VALUES {values}) v JOIN journal j ON j.account_id = v.column1"
+                    " AND j.kind = v.column2 AND j.request_id = v.column3"
+                    " AND j.request_id IS NOT NULL", params):
+                found[(row[0], row[1], row[2])] = (row[3], row[4], row[5], row[6])
+        return found
 
     def feature_day(self, account_id: str, day: str) -> tuple[int, int, int, int] | None:
         row = self.conn.execute(

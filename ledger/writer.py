@@ -159,6 +159,8 @@ class Writer:
         try:
             if not engine.clock.is_test_clock:
                 engine.run_due(engine.now())
+            engine.prefetch_keys([c for i in group
+                                  for c in (i.cmd if isinstance(i.cmd, Batch) else (i.cmd,))])
             for item in group:
                 if isinstance(item.cmd, Batch):
                     outcomes.append([self._one(c) for c in item.cmd])

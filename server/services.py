@@ -106,7 +106,7 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
             except LedgerError as exc:  # one bad item fails alone
                 results[i] = _result(req.request_id, Outcome(error=exc))
         if batch:
-            outcomes = unwrap(await self.ctx.writer.submit_async(batch))
+            outcomes = await self.ctx.writer.submit_async(batch)
             for i, cmd, outcome in zip(where, batch, outcomes, strict=True):
                 if outcome.error is None:
                     _count(self.ctx.metrics, cmd, outcome.value)
