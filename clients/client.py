@@ -38,7 +38,8 @@ from quota_ledger.v1 import test_clock_pb2 as tpb
 from quota_ledger.v1 import test_clock_pb2_grpc as tpb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_TIMEOUT_S = 10.0  # per call, retries included
+STREAM_TIMEOUT_S = 3_600.0  # a ConsumeStream's whole life
 RETRIES_MAX = 4
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 2.0
@@ -60,7 +61,7 @@ _SHORT_NAMES: dict[Any, dict[str, int]] = {
 
 def enum_value(enum: Any, value: int | str) -> int:
     """Accept 2, 'REGION_OUTSIDE_CHINESE_MAINLAND' or 'outside'; numbers pass unchecked."""
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
     short = _SHORT_NAMES.get(enum, {}).get(value.lower())
     if short is not None:
@@ -76,6 +77,8 @@ def enum_value(enum: Any, value: int | str) -> int:
 def timestamp(value: datetime | Timestamp) -> Timestamp:
     if isinstance(value, Timestamp):
         return value
+    if value.tzinfo is None:
+        raise ValueError("naive datetime: give a time zone (billing days are UTC+08:00)")
     t = Timestamp()
     t.FromDatetime(value)
     return t
@@ -234,21 +237,26 @@ class LedgerClient(_Api):
 
     def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
         fn = getattr(self.stubs[stub], method)
+        deadline = time.monotonic() + self.timeout_s  # one budget for all attempts
         attempt = 0
         while True:
             try:
-                return fn(request, timeout=self.timeout_s)
+                return fn(request, timeout=max(0.001, deadline - time.monotonic()))
             except grpc.RpcError as err:
-                if retry and attempt < self.retries and err.code() in RETRYABLE:
-                    time.sleep(_backoff(attempt))
+                pause = _backoff(attempt)
+                if (retry and attempt < self.retries and err.code() in RETRYABLE
+                        and time.monotonic() + pause < deadline):
+                    time.sleep(pause)
                     attempt += 1
                     continue
                 raise LedgerError.from_rpc_error(err) from None
 
-    def consume_stream(self, requests: Iterable[qpb.ConsumeRequest]) -> Iterator[Any]:
-        """One result per request, in order (no retry: resend failed items yourself)."""
+    def consume_stream(self, requests: Iterable[qpb.ConsumeRequest],
+                       timeout_s: float = STREAM_TIMEOUT_S) -> Iterator[Any]:
+        """One result per request, in order (no retry: resend failed items with the same
+        request_id yourself). The deadline covers the whole stream."""
         try:
-            yield from self.stubs["ledger"].ConsumeStream(iter(requests))
+            yield from self.stubs["ledger"].ConsumeStream(iter(requests), timeout=timeout_s)
         except grpc.RpcError as err:
             raise LedgerError.from_rpc_error(err) from None
 
@@ -273,20 +281,23 @@ class AsyncLedgerClient(_Api):
 
     async def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
         fn = getattr(self.stubs[stub], method)
+        deadline = time.monotonic() + self.timeout_s  # one budget for all attempts
         attempt = 0
         while True:
             try:
-                return await fn(request, timeout=self.timeout_s)
+                return await fn(request, timeout=max(0.001, deadline - time.monotonic()))
             except grpc.RpcError as err:
-                if retry and attempt < self.retries and err.code() in RETRYABLE:
-                    await asyncio.sleep(_backoff(attempt))
+                pause = _backoff(attempt)
+                if (retry and attempt < self.retries and err.code() in RETRYABLE
+                        and time.monotonic() + pause < deadline):
+                    await asyncio.sleep(pause)
                     attempt += 1
                     continue
                 raise LedgerError.from_rpc_error(err) from None
 
-    async def consume_stream(self, requests: AsyncIterator[qpb.ConsumeRequest] | Iterable[Any]
-                             ) -> AsyncIterator[Any]:
-        call = self.stubs["ledger"].ConsumeStream(requests)
+    async def consume_stream(self, requests: AsyncIterator[qpb.ConsumeRequest] | Iterable[Any],
+                             timeout_s: float = STREAM_TIMEOUT_S) -> AsyncIterator[Any]:
+        call = self.stubs["ledger"].ConsumeStream(requests, timeout=timeout_s)
         try:
             async for result in call:
                 yield result

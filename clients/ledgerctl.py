@@ -1,17 +1,18 @@
 """ledgerctl: the command-line client of quota-ledger, over gRPC.
 
-Every verb is one call of :class:`clients.client.LedgerClient`. Output is a table for people,
-or with ``--json`` the server's protobuf reply as proto3 JSON (field names as in the .proto,
-int64 as strings, timestamps in UTC, every field present even when zero).
+Every verb calls the server through :class:`clients.client.LedgerClient`. Output is a table
+for people, or with ``--json`` the server's protobuf reply as proto3 JSON (field names as in
+the .proto, int64 as strings, timestamps in UTC, every field present even when zero).
 
 A refused call prints ``error: <CODE> <REASON>: <message>`` on stderr and exits 1; a usage
 error exits 2 (click's default).
 
 Extending: another module can add a verb with ``main.add_command(cmd)``. The verb gets the
-global options through ``@click.pass_obj`` as a :class:`CliState` (``state.client()`` is a
-connected :class:`LedgerClient`, ``state.call(fn, ...)`` turns :class:`LedgerError` into the
-standard error exit). The modules named in ``EXTENSIONS`` are imported, when they exist, at
-the end of this module, so that a command they register is part of the ``ledgerctl`` script.
+global options through ``@click.pass_obj`` as a :class:`CliState`: ``state.client()`` is a
+connected :class:`LedgerClient`, and ``state.call("method", ...)`` calls that client method
+and turns a :class:`LedgerError` into the standard error exit. The modules named in
+``EXTENSIONS`` are imported, when they exist, at the end of this module, so that a command
+they register is part of the ``ledgerctl`` script.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import click
 import grpc
 from google.protobuf.json_format import MessageToJson
 from quota_ledger.v1 import common_pb2 as pb
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from clients.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, LedgerClient, LedgerError
 from ledger.calendar import BILLING_TZ
@@ -92,7 +94,7 @@ def fail(exc: LedgerError, state: CliState) -> NoReturn:
         message = f"{message} (the server at {state.target} does not serve this call"
         message += "; TestClock is served only with --test-clock)" if _in_time_group() else ")"
     click.echo(f"error: {code} {exc.reason}: {message}", err=True)
-    sys.exit(1)
+    raise click.exceptions.Exit(1)
 
 
 def _in_time_group() -> bool:
@@ -142,9 +144,9 @@ def emit_json(message: Any) -> None:
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[str]],
-          numeric: Iterable[str] = ()) -> Table:
+          numeric: Iterable[str] = ()) -> RenderableType:
     numeric = set(numeric)
-    t = Table(title=title, title_justify="left", show_lines=False)
+    t = Table()
     for col in columns:
         if col in numeric:
             t.add_column(col, justify="right", no_wrap=True)
@@ -152,16 +154,29 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[str
             t.add_column(col, overflow="fold")
     for row in rows:
         t.add_row(*row)
-    return t
+    return titled(title, t)
 
 
-def fields_table(title: str | None, pairs: Iterable[tuple[str, str]]) -> Table:
-    t = Table(title=title, title_justify="left", show_header=False)
+def titled(title: str | None, t: Table) -> RenderableType:
+    """The title on its own line above the table: never wrapped to the table's width."""
+    return Group(Text(title, style="bold"), t) if title else t
+
+
+def fields_table(title: str | None, pairs: Iterable[tuple[str, str]]) -> RenderableType:
+    t = Table(show_header=False)
     t.add_column("field", style="bold")
     t.add_column("value", overflow="fold")
     for k, v in pairs:
         t.add_row(k, v)
-    return t
+    return titled(title, t)
+
+
+def output(state: CliState, message: Any, view: Callable[[], Sequence[Any]]) -> None:
+    """The reply as JSON with --json, else the tables that ``view`` builds from it."""
+    if state.json:
+        emit_json(message)
+    else:
+        show(*view())
 
 
 def show(*renderables: Any) -> None:
@@ -170,7 +185,7 @@ def show(*renderables: Any) -> None:
         console.print(r)
 
 
-def account_view(a: pb.Account, title: str | None = None) -> Table:
+def account_view(a: pb.Account, title: str | None = None) -> RenderableType:
     return fields_table(title or f"account {a.account_id}", [
         ("account_id", a.account_id),
         ("display_name", a.display_name or "-"),
@@ -186,7 +201,7 @@ def account_view(a: pb.Account, title: str | None = None) -> Table:
     ])
 
 
-def plan_view(p: pb.Plan, title: str | None = None) -> Table:
+def plan_view(p: pb.Plan, title: str | None = None) -> RenderableType:
     return fields_table(title or f"plan {p.plan_id}", [
         ("plan_id", p.plan_id),
         ("account_id", p.account_id),
@@ -228,11 +243,10 @@ def bill_row(b: pb.Bill) -> list[str]:
 
 
 def write_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    out = click.get_text_stream("stdout")
-    w = csv.writer(out, lineterminator="\n")
+    w = csv.writer(sys.stdout, lineterminator="\n")
     w.writerow(header)
     w.writerows(rows)
-    out.flush()
+    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------- parameter types
@@ -243,12 +257,12 @@ class Day(click.ParamType):
     name = "YYYY-MM-DD"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> str:
-        if isinstance(value, str) and _DAY_RE.match(value):
-            try:
-                return date.fromisoformat(value).isoformat()
-            except ValueError:
-                pass
-        self.fail(f"{value!r} is not a billing day written YYYY-MM-DD", param, ctx)
+        if not (isinstance(value, str) and _DAY_RE.match(value)):
+            self.fail(f"{value!r} is not a billing day written YYYY-MM-DD", param, ctx)
+        try:
+            return date.fromisoformat(value).isoformat()
+        except ValueError:
+            self.fail(f"{value!r} is not a real calendar date", param, ctx)
 
 
 class Instant(click.ParamType):
@@ -372,7 +386,7 @@ def account_create(state: CliState, account_id: str, display_name: str) -> None:
       ledgerctl account create acme --name "Acme Inc."
     """
     a = state.call("create_account", account_id, display_name)
-    emit_json(a) if state.json else show(account_view(a, f"created account {a.account_id}"))
+    output(state, a, lambda: [account_view(a, f"created account {a.account_id}")])
 
 
 @account.command("show")
@@ -386,7 +400,7 @@ def account_show(state: CliState, account_id: str) -> None:
       ledgerctl account show acme
     """
     a = state.call("get_account", account_id)
-    emit_json(a) if state.json else show(account_view(a))
+    output(state, a, lambda: [account_view(a)])
 
 
 @main.command("top-up")
@@ -400,7 +414,9 @@ def account_show(state: CliState, account_id: str) -> None:
 @click.pass_obj
 def top_up(state: CliState, account_id: str, amount: str, kind: str, micros: bool,
            request_id: str | None) -> None:
-    """Add cash or voucher money to an account (TopUp); it pays outstanding bills first.
+    """Add cash or voucher money to an account (TopUp).
+
+    The money pays outstanding bill amounts first.
 
     AMOUNT is in USD, exact to 6 decimals (12.50 is USD 12.50, i.e. 12,500,000 micro-USD);
     with --micros it is an integer number of micro-USD.
@@ -428,7 +444,7 @@ def top_up(state: CliState, account_id: str, amount: str, kind: str, micros: boo
 @click.pass_obj
 def features(state: CliState, account_id: str, scenarios: tuple[str, ...], no_scenarios: bool,
              custom_policy: bool | None, request_id: str | None) -> None:
-    """Set an account's scenarios and custom policy flag (UpdateFeatures).
+    """Set an account's scenarios and custom policy (UpdateFeatures).
 
     The scenario set becomes exactly the --scenario IDs given; what is not given is left as
     it is (--no-scenarios clears the set). Beyond 3 scenarios each costs USD 1 a day; custom
@@ -444,7 +460,7 @@ def features(state: CliState, account_id: str, scenarios: tuple[str, ...], no_sc
         raise click.UsageError(
             "nothing to change: give --scenario, --no-scenarios or --[no-]custom-policy")
     new_scenarios: list[str] = list(scenarios)
-    if not scenarios and not no_scenarios or custom_policy is None:
+    if (not scenarios and not no_scenarios) or custom_policy is None:
         current = state.call("get_account", account_id)
         if not scenarios and not no_scenarios:
             new_scenarios = list(current.scenario_ids)
@@ -452,7 +468,7 @@ def features(state: CliState, account_id: str, scenarios: tuple[str, ...], no_sc
             custom_policy = current.custom_policy_enabled
     a = state.call("update_features", account_id, new_scenarios, bool(custom_policy),
                    request_id=request_id)
-    emit_json(a) if state.json else show(account_view(a, f"features of {a.account_id}"))
+    output(state, a, lambda: [account_view(a, f"features of {a.account_id}")])
 
 
 @main.command()
@@ -460,16 +476,17 @@ def features(state: CliState, account_id: str, scenarios: tuple[str, ...], no_sc
 @request_id_option
 @click.pass_obj
 def reactivate(state: CliState, account_id: str, request_id: str | None) -> None:
-    """Return a suspended account to service (Reactivate); refused while money is owed.
+    """Return a suspended account to service (Reactivate).
 
-    Its scenarios and custom policy must be set again afterwards (see `features`).
+    Refused while any amount is outstanding. Its scenarios and custom policy must be set
+    again afterwards (see `features`).
 
     \b
     Example:
       ledgerctl reactivate acme
     """
     a = state.call("reactivate", account_id, request_id=request_id)
-    emit_json(a) if state.json else show(account_view(a, f"reactivated {a.account_id}"))
+    output(state, a, lambda: [account_view(a, f"reactivated {a.account_id}")])
 
 
 # --------------------------------------------------------------------------- plans
@@ -499,16 +516,17 @@ def specs(state: CliState) -> None:
 @request_id_option
 @click.pass_obj
 def buy(state: CliState, account_id: str, spec_id: str, request_id: str | None) -> None:
-    """Buy a resource plan for an account (PurchasePlan), paid vouchers first, then cash.
+    """Buy a resource plan for an account (PurchasePlan).
 
-    SPEC_ID is one of the specs listed by `ledgerctl specs`.
+    SPEC_ID is one of the specs listed by `ledgerctl specs`. The price is paid from vouchers
+    first, then cash; the purchase is refused if both together cannot pay it.
 
     \b
     Example:
       ledgerctl buy acme month-100k --request-id buy-1
     """
     p = state.call("purchase_plan", account_id, spec_id, request_id=request_id)
-    emit_json(p) if state.json else show(plan_view(p, f"bought plan {p.plan_id}"))
+    output(state, p, lambda: [plan_view(p, f"bought plan {p.plan_id}")])
 
 
 @main.command()
@@ -519,23 +537,25 @@ def buy(state: CliState, account_id: str, spec_id: str, request_id: str | None) 
 def refund(state: CliState, plan_id: str, reason: str, request_id: str | None) -> None:
     """Refund an unused plan bought at most 5 days ago (RefundPlan).
 
-    The price goes back to the vouchers and cash that paid it.
+    Refused once a unit was consumed or 120 hours have passed. The price goes back to the
+    vouchers and cash that paid it.
 
     \b
     Example:
       ledgerctl refund 0190f3c2-plan --reason "bought by mistake"
     """
     p = state.call("refund_plan", plan_id, reason=reason, request_id=request_id)
-    emit_json(p) if state.json else show(plan_view(p, f"refunded plan {p.plan_id}"))
+    output(state, p, lambda: [plan_view(p, f"refunded plan {p.plan_id}")])
 
 
 @main.command()
 @click.argument("account_id")
 @click.pass_obj
 def remaining(state: CliState, account_id: str) -> None:
-    """Show the units left in an account's valid plans and today's pay-as-you-go (GetRemaining).
+    """Show an account's plan units left (GetRemaining).
 
-    Plans are listed in the order they are consumed.
+    Lists the valid plans with units left, in the order they are consumed, their total, and
+    today's pay-as-you-go units and cost.
 
     \b
     Example:
@@ -561,7 +581,9 @@ def remaining(state: CliState, account_id: str) -> None:
               help="Also list exhausted, expired and refunded plans.")
 @click.pass_obj
 def plans(state: CliState, account_id: str, include_inactive: bool) -> None:
-    """List an account's plans: active ones, or with --all every plan (ListPlans).
+    """List an account's plans (ListPlans).
+
+    Active plans only; with --all also exhausted, expired and refunded ones.
 
     \b
     Example:
@@ -598,7 +620,10 @@ def plans(state: CliState, account_id: str, include_inactive: bool) -> None:
 def consume(state: CliState, account_id: str, region: str, captcha_type: str,
             architecture: str, step: str, quantity: int, scenario_id: str | None,
             dry_run: bool, request_id: str | None) -> None:
-    """Record verification requests (Consume): plans first, then pay-as-you-go.
+    """Record billable verification requests (Consume).
+
+    Units come from the account's valid plans first (earliest expiry first), then
+    pay-as-you-go. Not every type/architecture/step combination is billable.
 
     \b
     Example:
@@ -639,10 +664,10 @@ USAGE_CSV_HEADER = ("billing_day", "kind", "plan_id", "region", "units", "amount
                    "takes precedence over --json.")
 @click.pass_obj
 def usage(state: CliState, account_id: str, from_day: str, to_day: str, as_csv: bool) -> None:
-    """Show an account's usage per billing day, both days included (GetUsage).
+    """Show an account's usage per billing day (GetUsage).
 
-    Each day lists the units each plan covered (kind plan) and the pay-as-you-go units and
-    cost per region (kind payg).
+    FROM_DAY and TO_DAY are billing days, both included. Each day lists the units each plan
+    covered (kind plan) and the pay-as-you-go units and cost per region (kind payg).
 
     \b
     Example:
@@ -679,7 +704,7 @@ def usage(state: CliState, account_id: str, from_day: str, to_day: str, as_csv: 
 @click.argument("day", type=Day())
 @click.pass_obj
 def settle(state: CliState, day: str) -> None:
-    """Settle an ended billing day for every account now (SettleDay); idempotent.
+    """Settle an ended billing day for all accounts now (SettleDay).
 
     The ledger also settles every ended day by itself; settling again returns the same bills.
 
@@ -696,7 +721,7 @@ def settle(state: CliState, day: str) -> None:
                (bill_row(b) for b in r.bills), numeric=BILL_NUMERIC))
 
 
-def bill_tables(b: pb.Bill) -> list[Table]:
+def bill_tables(b: pb.Bill) -> list[RenderableType]:
     lines = table(f"bill of {b.account_id} for {b.billing_day}, dated {b.bill_date}",
                   ("item", "region", "quantity", "unit price (USD)", "amount (USD)"),
                   ([ln.item, enum_name(pb.Region, ln.region) or "-", units(ln.quantity),
@@ -723,14 +748,14 @@ def bill_tables(b: pb.Bill) -> list[Table]:
 @click.argument("day", type=Day())
 @click.pass_obj
 def bill(state: CliState, account_id: str, day: str) -> None:
-    """Show an account's bill for a billing day, line by line (GetBill).
+    """Show an account's bill for one billing day (GetBill).
 
     \b
     Example:
       ledgerctl bill acme 2027-03-09
     """
     b = state.call("get_bill", account_id, day)
-    emit_json(b) if state.json else show(*bill_tables(b))
+    output(state, b, lambda: [*bill_tables(b)])
 
 
 BILLS_CSV_HEADER = ("account_id", "billing_day", "bill_date", "item", "region", "quantity",
@@ -746,7 +771,9 @@ BILLS_CSV_HEADER = ("account_id", "billing_day", "bill_date", "item", "region", 
                    "takes precedence over --json.")
 @click.pass_obj
 def bills(state: CliState, account_id: str, from_day: str, to_day: str, as_csv: bool) -> None:
-    """List an account's bills for billing days FROM_DAY..TO_DAY, included (ListBills).
+    """List an account's bills for a range of days (ListBills).
+
+    FROM_DAY and TO_DAY are billing days, both included.
 
     \b
     Example:
@@ -774,9 +801,10 @@ def bills(state: CliState, account_id: str, from_day: str, to_day: str, as_csv: 
 
 @main.group(context_settings=CONTEXT_SETTINGS)
 def time() -> None:
-    """Read or move the ledger's test clock (TestClock; server run with --test-clock).
+    """Read or move the ledger's test clock (TestClock).
 
-    Moving the clock runs everything that falls due: plan expiries, settlements, suspensions.
+    Only a server started with --test-clock serves it. Moving the clock runs everything
+    that falls due: plan expiries, settlements, suspensions.
 
     \b
     Example:
@@ -807,9 +835,9 @@ def time_show(state: CliState) -> None:
 @click.argument("now", metavar="ISO8601", type=Instant())
 @click.pass_obj
 def time_set(state: CliState, now: datetime) -> None:
-    """Move the ledger's clock forward to an instant (SetTime); time never goes backwards.
+    """Move the ledger's clock forward to an instant (SetTime).
 
-    Without an offset the time is read in UTC+8.
+    Time never goes backwards. Without an offset the time is read in UTC+8.
 
     \b
     Example:
@@ -822,7 +850,9 @@ def time_set(state: CliState, now: datetime) -> None:
 @click.argument("seconds", type=Duration())
 @click.pass_obj
 def time_advance(state: CliState, seconds: int) -> None:
-    """Move the ledger's clock forward by SECONDS (AdvanceTime); units s, m, h, d, w allowed.
+    """Move the ledger's clock forward by SECONDS (AdvanceTime).
+
+    SECONDS is a whole number, optionally with a unit: s, m, h, d or w (90m, 36h, 1d).
 
     \b
     Example:
@@ -845,8 +875,9 @@ def _load_extensions(names: Iterable[str]) -> None:
 
 _load_extensions(EXTENSIONS)
 
-__all__: list[str] = ["CliState", "main"]
-_Unused = Callable  # keep the typing import available for extensions' annotations
+__all__ = ["CliState", "main"]
 
-if __name__ == "__main__":
-    main(prog_name="ledgerctl")
+if __name__ == "__main__":  # python -m clients.ledgerctl: run the importable copy of `main`
+    from clients.ledgerctl import main as _main
+
+    _main(prog_name="ledgerctl")

@@ -538,3 +538,53 @@ def bill_row(b: Bill, seq: int) -> tuple:
 
 def journal_count(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT count(*) FROM journal").fetchone()[0]
+
+
+def iter_journal(conn: sqlite3.Connection, from_seq: int = 1):
+    """Every entry as stored: (seq, at_us, kind, account_id, request_id, fingerprint,
+    payload_json, hash), in seq order."""
+    yield from conn.execute(
+        "SELECT seq, at_us, kind, account_id, request_id, fingerprint, payload, hash"
+        " FROM journal WHERE seq >= ? ORDER BY seq", (from_seq,))
+
+
+def hash_before(conn: sqlite3.Connection, seq: int) -> bytes:
+    row = conn.execute("SELECT hash FROM journal WHERE seq = ?", (seq - 1,)).fetchone()
+    return bytes(row[0]) if row else GENESIS_HASH
+
+
+def dump_derived(conn: sqlite3.Connection) -> dict[str, dict[Any, Any]]:
+    """The derived tables as row images keyed like ledger.rebuild.Derived."""
+    out: dict[str, dict[Any, Any]] = {}
+    cur = conn.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts")
+    cols = [c[0] for c in cur.description]
+    out["accounts"] = {r[0]: {**dict(zip(cols[1:], r[1:], strict=True)),
+                              "scenario_ids": json.loads(r[9])} for r in cur}
+    cur = conn.execute("SELECT * FROM plans")
+    cols = [c[0] for c in cur.description]
+    out["plans"] = {r[0]: dict(zip(cols[1:], r[1:], strict=True)) for r in cur}
+    out["usage_daily"] = {(r[0], r[1], r[2]): (r[3], r[4])
+                          for r in conn.execute("SELECT * FROM usage_daily")}
+    out["offsets_daily"] = {(r[0], r[1], r[2]): r[3]
+                            for r in conn.execute("SELECT * FROM offsets_daily")}
+    out["features_daily"] = {(r[0], r[1]): tuple(r[2:])
+                             for r in conn.execute("SELECT * FROM features_daily")}
+    out["bills"] = {(r[0], r[1]): {
+        "day": r[1], "bill_date": r[2], "lines": json.loads(r[3]),
+        "plan_offsets": json.loads(r[4]), "total_micros": r[5], "amount_due_micros": r[6],
+        "paid_voucher_micros": r[7], "paid_cash_micros": r[8], "outstanding_micros": r[9],
+        "issued_at_us": r[10], "journal_seq": r[11]} for r in conn.execute("SELECT * FROM bills")}
+    return out
+
+
+def backup_to(db_path: str, to_path: str) -> None:
+    """Copy a live database with SQLite's online backup API (a consistent snapshot)."""
+    src = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    dst = sqlite3.connect(to_path)
+    try:
+        src.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        src.backup(dst)
+        dst.execute("PRAGMA journal_mode = WAL")
+    finally:
+        dst.close()
+        src.close()

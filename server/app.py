@@ -25,6 +25,7 @@ from ledger import catalog as catalog_mod
 from ledger.clock import SystemClock, TestClock
 from ledger.engine import Engine
 from ledger.store import Store
+from ledger.verify import ChainBroken, check_tail
 from ledger.writer import Writer
 
 from .metrics import Metrics
@@ -77,6 +78,11 @@ class LedgerServer:
         self.catalog = catalog_mod.load(cfg.catalog)
         self.store = Store(Path(cfg.db))  # raises DatabaseLocked for a second server
         try:
+            try:
+                check_tail(self.store.conn)
+            except ChainBroken as exc:
+                raise StartupError(f"refusing to serve a corrupted journal: {exc}; run "
+                                   f"'quota-ledger verify --db {cfg.db}'") from exc
             self.clock = TestClock() if cfg.test_clock else SystemClock()
             self.engine = Engine(self.store, self.clock, self.catalog)
             self.writer = Writer(self.engine, on_commit=self.metrics.on_commit)
