@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -219,6 +220,21 @@ class _Api:
                           retry=False)
 
 
+def _credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None
+                 ) -> grpc.ChannelCredentials | None:
+    if not (tls_ca or tls_cert):
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+
+
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 def _stubs(channel: Any) -> dict[str, Any]:
     return {"ledger": qpb_grpc.QuotaLedgerStub(channel),
             "accounts": apb_grpc.AccountsStub(channel),
@@ -230,9 +246,15 @@ class LedgerClient(_Api):
     """Blocking client. Use as a context manager, or call close()."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 retries: int = RETRIES_MAX, channel: grpc.Channel | None = None) -> None:
-        self.channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+                 retries: int = RETRIES_MAX, channel: grpc.Channel | None = None,
+                 token: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
+        creds = _credentials(tls_ca, tls_cert, tls_key)
+        self.channel = channel or (
+            grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS) if creds
+            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS))
         self.timeout_s, self.retries = timeout_s, retries
+        self.metadata = _auth_metadata(token)
         self.stubs = _stubs(self.channel)
 
     def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
@@ -241,7 +263,8 @@ class LedgerClient(_Api):
         attempt = 0
         while True:
             try:
-                return fn(request, timeout=max(0.001, deadline - time.monotonic()))
+                return fn(request, timeout=max(0.001, deadline - time.monotonic()),
+                          metadata=self.metadata)
             except grpc.RpcError as err:
                 pause = _backoff(attempt)
                 if (retry and attempt < self.retries and err.code() in RETRYABLE
@@ -256,7 +279,8 @@ class LedgerClient(_Api):
         """One result per request, in order (no retry: resend failed items with the same
         request_id yourself). The deadline covers the whole stream."""
         try:
-            yield from self.stubs["ledger"].ConsumeStream(iter(requests), timeout=timeout_s)
+            yield from self.stubs["ledger"].ConsumeStream(iter(requests), timeout=timeout_s,
+                                                           metadata=self.metadata)
         except grpc.RpcError as err:
             raise LedgerError.from_rpc_error(err) from None
 
@@ -274,9 +298,15 @@ class AsyncLedgerClient(_Api):
     """asyncio client: the same methods, each returning an awaitable."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 retries: int = RETRIES_MAX, channel: grpc.aio.Channel | None = None) -> None:
-        self.channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+                 retries: int = RETRIES_MAX, channel: grpc.aio.Channel | None = None,
+                 token: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
+        creds = _credentials(tls_ca, tls_cert, tls_key)
+        self.channel = channel or (
+            grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS) if creds
+            else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS))
         self.timeout_s, self.retries = timeout_s, retries
+        self.metadata = _auth_metadata(token)
         self.stubs = _stubs(self.channel)
 
     async def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
@@ -285,7 +315,8 @@ class AsyncLedgerClient(_Api):
         attempt = 0
         while True:
             try:
-                return await fn(request, timeout=max(0.001, deadline - time.monotonic()))
+                return await fn(request, timeout=max(0.001, deadline - time.monotonic()),
+                                metadata=self.metadata)
             except grpc.RpcError as err:
                 pause = _backoff(attempt)
                 if (retry and attempt < self.retries and err.code() in RETRYABLE
@@ -297,7 +328,8 @@ class AsyncLedgerClient(_Api):
 
     async def consume_stream(self, requests: AsyncIterator[qpb.ConsumeRequest] | Iterable[Any],
                              timeout_s: float = STREAM_TIMEOUT_S) -> AsyncIterator[Any]:
-        call = self.stubs["ledger"].ConsumeStream(requests, timeout=timeout_s)
+        call = self.stubs["ledger"].ConsumeStream(requests, timeout=timeout_s,
+                                                  metadata=self.metadata)
         try:
             async for result in call:
                 yield result

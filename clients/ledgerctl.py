@@ -57,11 +57,17 @@ class CliState:
     target: str = DEFAULT_TARGET
     timeout_s: float = DEFAULT_TIMEOUT_S
     json: bool = False
+    token: str | None = field(default=None, repr=False)  # never printed
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     _client: LedgerClient | None = field(default=None, repr=False)
 
     def client(self) -> LedgerClient:
         if self._client is None:
-            self._client = LedgerClient(self.target, timeout_s=self.timeout_s)
+            self._client = LedgerClient(self.target, timeout_s=self.timeout_s, token=self.token,
+                                        tls_ca=self.tls_ca, tls_cert=self.tls_cert,
+                                        tls_key=self.tls_key)
         return self._client
 
     def close(self) -> None:
@@ -345,9 +351,17 @@ request_id_option = click.option(
               help="Deadline of each call (a call that may be retried gets it on each try).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the server's reply as JSON (proto field names) instead of tables.")
+@click.option("--token", envvar="LEDGER_TOKEN", show_envvar=True, default=None,
+              help="Bearer token, for a server started with --tokens (prefer the variable).")
+@click.option("--tls-ca", metavar="PEM", default=None,
+              help="Connect with TLS, trusting this CA for the server's certificate.")
+@click.option("--tls-cert", metavar="PEM", default=None,
+              help="Client certificate, for a server that requires mutual TLS.")
+@click.option("--tls-key", metavar="PEM", default=None, help="The client certificate's key.")
 @click.version_option(package_name="quota-ledger", prog_name="ledgerctl")
 @click.pass_context
-def main(ctx: click.Context, target: str, timeout_s: float, as_json: bool) -> None:
+def main(ctx: click.Context, target: str, timeout_s: float, as_json: bool, token: str | None,
+         tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """Operate a quota-ledger server: accounts, funds, plans, consumption, usage, bills.
 
     Money is given and shown in USD (exact, to the micro-USD); days and times are in the
@@ -357,7 +371,8 @@ def main(ctx: click.Context, target: str, timeout_s: float, as_json: bool) -> No
     Example:
       ledgerctl --target 127.0.0.1:50051 account show acme
     """
-    state = CliState(target=target, timeout_s=timeout_s, json=as_json)
+    state = CliState(target=target, timeout_s=timeout_s, json=as_json, token=token,
+                     tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     ctx.obj = state
     ctx.call_on_close(state.close)
 

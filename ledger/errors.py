@@ -8,7 +8,9 @@
     │   (ACCOUNT_SUSPENDED R23, REFUND_WINDOW_PASSED / PLAN_USED / PLAN_REFUNDED R21,
     │    DAY_NOT_ENDED R17, INSUFFICIENT_FUNDS R16, OUTSTANDING_BALANCE R24, ...)
     ├── Overloaded                   the writer's queue is full: retry later
-    └── Unavailable                  the journal cannot be written now (disk full, I/O error)
+    ├── Unavailable                  the journal cannot be written now (disk full, I/O error)
+    ├── Unauthenticated              no bearer token, or an unknown one
+    └── PermissionDenied             the token's role or accounts do not cover the call
 
 The domain never imports grpc: ``server/errors.py`` maps each class to a gRPC status code in
 one table and sends ``reason`` as a ``google.rpc.ErrorInfo``. Anything else that escapes is a
@@ -67,3 +69,15 @@ def key_reused(kind: str, request_id: str) -> AlreadyExists:
         reason="IDEMPOTENCY_KEY_REUSED",
         request_id=request_id,
     )
+
+
+class Unauthenticated(LedgerError):
+    """No credentials, or credentials the server does not know."""
+
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LedgerError):
+    """Known credentials whose role or accounts do not cover the call."""
+
+    default_reason = "PERMISSION_DENIED"

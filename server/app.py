@@ -28,6 +28,7 @@ from ledger.store import Store
 from ledger.verify import ChainBroken, check_tail
 from ledger.writer import Writer
 
+from .auth import Authorizer, is_loopback
 from .metrics import Metrics
 from .services import (
     AccountsService,
@@ -63,6 +64,11 @@ class ServerConfig:
     test_clock: bool = False
     grace_s: float = GRACE_S
     metrics_listen: str | None = None
+    tokens: str | None = None  # TOML file of token hashes; None: no authentication
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # require and verify client certificates (mutual TLS)
+    insecure: bool = False  # allow a non-loopback listener without authentication
 
 
 class LedgerServer:
@@ -75,6 +81,15 @@ class LedgerServer:
 
     async def start(self) -> None:
         cfg = self.config
+        self.auth = Authorizer.from_file(cfg.tokens)
+        if not is_loopback(cfg.listen) and not (self.auth.enabled or cfg.tls_client_ca
+                                                or cfg.insecure):
+            raise StartupError(
+                f"refusing to listen on {cfg.listen} without authentication: give --tokens "
+                "(and TLS), or --tls-client-ca, or say --insecure explicitly")
+        if bool(cfg.tls_cert) != bool(cfg.tls_key) or (cfg.tls_client_ca and not cfg.tls_cert):
+            raise StartupError("TLS needs both --tls-cert and --tls-key (and they are needed "
+                               "for --tls-client-ca)")
         self.catalog = catalog_mod.load(cfg.catalog)
         self.store = Store(Path(cfg.db))  # raises DatabaseLocked for a second server
         try:
@@ -103,7 +118,7 @@ class LedgerServer:
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
         ])
-        ctx = Context(self.writer, self.clock, self.catalog, self.metrics)
+        ctx = Context(self.writer, self.clock, self.catalog, self.metrics, self.auth)
         quota_ledger_pb2_grpc.add_QuotaLedgerServicer_to_server(QuotaLedgerService(ctx), server)
         accounts_pb2_grpc.add_AccountsServicer_to_server(AccountsService(ctx), server)
         settlement_pb2_grpc.add_SettlementServicer_to_server(SettlementService(ctx), server)
@@ -117,7 +132,10 @@ class LedgerServer:
         reflection.enable_server_reflection(
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         try:
-            self.port = server.add_insecure_port(cfg.listen)
+            if cfg.tls_cert:
+                self.port = server.add_secure_port(cfg.listen, self._credentials())
+            else:
+                self.port = server.add_insecure_port(cfg.listen)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {cfg.listen}: {exc}") from exc
         if not self.port:
@@ -127,6 +145,14 @@ class LedgerServer:
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s (db %s, test clock %s)", cfg.listen, cfg.db, cfg.test_clock)
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        cfg = self.config
+        assert cfg.tls_cert and cfg.tls_key
+        key, cert = Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes()
+        ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                           require_client_auth=ca is not None)
 
     async def stop(self) -> None:
         """Drain: stop taking calls, let in-flight ones finish, commit, close."""

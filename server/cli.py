@@ -15,6 +15,7 @@ from ledger.store import DatabaseLocked, backup_to
 from ledger.verify import verify as check_db
 
 from .app import DEFAULT_DB, DEFAULT_LISTEN, LedgerServer, ServerConfig, StartupError
+from .auth import ROLES, create_token
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,15 +37,26 @@ def main() -> None:
 @click.option("--port-file", default=None, metavar="PATH",
               help="Write the bound ports as JSON here once serving (for scripts and tests; "
                    "lets --listen use port 0).")
+@click.option("--tokens", default=None, metavar="PATH",
+              help="TOML file of bearer-token hashes and roles; turns authentication on.")
+@click.option("--tls-cert", default=None, metavar="PEM", help="Serve TLS with this certificate.")
+@click.option("--tls-key", default=None, metavar="PEM", help="The certificate's private key.")
+@click.option("--tls-client-ca", default=None, metavar="PEM",
+              help="Require client certificates signed by this CA (mutual TLS).")
+@click.option("--insecure", is_flag=True,
+              help="Allow a non-loopback --listen without authentication.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(listen: str, db: str, catalog: str | None, test_clock: bool,
-          metrics_listen: str | None, port_file: str | None, log_level: str) -> None:
+          metrics_listen: str | None, port_file: str | None, tokens: str | None,
+          tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None, insecure: bool,
+          log_level: str) -> None:
     """Run the gRPC server (SIGTERM or Ctrl-C drains in-flight calls and exits 0)."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(listen=listen, db=db, catalog=catalog, test_clock=test_clock,
-                          metrics_listen=metrics_listen)
+                          metrics_listen=metrics_listen, tokens=tokens, tls_cert=tls_cert,
+                          tls_key=tls_key, tls_client_ca=tls_client_ca, insecure=insecure)
     try:
         asyncio.run(_run(config, port_file))
     except (DatabaseLocked, StartupError) as exc:
@@ -101,3 +113,20 @@ def backup(db: str, to: str) -> None:
         sys.exit(2)
     backup_to(db, to)
     click.echo(f"backed up {db} to {to}")
+
+
+@main.group()
+def token() -> None:
+    """Manage bearer tokens (only their SHA-256 hashes are stored)."""
+
+
+@token.command("create")
+@click.option("--tokens", "path", required=True, metavar="PATH", help="The tokens file.")
+@click.option("--name", required=True, help="Who holds the token (shown in errors, logs).")
+@click.option("--role", required=True, type=click.Choice(list(ROLES)),
+              help="consumer: Consume RPCs; reader: queries; admin: everything.")
+@click.option("--account", "accounts", multiple=True, metavar="ID",
+              help="Limit the token to this account (repeatable).")
+def token_create(path: str, name: str, role: str, accounts: tuple[str, ...]) -> None:
+    """Make a token, append its hash to the tokens file, print the token once."""
+    click.echo(create_token(path, name, role, list(accounts)))

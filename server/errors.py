@@ -24,6 +24,8 @@ STATUS_BY_ERROR: dict[type[e.LedgerError], grpc.StatusCode] = {
     e.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     e.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     e.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    e.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    e.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -61,6 +63,9 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         t0 = time.perf_counter()
         code = "OK"
         try:
+            auth = self.ctx.auth
+            principal = auth.authenticate(context.invocation_metadata())
+            auth.authorize(principal, f"{self.SERVICE}/{method}", account_ids(request))
             return await handler(self, request, context)
         except e.LedgerError as exc:
             code = status_code(exc).name
@@ -76,6 +81,16 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             metrics.rpc_latency.labels(method).observe(time.perf_counter() - t0)
 
     return wrapper
+
+
+def account_ids(request: Any) -> list[str]:
+    """The accounts a request names, for account-limited tokens."""
+    fields = request.DESCRIPTOR.fields_by_name
+    if "account_id" in fields:
+        return [request.account_id]
+    if "requests" in fields:
+        return [r.account_id for r in request.requests]
+    return []
 
 
 def error_message(exc: e.LedgerError) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from ledger.errors import InvalidArgument, LedgerError, NotFound
 from ledger.writer import Batch, Outcome, Writer, unwrap
 
 from . import convert
-from .errors import error_message, rpc
+from .auth import Authorizer
+from .errors import error_message, rpc, to_status
 from .metrics import Metrics
 
 STREAM_IN_FLIGHT_MAX = 256  # per ConsumeStream: results not yet sent back
@@ -36,7 +37,8 @@ class Context:
     """What every servicer shares: the writer, the store and the clock."""
 
     def __init__(self, writer: Writer, clock: Any, catalog: dict[str, m.PlanSpec],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, auth: Authorizer) -> None:
+        self.auth = auth
         self.writer = writer
         self.metrics = metrics
         self.store = writer.engine.store
@@ -82,6 +84,8 @@ def _day_range(from_day: str, to_day: str) -> list[str]:
 
 
 class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
+    SERVICE = "QuotaLedger"
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
@@ -114,6 +118,12 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
         return qpb.ConsumeBatchResponse(results=results)
 
     async def ConsumeStream(self, request_iterator, context):  # noqa: N802
+        auth = self.ctx.auth
+        try:
+            principal = auth.authenticate(context.invocation_metadata())
+            auth.check_role(principal, "QuotaLedger/ConsumeStream")
+        except LedgerError as exc:
+            await context.abort_with_status(to_status(exc))
         pending: asyncio.Queue[tuple[str, Any, Any] | None] = asyncio.Queue(STREAM_IN_FLIGHT_MAX)
 
         async def read() -> None:
@@ -121,6 +131,8 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
                 async for req in request_iterator:
                     cmd = None
                     try:
+                        auth.check_accounts(principal, "QuotaLedger/ConsumeStream",
+                                            [req.account_id])
                         cmd = convert.consume(req)
                         fut: Any = self.ctx.writer.submit_async(cmd)
                     except LedgerError as exc:
@@ -187,6 +199,8 @@ def _account_reply(result: Any) -> pb.Account:
 
 
 class AccountsService(apb_grpc.AccountsServicer):
+    SERVICE = "Accounts"
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
@@ -256,6 +270,8 @@ class AccountsService(apb_grpc.AccountsServicer):
 
 
 class SettlementService(spb_grpc.SettlementServicer):
+    SERVICE = "Settlement"
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
@@ -290,6 +306,7 @@ class TestClockService(tpb_grpc.TestClockServicer):
     """Served only with --test-clock (CONTRACT)."""
 
     __test__ = False
+    SERVICE = "TestClock"
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
