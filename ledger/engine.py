@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -35,6 +37,8 @@ from .model import (
 from .money import Region, payg_cost_micros, split_payment
 from .settlement import Bill, make_bill
 from .store import Entry, Store, UnitOfWork, bill_row, day_figures, read_bills
+
+log = logging.getLogger("quota_ledger.engine")
 
 CLOCK_META_KEY = "clock_us"
 SETTLED_META_KEY = "settled_through"
@@ -442,6 +446,7 @@ class Engine:
 
     def _settle_one(self, day: str) -> None:
         self.flush()
+        started = time.perf_counter()
         now = self.now()
         figures = day_figures(self.store.conn, day)
         for account_id in sorted(figures):
@@ -458,6 +463,9 @@ class Engine:
         self._append(now, "day_settled", None, {"day": day, "bills": len(figures)})
         self._uow.meta[SETTLED_META_KEY] = day
         self.next_settle_day = cal.next_day(day)
+        log.info("day settled", extra={"event": "settlement", "day": day, "bills": len(figures),
+                                       "duration_ms": round((time.perf_counter() - started)
+                                                            * 1_000, 3)})
 
     def _add_outstanding(self, acct: AccountState, micros: int, now: int) -> None:
         """R22: overdue from the moment the first unpaid amount arose."""
@@ -481,6 +489,9 @@ class Engine:
         acct.scenario_ids, acct.custom_policy_enabled = (), False
         acct.status, acct.suspended_at = AccountStatus.SUSPENDED, now
         self._touch(acct)
+        log.warning("account suspended", extra={
+            "event": "suspension", "account_id": acct.account_id,
+            "outstanding_micros": acct.outstanding_micros})
         self._append(now, "account_suspended", acct.account_id,
                      {"overdue_since_us": since, "outstanding_micros": acct.outstanding_micros,
                       "deleted": deleted})

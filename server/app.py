@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -29,6 +28,7 @@ from ledger.verify import ChainBroken, check_tail
 from ledger.writer import Writer
 
 from .auth import Authorizer, is_loopback
+from .config import ServerConfig
 from .metrics import Metrics
 from .services import (
     AccountsService,
@@ -40,10 +40,8 @@ from .services import (
 
 log = logging.getLogger("quota_ledger.server")
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
-DEFAULT_DB = "data/ledger.db"
+DEFAULT_DB = ServerConfig.db
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
-GRACE_S = 5.0
 SERVICE_NAMES = {
     "QuotaLedger": quota_ledger_pb2.DESCRIPTOR.services_by_name["QuotaLedger"].full_name,
     "Accounts": accounts_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
@@ -54,21 +52,6 @@ SERVICE_NAMES = {
 
 class StartupError(RuntimeError):
     """The server cannot start; the message says why, for a person."""
-
-
-@dataclass
-class ServerConfig:
-    listen: str = DEFAULT_LISTEN
-    db: str = DEFAULT_DB
-    catalog: str | None = None
-    test_clock: bool = False
-    grace_s: float = GRACE_S
-    metrics_listen: str | None = None
-    tokens: str | None = None  # TOML file of token hashes; None: no authentication
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None  # require and verify client certificates (mutual TLS)
-    insecure: bool = False  # allow a non-loopback listener without authentication
 
 
 class LedgerServer:
@@ -100,7 +83,9 @@ class LedgerServer:
                                    f"'quota-ledger verify --db {cfg.db}'") from exc
             self.clock = TestClock() if cfg.test_clock else SystemClock()
             self.engine = Engine(self.store, self.clock, self.catalog)
-            self.writer = Writer(self.engine, on_commit=self.metrics.on_commit)
+            self.writer = Writer(self.engine, on_commit=self._on_commit,
+                                 queue_depth_max=cfg.queue_depth_max,
+                                 group_requests_max=cfg.group_requests_max)
             self.metrics.queue_depth.set_function(self.writer.depth)
             self.metrics.journal_rows.set_function(lambda: self.engine.next_seq - 1)
             self.writer.start()
@@ -144,7 +129,15 @@ class LedgerServer:
         self.server = server
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s (db %s, test clock %s)", cfg.listen, cfg.db, cfg.test_clock)
+        log.info("serving", extra={"event": "start", "listen": cfg.listen, "port": self.port,
+                                   "db": cfg.db, "test_clock": cfg.test_clock,
+                                   "auth": self.auth.enabled, "tls": bool(cfg.tls_cert)})
+
+    def _on_commit(self, requests: int, seconds: float) -> None:
+        self.metrics.on_commit(requests, seconds)
+        if seconds * 1_000 > self.config.slow_commit_ms:
+            log.warning("slow commit", extra={"event": "slow_commit", "requests": requests,
+                                              "commit_ms": round(seconds * 1_000, 3)})
 
     def _credentials(self) -> grpc.ServerCredentials:
         cfg = self.config
@@ -156,12 +149,14 @@ class LedgerServer:
 
     async def stop(self) -> None:
         """Drain: stop taking calls, let in-flight ones finish, commit, close."""
+        log.info("draining", extra={"event": "drain", "grace_s": self.config.grace_s})
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(self.config.grace_s)
             self.server = None
         self.writer.stop()
         self.store.close()
+        log.info("stopped", extra={"event": "stop"})
 
     async def wait(self) -> None:
         assert self.server is not None

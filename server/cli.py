@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import sys
+from typing import Any
 
 import click
 
+from ledger.errors import LedgerError
 from ledger.store import DatabaseLocked, backup_to
 from ledger.verify import verify as check_db
 
-from .app import DEFAULT_DB, DEFAULT_LISTEN, LedgerServer, ServerConfig, StartupError
+from . import config as config_mod
+from . import logs
+from .app import DEFAULT_DB, LedgerServer, ServerConfig, StartupError
 from .auth import ROLES, create_token
 
 
@@ -23,44 +26,68 @@ def main() -> None:
     """quota-ledger: the durable quota ledger for CAPTCHA verification billing."""
 
 
-@main.command()
-@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="HOST:PORT",
-              help="Address to serve gRPC on.")
-@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH",
-              help="SQLite journal file; created with its folder if missing.")
-@click.option("--catalog", default=None, metavar="PATH",
-              help="TOML plan catalog replacing the built-in one (see docs).")
-@click.option("--test-clock", is_flag=True,
-              help="Serve the TestClock service; time moves only when told to.")
-@click.option("--metrics-listen", default=None, metavar="HOST:PORT",
-              help="Serve Prometheus metrics over HTTP here (off when not given).")
+class _ServeCommand(click.Command):
+    """`serve --help` ends with the effective configuration (file and environment)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        try:
+            effective = config_mod.to_toml(config_mod.load(ctx.params.get("config")))
+        except (OSError, ValueError, LedgerError) as exc:
+            effective = f"(cannot read the configuration: {exc})"
+        with formatter.section("Effective configuration (defaults < file < environment)"):
+            for line in effective.splitlines():
+                formatter.write(f"  {line}\n")
+
+
+def _setting_options(fn: Any) -> Any:
+    for s in reversed(config_mod.SETTINGS):
+        flag = "--" + s.name.replace("_", "-")
+        env = f"{config_mod.ENV_PREFIX}{s.name.upper()}"
+        text = f"{s.help} [{s.unit}; default: {config_mod.default(s.name)!r}; env: {env}]"
+        if s.unit == "flag":
+            fn = click.option(flag, s.name, is_flag=True, default=None, help=text)(fn)
+        else:
+            fn = click.option(flag, s.name, default=None, help=text, metavar=s.unit.upper(),
+                              type=click.Choice(s.choices) if s.choices else None)(fn)
+    return fn
+
+
+@main.command(cls=_ServeCommand)
+@click.option("--config", "config", default=None, metavar="PATH", is_eager=True,
+              help=f"TOML file with a [server] table (env: {config_mod.CONFIG_ENV}).")
+@_setting_options
 @click.option("--port-file", default=None, metavar="PATH",
               help="Write the bound ports as JSON here once serving (for scripts and tests; "
                    "lets --listen use port 0).")
-@click.option("--tokens", default=None, metavar="PATH",
-              help="TOML file of bearer-token hashes and roles; turns authentication on.")
-@click.option("--tls-cert", default=None, metavar="PEM", help="Serve TLS with this certificate.")
-@click.option("--tls-key", default=None, metavar="PEM", help="The certificate's private key.")
-@click.option("--tls-client-ca", default=None, metavar="PEM",
-              help="Require client certificates signed by this CA (mutual TLS).")
-@click.option("--insecure", is_flag=True,
-              help="Allow a non-loopback --listen without authentication.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(listen: str, db: str, catalog: str | None, test_clock: bool,
-          metrics_listen: str | None, port_file: str | None, tokens: str | None,
-          tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None, insecure: bool,
-          log_level: str) -> None:
+def serve(config: str | None, port_file: str | None, **flags: Any) -> None:
     """Run the gRPC server (SIGTERM or Ctrl-C drains in-flight calls and exits 0)."""
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(listen=listen, db=db, catalog=catalog, test_clock=test_clock,
-                          metrics_listen=metrics_listen, tokens=tokens, tls_cert=tls_cert,
-                          tls_key=tls_key, tls_client_ca=tls_client_ca, insecure=insecure)
     try:
-        asyncio.run(_run(config, port_file))
+        cfg = config_mod.load(config, flags=flags)
+    except (OSError, LedgerError) as exc:
+        click.echo(f"quota-ledger: {getattr(exc, 'message', exc)}", err=True)
+        sys.exit(2)
+    logs.setup(cfg.log_level, cfg.log_format)
+    try:
+        asyncio.run(_run(cfg, port_file))
     except (DatabaseLocked, StartupError) as exc:
         click.echo(f"quota-ledger: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("show")
+@click.option("--config", "config", default=None, metavar="PATH",
+              help=f"TOML file with a [server] table (env: {config_mod.CONFIG_ENV}).")
+def config_show(config: str | None) -> None:
+    """Print the effective configuration (defaults < file < environment) as TOML."""
+    try:
+        click.echo(config_mod.to_toml(config_mod.load(config)), nl=False)
+    except (OSError, LedgerError) as exc:
+        click.echo(f"quota-ledger: {getattr(exc, 'message', exc)}", err=True)
         sys.exit(2)
 
 

@@ -29,6 +29,12 @@ STATUS_BY_ERROR: dict[type[e.LedgerError], grpc.StatusCode] = {
 }
 
 
+# Refusals worth a line at INFO; malformed input and unknown ids are DEBUG (hostile clients
+# must not be able to flood the log).
+_NOTABLE = frozenset({"FAILED_PRECONDITION", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                      "RESOURCE_EXHAUSTED", "UNAVAILABLE"})
+
+
 def status_code(exc: e.LedgerError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in STATUS_BY_ERROR:
@@ -69,6 +75,10 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             return await handler(self, request, context)
         except e.LedgerError as exc:
             code = status_code(exc).name
+            log.log(logging.INFO if code in _NOTABLE else logging.DEBUG, "refused", extra={
+                "event": "refusal", "method": method, "code": code, "reason": exc.reason,
+                "request_id": getattr(request, "request_id", None),
+                "account_id": getattr(request, "account_id", None)})
             await context.abort_with_status(to_status(exc))
         except grpc.aio.AbortError:
             raise
