@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/quota_ledger/v1/*.proto)
 
-.PHONY: install run test test-fast protos protos-check lint bench soak crash browse clean
+.PHONY: install run test protos protos-check docs lint bench soak crash browse clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ protos-check: $(STAMP)
 	done
 	rm -rf .protos-check
 
+## docs: regenerate docs/api.md from the .proto comments (a test fails when it drifts)
+docs: $(STAMP)
+	$(BIN)/python -m server.apidoc > docs/api.md
+
 lint: $(STAMP)
 	$(BIN)/ruff check ledger server clients tests
 
@@ -48,6 +52,18 @@ soak: $(STAMP)
 
 crash: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/test_crash.py
+
+## browse: the journal and derived tables in Datasette, read-only, with canned queries.
+## Datasette gets a venv of its own: it needs pkg_resources, which the main venv's setuptools lacks.
+BROWSE_VENV := .venv-browse
+$(BROWSE_VENV)/.installed: constraints-browse.txt
+	test -x $(BROWSE_VENV)/bin/python || $(PYTHON) -m venv $(BROWSE_VENV)
+	$(BROWSE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r constraints-browse.txt
+	touch $@
+
+browse: $(BROWSE_VENV)/.installed
+	$(BROWSE_VENV)/bin/datasette serve $(or $(DB),data/ledger.db) --metadata docs/datasette.json \
+	  --host 127.0.0.1 --port $(or $(PORT),8001)
 
 clean:
 	rm -rf $(VENV) .protos-check .pytest_cache .hypothesis data
