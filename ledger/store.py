@@ -31,6 +31,7 @@ import sqlite_utils
 
 from .calendar import day_end
 from .errors import Unavailable
+from .faults import fault
 from .model import AccountState, AccountStatus, PlanState, Validity
 from .settlement import Bill, BillLine, DayFigures
 
@@ -367,10 +368,12 @@ class Store:
     def commit(self, uow: UnitOfWork) -> None:
         """Write one group in one transaction. Raises Unavailable; then nothing was written."""
         c = self.conn
+        fault("before_commit")
         try:
             c.execute("BEGIN IMMEDIATE")
             try:
                 self._write(c, uow)
+                fault("during_commit")
                 c.execute("COMMIT")
             except BaseException:
                 if c.in_transaction:

@@ -24,6 +24,7 @@ from typing import Any
 
 from .engine import Engine
 from .errors import LedgerError, Overloaded, Unavailable
+from .faults import fault
 
 log = logging.getLogger("quota_ledger.writer")
 
@@ -181,6 +182,7 @@ class Writer:
             self._deliver(group, [[failed] * len(i.cmd) if isinstance(i.cmd, Batch) else failed
                                   for i in group])
             raise
+        fault("after_commit")
         n = sum(i.size for i in group)
         self.stats.commits += 1
         self.stats.requests += n
