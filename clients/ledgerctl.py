@@ -7,18 +7,16 @@ the .proto, int64 as strings, timestamps in UTC, every field present even when z
 A refused call prints ``error: <CODE> <REASON>: <message>`` on stderr and exits 1; a usage
 error exits 2 (click's default).
 
-Extending: another module can add a verb with ``main.add_command(cmd)``. The verb gets the
-global options through ``@click.pass_obj`` as a :class:`CliState`: ``state.client()`` is a
-connected :class:`LedgerClient`, and ``state.call("method", ...)`` calls that client method
-and turns a :class:`LedgerError` into the standard error exit. The modules named in
-``EXTENSIONS`` are imported, when they exist, at the end of this module, so that a command
-they register is part of the ``ledgerctl`` script.
+Extending: another module can add a verb with ``main.add_command(cmd)`` (``loadtest``, from
+``clients/loadgen.py``, is added so). The verb gets the global options through
+``@click.pass_obj`` as a :class:`CliState`: ``state.client()`` is a connected
+:class:`LedgerClient`, and ``state.call("method", ...)`` calls that client method and turns a
+:class:`LedgerError` into the standard error exit.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -36,12 +34,12 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, LedgerClient, LedgerError
+from clients.loadgen import loadtest
 from ledger.calendar import BILLING_TZ
 from ledger.money import MICROS_PER_USD, format_usd
 
 INT64_MAX = 2**63 - 1
 # Modules that register extra verbs on `main` when imported (e.g. a future `loadtest`).
-EXTENSIONS: tuple[str, ...] = ("clients.loadtest",)
 _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DURATION_RE = re.compile(r"^(\d+)([smhdw]?)$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
@@ -876,23 +874,6 @@ def time_advance(state: CliState, seconds: int) -> None:
     _show_time(state, state.call("advance_time", seconds))
 
 
-# --------------------------------------------------------------------------- extensions
+# --------------------------------------------------------------------------- load tests
 
-def _load_extensions(names: Iterable[str]) -> None:
-    """Import each module that exists; importing it registers its verbs on `main`."""
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-
-
-_load_extensions(EXTENSIONS)
-
-__all__ = ["CliState", "main"]
-
-if __name__ == "__main__":  # python -m clients.ledgerctl: run the importable copy of `main`
-    from clients.ledgerctl import main as _main
-
-    _main(prog_name="ledgerctl")
+main.add_command(loadtest)
