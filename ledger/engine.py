@@ -119,8 +119,7 @@ class Engine:
     def prefetch_keys(self, cmds: list[Any]) -> None:
         """Look up the idempotency keys of a group's consumes in a few statements, not one
         each; keys claimed later in the group are still seen through the UnitOfWork."""
-        keys = [(c.account_id, "consume", c.request_id) for c in cmds
-                if type(c) is Consume and c.billable]
+        keys = [(c.account_id, "consume", c.request_id) for c in cmds if type(c) is Consume]
         self._looked_up.update(keys)
         self._found.update(self.store.find_keys(keys))
 
@@ -269,15 +268,15 @@ class Engine:
         now = self.now()
         acct = self.account(c.account_id)
         day = self._billing_day(now)
+        fingerprint = c.fingerprint()
+        prior = self._claimed(c.account_id, "consume", c.request_id, fingerprint)
+        if prior is not None:  # only a billable request claims a key, so this one is too
+            return _consume_replay(c.request_id, *prior)
         if not c.billable:  # R3: acknowledged, nothing charged, no state changed, no key
             if acct.status is AccountStatus.SUSPENDED:
                 raise suspended(c.account_id)
             return ConsumeOutcome(c.request_id, False, (), 0, 0, False, day, now,
                                   acct.units_remaining_at(now), 0)
-        fingerprint = c.fingerprint()
-        prior = self._claimed(c.account_id, "consume", c.request_id, fingerprint)
-        if prior is not None:
-            return _consume_replay(c.request_id, *prior)
         if acct.status is AccountStatus.SUSPENDED:  # R23
             raise suspended(c.account_id)
         takes, payg_units = allocate(acct.live_plans, c.quantity, now)
@@ -301,15 +300,9 @@ class Engine:
         if takes and takes[-1][0].units_remaining == 0:
             acct.live_plans = [p for p in acct.live_plans if p.units_remaining > 0]
         remaining = acct.units_remaining_at(now)
-        payload = {"region": int(c.region), "type": int(c.captcha_type),
-                   "arch": int(c.architecture), "step": int(c.step), "qty": c.quantity,
-                   "alloc": [list(a) for a in allocations], "payg_units": payg_units,
-                   "payg_micros": payg_micros, "day": day, "remaining": remaining}
-        if c.scenario_id:
-            payload["scenario"] = c.scenario_id
-        if c.client_timestamp_us is not None:
-            payload["client_ts_us"] = c.client_timestamp_us
-        seq = self._append(now, "consume", c.account_id, payload, c.request_id, fingerprint)
+        seq = uow.append_json(now, "consume", c.account_id, c.request_id, fingerprint,
+                              consume_payload_json(c, allocations, payg_units, payg_micros, day,
+                                                   remaining))
         return ConsumeOutcome(c.request_id, True, allocations, payg_units, payg_micros, False,
                               day, now, remaining, seq)
 
@@ -559,6 +552,21 @@ class Engine:
         RefundPlan: refund_plan,
         Reactivate: reactivate,
     }
+
+
+def consume_payload_json(c: Consume, allocations: tuple[tuple[str, int], ...], payg_units: int,
+                         payg_micros: int, day: str, remaining: int) -> str:
+    """A consume entry's payload, rendered directly (json.dumps costs more than the rest of
+    the hot path). Only the scenario id is caller text, so only it goes through json.dumps."""
+    alloc = ",".join(f'["{plan_id}",{n}]' for plan_id, n in allocations)
+    text = (f'{{"region":{c.region:d},"type":{c.captcha_type:d},"arch":{c.architecture:d},'
+            f'"step":{c.step:d},"qty":{c.quantity},"alloc":[{alloc}],"payg_units":{payg_units},'
+            f'"payg_micros":{payg_micros},"day":"{day}","remaining":{remaining}')
+    if c.scenario_id:
+        text += f',"scenario":{json.dumps(c.scenario_id)}'
+    if c.client_timestamp_us is not None:
+        text += f',"client_ts_us":{c.client_timestamp_us}'
+    return text + "}"
 
 
 def _consume_replay(request_id: str, seq: int, p: dict[str, Any], at_us: int) -> ConsumeOutcome:

@@ -192,15 +192,21 @@ class UnitOfWork:
     def append(self, e: Entry) -> int:
         """Seal the entry into the chain and queue it; returns its seq."""
         assert e.seq == self.next_seq, "journal order is total and gap-free"
-        payload_json = canonical_json(e.payload)
-        self.last_hash = chain_hash(self.last_hash, e.seq, e.at_us, e.kind, e.account_id,
-                                    e.request_id, payload_json)
-        self.rows.append((e.seq, e.at_us, e.kind, e.account_id, e.request_id, e.fingerprint,
-                          payload_json, self.last_hash))
-        if e.request_id is not None:
-            self.keys[(e.account_id or "", e.kind, e.request_id)] = e.seq
-        self.next_seq += 1
-        return e.seq
+        return self.append_json(e.at_us, e.kind, e.account_id, e.request_id, e.fingerprint,
+                                canonical_json(e.payload))
+
+    def append_json(self, at_us: int, kind: str, account_id: str | None,
+                    request_id: str | None, fingerprint: str | None, payload_json: str) -> int:
+        """The same, for a payload already rendered as JSON (the Consume hot path)."""
+        seq = self.next_seq
+        self.last_hash = chain_hash(self.last_hash, seq, at_us, kind, account_id, request_id,
+                                    payload_json)
+        self.rows.append((seq, at_us, kind, account_id, request_id, fingerprint, payload_json,
+                          self.last_hash))
+        if request_id is not None:
+            self.keys[(account_id or "", kind, request_id)] = seq
+        self.next_seq = seq + 1
+        return seq
 
     def __len__(self) -> int:
         return len(self.rows)

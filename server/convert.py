@@ -8,6 +8,7 @@ from quota_ledger.v1 import quota_ledger_pb2 as qpb
 
 from ledger import model as m
 from ledger.engine import ConsumeOutcome
+from ledger.errors import InvalidArgument
 from ledger.money import Region
 from ledger.settlement import Bill
 
@@ -20,7 +21,17 @@ def ts(t_us: int | None) -> Timestamp | None:
     return Timestamp(seconds=t_us // US, nanos=(t_us % US) * 1_000)
 
 
-def from_ts(t: Timestamp) -> int:
+# google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+TS_SECONDS_MIN = -62_135_596_800
+TS_SECONDS_MAX = 253_402_300_799
+
+
+def from_ts(t: Timestamp, field_name: str = "timestamp") -> int:
+    """A valid Timestamp as integer microseconds; anything else is INVALID_ARGUMENT."""
+    if not 0 <= t.nanos <= 999_999_999:
+        raise InvalidArgument(f"{field_name}.nanos must be 0..999,999,999; got {t.nanos}")
+    if not TS_SECONDS_MIN <= t.seconds <= TS_SECONDS_MAX:
+        raise InvalidArgument(f"{field_name} is outside 0001-01-01..9999-12-31")
     return t.seconds * US + t.nanos // 1_000
 
 
@@ -38,8 +49,8 @@ def consume(req: qpb.ConsumeRequest) -> m.Consume:
         architecture=m.parse_enum(m.Architecture, req.architecture, "architecture"),
         step=m.parse_enum(m.Step, req.step, "step"),
         scenario_id=scenario, quantity=m.check_quantity(req.quantity), dry_run=req.dry_run,
-        client_timestamp_us=from_ts(req.client_timestamp) if req.HasField("client_timestamp")
-        else None)
+        client_timestamp_us=from_ts(req.client_timestamp, "client_timestamp")
+        if req.HasField("client_timestamp") else None)
 
 
 def consume_response(o: ConsumeOutcome) -> qpb.ConsumeResponse:
