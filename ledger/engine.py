@@ -419,7 +419,9 @@ class Engine:
         found = self.store.load_plans("WHERE plan_id = ?", (plan_id,))
         if not found:
             raise NotFound(f"no plan {plan_id!r}", reason="PLAN_NOT_FOUND", plan_id=plan_id)
-        return found[0]
+        # One object per plan: loading its account may already hold it among the live plans.
+        self.account(found[0].account_id)
+        return self.plan_index.setdefault(plan_id, found[0])
 
     # ------------------------------------------------------------------ settlement (R17-R20)
 

@@ -98,18 +98,22 @@ class Restart:
     """Stop the writer, close the store and open it all again from the database."""
 
 
-plan_spec_ids = st.sampled_from(sorted(SPEC_UNITS_VALIDITY))
+# The 100k plan twice as often: small plans are what a short run drains and spills over.
+plan_spec_ids = st.sampled_from(["month-100k", "month-100k", "month-1m", "year-1m"])
 regions = st.sampled_from(list(Region))
 quantities = st.one_of(
     st.integers(1, 50),
     st.integers(1, 300_000),
+    st.integers(50_000, 1_000_000),
     st.sampled_from([99_999, 100_000, 100_001, 1_000_000]),
 )
 advance_deltas = st.one_of(
     st.just(0),
     st.integers(1, US_PER_HOUR),
     st.integers(1, 40 * US_PER_DAY),
-    st.sampled_from([28 * US_PER_DAY, 31 * US_PER_DAY, 366 * US_PER_DAY]),
+    # Month-sized jumps reach one-month expiries. No year-sized jump: every day passed is a
+    # daily settlement (one commit each), which would make a run slow for little gain.
+    st.sampled_from([28 * US_PER_DAY, 29 * US_PER_DAY, 31 * US_PER_DAY]),
 )
 
 purchases = st.builds(Purchase, plan_spec_ids)
@@ -126,13 +130,18 @@ def uses(draw: st.DrawFn, *, billable_only: bool = False) -> Use:
     return Use(draw(quantities), draw(regions), arch, ctype, step)
 
 
-def operations(*, replay: bool = False, restart: bool = False, max_size: int = 14
-               ) -> st.SearchStrategy[list[object]]:
-    """A short run: purchases (often at one instant), consumes and clock moves."""
-    ops: list[st.SearchStrategy[object]] = [purchases, uses(), uses(billable_only=True),
-                                            advances]
+@st.composite
+def operations(draw: st.DrawFn, *, replay: bool = False, restart: bool = False,
+               max_size: int = 14) -> list[object]:
+    """A short run: purchases (often at one instant), consumes and clock moves, weighted so
+    that most runs buy a plan or two, drain some, spill to pay-as-you-go and see an expiry."""
+    kinds = ["purchase"] * 3 + ["use"] * 3 + ["billable"] * 2 + ["advance"] * 3
     if replay:
-        ops.append(replays)
+        kinds += ["replay"] * 2
     if restart:
-        ops.append(st.just(Restart()))
-    return st.lists(st.one_of(*ops), min_size=1, max_size=max_size)
+        kinds += ["restart"]
+    by_kind: dict[str, st.SearchStrategy[object]] = {
+        "purchase": purchases, "use": uses(), "billable": uses(billable_only=True),
+        "advance": advances, "replay": replays, "restart": st.just(Restart())}
+    size = draw(st.integers(2, max_size))
+    return [draw(by_kind[draw(st.sampled_from(kinds))]) for _ in range(size)]
