@@ -8,6 +8,7 @@ in-memory state is thrown away and reloaded from the database, which rolled back
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import logging
@@ -208,7 +209,7 @@ class Engine:
         handler = self._handlers.get(type(cmd))
         if handler is None:
             raise NotImplementedError(type(cmd).__name__)
-        return handler(self, cmd)
+        return _snapshot(handler(self, cmd))
 
     # ------------------------------------------------------------------ due work (R9)
 
@@ -554,6 +555,18 @@ class Engine:
         RefundPlan: refund_plan,
         Reactivate: reactivate,
     }
+
+
+def _snapshot(result: Any) -> Any:
+    """Results leave the writer thread: hand out copies of live state, never the objects the
+    writer goes on changing (a reply is converted on the event loop's thread)."""
+    if isinstance(result, Replayed):
+        return Replayed(_snapshot(result.value))
+    if isinstance(result, AccountState):
+        return dataclasses.replace(result, live_plans=[])
+    if isinstance(result, PlanState):
+        return dataclasses.replace(result)
+    return result
 
 
 def consume_payload_json(c: Consume, allocations: tuple[tuple[str, int], ...], payg_units: int,

@@ -92,7 +92,11 @@ def test_r1_day_bounds_agree_with_billing_day():
         assert cal.billing_day(cal.day_start(day) - 1) != day
 
 
-@pytest.mark.parametrize("bad", ["2027-02-29", "2027-13-01", "2027-1-1", "20270101", "", "x"])
+@pytest.mark.parametrize(
+    "bad",
+    ["2027-02-29", "2027-13-01", "2027-1-1", "20270101", "", "x", "2027-01-01\n",
+     "2027-01-01 ", "\uff12\uff10\uff12\uff17-01-01"],
+)
 def test_r1_malformed_billing_day_is_refused(bad):
     """A billing day must be a real YYYY-MM-DD date, else InvalidArgument."""
     with pytest.raises(InvalidArgument):
