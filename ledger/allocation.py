@@ -24,11 +24,19 @@ def consumption_order(plans: Iterable[PlanState], t_us: int) -> list[PlanState]:
 
 def allocate(plans: Sequence[PlanState], quantity: int, t_us: int) -> Allocation:
     """Split ``quantity`` across plans in R8 order; the rest is pay-as-you-go (R10)."""
+    return take_in_order(consumption_order(plans, t_us), quantity, t_us)
+
+
+def take_in_order(plans_in_order: Iterable[PlanState], quantity: int, t_us: int) -> Allocation:
+    """The same for plans already in R8 order (the engine keeps each account's so); plans
+    that cannot offset at t are skipped."""
     assert quantity > 0, "quantity is checked before allocation"
     takes: list[tuple[PlanState, int]] = []
     left = quantity
-    for plan in consumption_order(plans, t_us):
-        take = min(left, plan.units_remaining)
+    for plan in plans_in_order:
+        if not plan.can_offset_at(t_us):
+            continue
+        take = left if left < plan.units_remaining else plan.units_remaining
         takes.append((plan, take))
         left -= take
         if left == 0:

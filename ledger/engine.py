@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import calendar as cal
-from .allocation import allocate
+from .allocation import take_in_order
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, key_reused
 from .model import (
     AccountState,
@@ -280,7 +280,7 @@ class Engine:
                                   acct.units_remaining_at(now), 0)
         if acct.status is AccountStatus.SUSPENDED:  # R23
             raise suspended(c.account_id)
-        takes, payg_units = allocate(acct.live_plans, c.quantity, now)
+        takes, payg_units = take_in_order(acct.live_plans, c.quantity, now)  # R8
         payg_micros = payg_cost_micros(c.region, payg_units)
         allocations = tuple((p.plan_id, n) for p, n in takes)
         if c.dry_run:

@@ -167,10 +167,8 @@ def canonical_json(payload: dict[str, Any]) -> str:
 def chain_hash(prev: bytes, seq: int, at_us: int, kind: str, account_id: str | None,
                request_id: str | None, payload_json: str) -> bytes:
     """Each entry's hash covers the previous hash and every stored field of the entry."""
-    h = hashlib.sha256(prev)
-    h.update(f"{seq}|{at_us}|{kind}|{account_id or ''}|{request_id or ''}|".encode())
-    h.update(payload_json.encode())
-    return h.digest()
+    fields = f"{seq}|{at_us}|{kind}|{account_id or ''}|{request_id or ''}|{payload_json}"
+    return hashlib.sha256(prev + fields.encode()).digest()
 
 
 @dataclass(slots=True)
