@@ -113,6 +113,7 @@ class Engine:
 
     def begin(self) -> UnitOfWork:
         self.uow = UnitOfWork(last_hash=self.last_hash, next_seq=self.next_seq)
+        self._now: int | None = None
         self._looked_up: set[tuple[str, str, str]] = set()
         self._found: dict[tuple[str, str, str], tuple[int, str | None, str, int]] = {}
         return self.uow
@@ -148,7 +149,17 @@ class Engine:
         return self.uow
 
     def now(self) -> int:
-        return self.clock.now_us()
+        """The ledger's time for the open group: read once, shared by the group's entries
+        (they commit at one instant); a test-clock step inside the group reads it anew."""
+        if self._now is None:
+            self._now = self.clock.now_us()
+        return self._now
+
+    def _set_clock(self, t_us: int) -> None:
+        self.clock.set(t_us)
+        self._now = None
+
+    _now: int | None = None
 
     def _billing_day(self, t_us: int) -> str:
         """R1, cached for the current day: the hot path asks once per request."""
@@ -257,9 +268,9 @@ class Engine:
     def advance_clock(self, cmd: AdvanceClock) -> int:
         """Test clock: stop at each due instant on the way so entries carry their own time."""
         while (due := self.next_due_us()) is not None and due <= cmd.to_us:
-            self.clock.set(max(due, self.now()))
+            self._set_clock(max(due, self.now()))
             self.run_due(self.now())
-        self.clock.set(cmd.to_us)
+        self._set_clock(cmd.to_us)
         self._uow.meta[CLOCK_META_KEY] = str(cmd.to_us)
         return self.now()
 

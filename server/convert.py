@@ -21,6 +21,17 @@ def ts(t_us: int | None) -> Timestamp | None:
     return Timestamp(seconds=t_us // US, nanos=(t_us % US) * 1_000)
 
 
+_last_ts: tuple[int, Timestamp] = (-1, Timestamp())
+
+
+def _recorded_at(t_us: int) -> Timestamp:
+    """A group's replies share one instant: convert it once (read-only use only)."""
+    global _last_ts
+    if _last_ts[0] != t_us:
+        _last_ts = (t_us, Timestamp(seconds=t_us // US, nanos=(t_us % US) * 1_000))
+    return _last_ts[1]
+
+
 # google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 TS_SECONDS_MIN = -62_135_596_800
 TS_SECONDS_MAX = 253_402_300_799
@@ -58,7 +69,7 @@ def consume_response(o: ConsumeOutcome) -> qpb.ConsumeResponse:
         billable=o.billable,
         allocations=[pb.PlanUnits(plan_id=p, units=n) for p, n in o.allocations],
         payg_units=o.payg_units, payg_amount_micros=o.payg_amount_micros, replayed=o.replayed,
-        billing_day=o.billing_day, recorded_at=ts(o.recorded_at_us),
+        billing_day=o.billing_day, recorded_at=_recorded_at(o.recorded_at_us),
         plan_units_remaining=o.plan_units_remaining, request_id=o.request_id,
         journal_seq=o.journal_seq)
 
