@@ -35,13 +35,21 @@ def billing_day(t_us: int) -> str:
     return to_datetime(t_us).astimezone(BILLING_TZ).date().isoformat()
 
 
+ECHO_CHARS_MAX = 40  # how much of a malformed value an error message repeats
+
+
+def clip(value: str) -> str:
+    """Caller text quoted in an error message, cut short (a reply's metadata is bounded)."""
+    return repr(value) if len(value) <= ECHO_CHARS_MAX else repr(value[:ECHO_CHARS_MAX]) + "..."
+
+
 def parse_day(day: str) -> date:
     if not isinstance(day, str) or not _DAY_RE.match(day):
-        raise InvalidArgument(f"billing day {day!r} is not a date written YYYY-MM-DD")
+        raise InvalidArgument(f"billing day {clip(str(day))} is not a date written YYYY-MM-DD")
     try:
         return date.fromisoformat(day)
     except ValueError as exc:
-        raise InvalidArgument(f"billing day {day!r} is not a real calendar date") from exc
+        raise InvalidArgument(f"billing day {clip(day)} is not a real calendar date") from exc
 
 
 def day_start(day: str) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import calendar as cal
+from . import model as m
 from .allocation import take_in_order
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, key_reused
 from .model import (
@@ -335,6 +336,10 @@ class Engine:
         acct = self.account(c.account_id)
         if self._claimed(c.account_id, "top_up", c.request_id, c.fingerprint()):
             return Replayed(acct)
+        if acct.cash_micros + acct.voucher_micros + c.amount_micros > m.BALANCE_MICROS_MAX:
+            raise FailedPrecondition(
+                f"a balance may hold at most {m.BALANCE_MICROS_MAX:,} micro-USD; this top-up "
+                "would exceed it", reason="BALANCE_LIMIT", account_id=c.account_id)
         now = self.now()
         # R22: a top-up pays what is outstanding first.
         to_outstanding = min(c.amount_micros, acct.outstanding_micros)
@@ -443,8 +448,8 @@ class Engine:
         now = self.now()
         if now < cal.day_end(c.billing_day):
             raise FailedPrecondition(
-                f"day {c.billing_day} has not ended yet (it ends at "
-                f"{cal.next_day(c.billing_day)} 00:00 UTC+08:00, R17)", reason="DAY_NOT_ENDED",
+                f"day {c.billing_day} has not ended yet (it ends at the next midnight, "
+                "UTC+08:00; R17)", reason="DAY_NOT_ENDED",
                 billing_day=c.billing_day)
         while self.next_settle_day is not None and self.next_settle_day <= c.billing_day:
             self._settle_one(self.next_settle_day)

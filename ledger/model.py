@@ -25,6 +25,7 @@ SCENARIOS_PER_ACCOUNT_MAX = 1_000
 REASON_LEN_MAX = 500
 QUANTITY_MAX = 1_000_000
 AMOUNT_MICROS_MAX = 10**15  # USD 1 billion in one top-up
+BALANCE_MICROS_MAX = 10**17  # USD 100 billion held, cash and vouchers together (int64-safe)
 BATCH_SIZE_MAX = 1_000
 
 

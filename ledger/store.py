@@ -383,7 +383,7 @@ class Store:
                 if c.in_transaction:
                     c.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OverflowError) as exc:
             raise Unavailable(f"the journal could not be written: {exc}") from exc
         self.commits += 1
         self.entries_committed += len(uow.rows)

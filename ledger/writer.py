@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -183,6 +184,9 @@ class Writer:
                                   for i in group])
             raise
         fault("after_commit")
+        self._deliver(group, outcomes)
+        if not group:  # an idle wake-up (due work only): not a group commit
+            return
         n = sum(i.size for i in group)
         self.stats.commits += 1
         self.stats.requests += n
@@ -190,8 +194,11 @@ class Writer:
         if self.on_commit is not None:
             self.on_commit(n, elapsed)
         if self.stats.commits % CHECKPOINT_EVERY_COMMITS == 0:
-            engine.store.checkpoint()
-        self._deliver(group, outcomes)
+            try:
+                engine.store.checkpoint()
+            except sqlite3.Error as exc:  # e.g. disk full: the WAL stays; retried next time
+                log.warning("checkpoint failed", extra={"event": "checkpoint_failed",
+                                                        "error": str(exc)})
 
     def _one(self, cmd: Any) -> Outcome:
         try:
