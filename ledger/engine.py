@@ -161,6 +161,7 @@ class Engine:
         self._now = None
 
     _now: int | None = None
+    on_settled: Any = None  # callback(day, bills, seconds), e.g. metrics
 
     def _billing_day(self, t_us: int) -> str:
         """R1, cached for the current day: the hot path asks once per request."""
@@ -475,9 +476,11 @@ class Engine:
         self._append(now, "day_settled", None, {"day": day, "bills": len(figures)})
         self._uow.meta[SETTLED_META_KEY] = day
         self.next_settle_day = cal.next_day(day)
+        took = time.perf_counter() - started
         log.info("day settled", extra={"event": "settlement", "day": day, "bills": len(figures),
-                                       "duration_ms": round((time.perf_counter() - started)
-                                                            * 1_000, 3)})
+                                       "duration_ms": round(took * 1_000, 3)})
+        if self.on_settled is not None:
+            self.on_settled(day, len(figures), took)
 
     def _add_outstanding(self, acct: AccountState, micros: int, now: int) -> None:
         """R22: overdue from the moment the first unpaid amount arose."""

@@ -88,6 +88,8 @@ class LedgerServer:
                                  group_requests_max=cfg.group_requests_max)
             self.metrics.queue_depth.set_function(self.writer.depth)
             self.metrics.journal_rows.set_function(lambda: self.engine.next_seq - 1)
+            self.engine.on_settled = self.metrics.on_settled
+            self.metrics.watch_state(self._state_query, cfg.metrics_top_accounts)
             self.writer.start()
             if cfg.metrics_listen:
                 self.metrics_port = self.metrics.serve(cfg.metrics_listen)
@@ -132,6 +134,13 @@ class LedgerServer:
         log.info("serving", extra={"event": "start", "listen": cfg.listen, "port": self.port,
                                    "db": cfg.db, "test_clock": cfg.test_clock,
                                    "auth": self.auth.enabled, "tls": bool(cfg.tls_cert)})
+
+    def _state_query(self, sql: str, params: tuple) -> list:
+        """For the metrics collector (its own thread): committed state, read-only. A None
+        first parameter stands for the ledger's current time."""
+        if params and params[0] is None:
+            params = (self.clock.now_us(), *params[1:])
+        return self.store.reader().execute(sql, params).fetchall()
 
     def _on_commit(self, requests: int, seconds: float) -> None:
         self.metrics.on_commit(requests, seconds)

@@ -39,6 +39,7 @@ class ServerConfig:
     queue_depth_max: int = 10_000
     group_requests_max: int = 4_096
     slow_commit_ms: float = 100.0
+    metrics_top_accounts: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ SETTINGS: tuple[Setting, ...] = (
             "RESOURCE_EXHAUSTED at once."),
     Setting("group_requests_max", "requests", "Most requests committed in one transaction."),
     Setting("slow_commit_ms", "milliseconds", "Commits slower than this are logged."),
+    Setting("metrics_top_accounts", "accounts", "Export units remaining for this many accounts "
+            "with the most (0: off; keeps label cardinality bounded)."),
 )
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
 assert {s.name for s in SETTINGS} == set(_FIELDS), "every setting documented, once"
@@ -108,7 +111,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     choices = next(s.choices for s in SETTINGS if s.name == name)
     if choices and value not in choices:
         raise InvalidArgument(f"{source}: {name} must be one of {', '.join(choices)}")
-    if kind in (int, float) and value <= 0:
+    if kind in (int, float) and value <= 0 and not (name == "metrics_top_accounts" and value == 0):
         raise InvalidArgument(f"{source}: {name} must be positive")
     return value
 

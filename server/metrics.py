@@ -5,11 +5,44 @@ Label sets are bounded: RPC method names and status codes are fixed lists, regio
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                      1.0, 2.5)
 GROUP_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+SETTLEMENT_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STATUS_NAMES = {1: "active", 2: "overdue", 3: "suspended"}
+
+
+class _StateCollector(Collector):
+    """Figures read from committed state at scrape time: accounts by status and, opt-in,
+    units remaining for the top-N accounts (bounded cardinality)."""
+
+    def __init__(self, query: Callable[[str, tuple], list[Any]], top_accounts: int) -> None:
+        self.query, self.top_accounts = query, top_accounts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        by_status = GaugeMetricFamily("ledger_accounts", "Accounts by status", labels=["status"])
+        counts = dict(self.query("SELECT status, count(*) FROM accounts GROUP BY status", ()))
+        for number, name in STATUS_NAMES.items():
+            by_status.add_metric([name], counts.get(number, 0))
+        yield by_status
+        if self.top_accounts:
+            top = GaugeMetricFamily(
+                "ledger_account_units_remaining",
+                f"Units left over unexpired, unrefunded plans: the {self.top_accounts} accounts "
+                "with the most", labels=["account_id"])
+            for account_id, units in self.query(
+                    "SELECT account_id, sum(units_remaining) FROM plans WHERE refunded_at_us IS"
+                    " NULL AND units_remaining > 0 AND expires_at_us > ? GROUP BY account_id"
+                    " ORDER BY 2 DESC, 1 LIMIT ?", (None, self.top_accounts)):
+                top.add_metric([account_id], units)
+            yield top
 
 
 class Metrics:
@@ -38,6 +71,19 @@ class Metrics:
                           for reg in ("chinese_mainland", "outside_chinese_mainland")
                           for by in ("plan", "payg")}
         self._region_names = {1: "chinese_mainland", 2: "outside_chinese_mainland"}
+        self.settlements = Counter("ledger_settlements", "Billing days settled", registry=r)
+        self.settlement_seconds = Histogram(
+            "ledger_settlement_duration_seconds", "Time to settle one billing day",
+            buckets=SETTLEMENT_BUCKETS_S, registry=r)
+        self.settlement_bills = Counter("ledger_settlement_bills", "Bills issued", registry=r)
+
+    def watch_state(self, query: Callable[[str, tuple], list[Any]], top_accounts: int) -> None:
+        self.registry.register(_StateCollector(query, top_accounts))
+
+    def on_settled(self, day: str, bills: int, seconds: float) -> None:
+        self.settlements.inc()
+        self.settlement_bills.inc(bills)
+        self.settlement_seconds.observe(seconds)
 
     def on_commit(self, requests: int, seconds: float) -> None:
         self.commits.inc()

@@ -150,3 +150,28 @@ def test_sigterm_during_load_keeps_every_reply_and_exits_zero(tmp_path):
         assert json.loads(journaled[rid])["alloc"] == [[a.plan_id, a.units]
                                                       for a in reply.allocations]
     assert offsets == 3 * len(journaled)  # nothing half-done: every entry fully applied
+
+
+def test_metrics_accounts_by_status_settlements_and_top_accounts(tmp_path):
+    """Accounts by status, settlement runs and (opt-in) the top-N units remaining."""
+    srv = ServerProcess(tmp_path, extra=["--metrics-top-accounts", "1"]).start()
+    try:
+        with srv.client() as c:
+            c.set_time(T0)
+            make_account(c, cash_micros=100_000_000)
+            make_account(c, "poor")
+            c.purchase_plan("acme", "month-100k")
+            c.consume("acme", quantity=100)
+            c.consume("poor", quantity=10)  # unpaid at settlement: overdue
+            c.advance_time(86_400)
+        m = _scrape(srv.metrics_port)
+        status = {s.labels["status"]: s.value for s in m["ledger_accounts"]}
+        assert status == {"active": 1, "overdue": 1, "suspended": 0}
+        settled = {s.name: s.value for s in m["ledger_settlements"]}
+        assert settled["ledger_settlements_total"] == 1
+        durations = {s.name: s.value for s in m["ledger_settlement_duration_seconds"]}
+        assert durations["ledger_settlement_duration_seconds_count"] == 1
+        top = [(s.labels["account_id"], s.value) for s in m["ledger_account_units_remaining"]]
+        assert top == [("acme", 99_900)]
+    finally:
+        srv.stop()
