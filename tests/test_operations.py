@@ -175,3 +175,66 @@ def test_metrics_accounts_by_status_settlements_and_top_accounts(tmp_path):
         assert top == [("acme", 99_900)]
     finally:
         srv.stop()
+
+
+def test_second_server_on_the_same_database_refuses_to_start(server):
+    """One writer per database: a second `serve` on the same file exits 2 and says why."""
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--db",
+         str(server.db)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "in use by another quota-ledger server" in done.stderr
+    assert str(server.proc.pid) in done.stderr
+
+
+def test_default_serve_listens_on_50051_with_data_dir(tmp_path):
+    """`quota-ledger serve` with no flags: 127.0.0.1:50051, SQLite under ./data/."""
+    import socket
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 50051)) == 0:
+            pytest.skip("something already listens on 127.0.0.1:50051 on this machine")
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=tmp_path,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with LedgerClient("127.0.0.1:50051", timeout_s=2, retries=0) as c:
+                    assert len(c.list_plan_specs().specs) > 0
+                break
+            except LedgerError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        assert (tmp_path / "data" / "ledger.db").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_full_queue_fails_fast_with_resource_exhausted(tmp_path):
+    """A bounded writer queue: past it, calls get RESOURCE_EXHAUSTED at once, none is lost."""
+    srv = ServerProcess(tmp_path, extra=["--queue-depth-max", "1"]).start()
+    try:
+        with srv.client() as c:
+            c.set_time(T0)
+            make_account(c)
+        import asyncio
+
+        from clients.client import AsyncLedgerClient
+
+        async def burst() -> list:
+            async with AsyncLedgerClient(srv.target, retries=0) as ac:
+                return await asyncio.gather(
+                    *(ac.consume("acme", request_id=f"q{i}") for i in range(300)),
+                    return_exceptions=True)
+
+        outcomes = asyncio.run(burst())
+        refused = [o for o in outcomes if isinstance(o, LedgerError)]
+        accepted = [o for o in outcomes if not isinstance(o, BaseException)]
+        assert refused and all(o.code.name == "RESOURCE_EXHAUSTED" for o in refused)
+        assert {o.reason for o in refused} == {"QUEUE_FULL"}
+        assert accepted and len(accepted) + len(refused) == 300
+        assert srv.journal_count() == 1 + len(accepted)  # the account, then one per accepted
+    finally:
+        srv.stop()
