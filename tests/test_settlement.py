@@ -108,3 +108,32 @@ def test_r21_refund_window_and_use(client):
     used = client.purchase_plan("acme", "month-100k")
     client.consume("acme", quantity=100_001)  # R8: the older plan first, then one from this
     assert refused(client.refund_plan, used.plan_id).reason == "PLAN_USED"
+
+
+def test_r18_bill_lists_payg_per_region_plan_offsets_and_fees(client):
+    """One bill dated D+1: a verification line per region, offsets per plan, both fees."""
+    make_account(client, cash_micros=200_000_000)
+    client.set_time(D0 + timedelta(hours=1))
+    plan = client.purchase_plan("acme", "month-100k")
+    client.top_up("acme", 3_000_000, "voucher")
+    client.update_features("acme", ["a", "b", "c", "d"], True)
+    client.consume("acme", quantity=100_010, region="mainland")  # 100,000 offset, 10 payg
+    client.consume("acme", quantity=3, region="outside")
+    client.set_time(D0 + timedelta(days=1))
+    bill = client.get_bill("acme", "2027-03-11")
+    assert bill.bill_date == "2027-03-12"
+    assert [(p.plan_id, p.units) for p in bill.plan_offsets] == [(plan.plan_id, 100_000)]
+    assert [(ln.item, ln.region, ln.quantity, ln.unit_price_micros, ln.amount_micros)
+            for ln in bill.lines] == [
+        ("verification", 1, 10, 700, 7_000), ("verification", 2, 3, 1_000, 3_000),
+        ("scenarios", 0, 1, 1_000_000, 1_000_000), ("custom_policy", 0, 1, 5_000_000, 5_000_000)]
+    assert bill.total_micros == 6_010_000 and bill.amount_due_micros == 6_010_000
+    assert (bill.paid_voucher_micros, bill.paid_cash_micros) == (3_000_000, 3_010_000)  # R16
+
+
+def test_r4_every_verification_at_a_billable_step_is_one_request(client):
+    """Pass, block or secondary authentication: the outcome is no input, each bills one unit."""
+    make_account(client)
+    outcomes = [client.consume("acme", scenario_id=s) for s in ("passed", "blocked", "2fa")]
+    assert [r.payg_units for r in outcomes] == [1, 1, 1]
+    assert client.get_remaining("acme").payg_units == 3
