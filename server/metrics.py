@@ -71,11 +71,22 @@ class Metrics:
                           for reg in ("chinese_mainland", "outside_chinese_mainland")
                           for by in ("plan", "payg")}
         self._region_names = {1: "chinese_mainland", 2: "outside_chinese_mainland"}
+        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.settlements = Counter("ledger_settlements", "Billing days settled", registry=r)
         self.settlement_seconds = Histogram(
             "ledger_settlement_duration_seconds", "Time to settle one billing day",
             buckets=SETTLEMENT_BUCKETS_S, registry=r)
         self.settlement_bills = Counter("ledger_settlement_bills", "Bills issued", registry=r)
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        """One call's count and latency, through cached label children (the hot path)."""
+        key = (method, code)
+        children = self._rpc_children.get(key)
+        if children is None:
+            children = (self.rpcs.labels(method, code), self.rpc_latency.labels(method))
+            self._rpc_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch_state(self, query: Callable[[str, tuple], list[Any]], top_accounts: int) -> None:
         self.registry.register(_StateCollector(query, top_accounts))
