@@ -67,3 +67,8 @@ browse: $(BROWSE_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .protos-check .pytest_cache .hypothesis data
+
+## bench-history: throughput and start time on a 10-million-row journal against an empty one
+.PHONY: bench-history
+bench-history: $(STAMP)
+	$(BIN)/python -m tests.bench_history

@@ -70,18 +70,16 @@ def verify(path: str) -> Report:
         if result != [("ok",)]:
             report.problems.append("SQLite integrity_check: " + "; ".join(r[0] for r in result))
             return report
-        entries: list[tuple[int, int, str, str | None, dict[str, Any]]] = []
+        counted = _Counted(check_chain(conn))  # streamed: memory does not grow with history
         try:
-            entries = list(check_chain(conn))
+            derived = rebuild(counted)
         except ChainBroken as exc:
             report.problems.append(str(exc))
             return report
-        report.entries = len(entries)
-        try:
-            derived = rebuild(entries)
         except (KeyError, ValueError, TypeError) as exc:
             report.problems.append(f"the journal cannot be replayed: {exc!r}")
             return report
+        report.entries = counted.n
         stored = st.dump_derived(conn)
         for table in ("accounts", "plans", "usage_daily", "offsets_daily", "features_daily",
                       "bills"):
@@ -112,3 +110,15 @@ def _first_difference(table: str, rebuilt: dict[Any, Any], stored: dict[Any, Any
 
 def _norm(v: Any) -> Any:
     return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+class _Counted:
+    """Iterate while counting."""
+
+    def __init__(self, it: Any) -> None:
+        self.it, self.n = it, 0
+
+    def __iter__(self) -> Any:
+        for item in self.it:
+            self.n += 1
+            yield item

@@ -7,7 +7,9 @@ default: WAL with synchronous=FULL) and `tests.baseline_server` as subprocesses 
 loopback ports, creates accounts on the ledger (each with a year-100m plan so requests are
 plan-covered, plus some pay-as-you-go accounts), and drives both with the same
 `clients.loadgen.run_load` traffic. In-process it also measures the SQLite ceiling (the same
-journal rows in plain batched inserts) and settlement against a bare SQL aggregation.
+journal rows in plain batched inserts), the SQLite commit floor (one journal row per
+transaction, WAL + synchronous=FULL, on the filesystem of the ledger's database: the physical
+floor under the 1-in-flight latency) and settlement against a bare SQL aggregation.
 
 Every load is bounded in count and time, all traffic is on 127.0.0.1, each figure is the
 median over --runs (ledger and baseline alternate who goes first), and each target is marked
@@ -52,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0
 LOAD_REQUESTS_CAP = 10_000_000  # every load stops at this count or at --seconds
 INSERT_TXN_ROWS = 1_000  # the SQLite ceiling: executemany in transactions of 1,000 rows
+COMMIT_FLOOR_COMMITS_MAX = 20_000  # the commit floor: at most this many commits, or --seconds
 SETTLE_DAY = "2027-03-10"  # the settlement journal's day (a fixed day, a test clock)
 
 
@@ -188,6 +191,47 @@ def sqlite_ceiling(tmp: Path, seconds: float, rows_max: int) -> dict[str, float]
         store.close()
         for suffix in ("", "-wal", "-shm", ".lock"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def sqlite_commit_floor(tmp: Path, seconds: float, commits_max: int) -> dict[str, float]:
+    """The bare latency of one SQLite commit: one journal row per transaction (BEGIN
+    IMMEDIATE, INSERT, COMMIT) with the ledger's settings (ledger.store.Store: WAL,
+    synchronous=FULL, the journal's index and triggers), in ``tmp``, the directory that holds
+    the ledger's database, so on the same filesystem. Each commit is timed alone (building
+    the row is not); SQLite's automatic WAL checkpoints fall inside the timed commits, as
+    they do in the server. No request can be durably acknowledged faster than this."""
+    path = tmp / f"commit-floor-{time.monotonic_ns()}.db"
+    store = Store(path)
+    try:
+        rows = ConsumeRows(1, store.journal_tail()[1], SETTLE_DAY)
+        t_us = cal.day_start(SETTLE_DAY) + 3_600_000_000
+        conn = store.conn
+        latencies_s: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while len(latencies_s) < commits_max and time.perf_counter() < deadline:
+            n = len(latencies_s)
+            row = rows.row(t_us + n, f"acct-{n % 1000:04d}", 1, "plan-7", 0, 10**8)
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", row)
+            conn.execute("COMMIT")
+            latencies_s.append(time.perf_counter() - t0)
+        latencies_s.sort()
+        return {"commits": len(latencies_s), "p50_ms": nearest_rank(latencies_s, 50) * 1e3,
+                "p99_ms": nearest_rank(latencies_s, 99) * 1e3,
+                "commits_per_s": len(latencies_s) / sum(latencies_s)}
+    finally:
+        store.close()
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def nearest_rank(sorted_xs: list[float], pct: float) -> float:
+    """The pct-th percentile of sorted values (nearest rank: a value that was measured)."""
+    if not sorted_xs:
+        return float("nan")
+    k = max(0, min(len(sorted_xs) - 1, -(-len(sorted_xs) * pct // 100) - 1))
+    return sorted_xs[int(k)]
 
 
 # --------------------------------------------------------------------------- settlement
@@ -447,6 +491,15 @@ def report(runs: list[dict[str, Any]], console: Console, sizes: Sizes) -> dict[s
         series("unary1", "ledger", lambda d: d["p99_ms"]), base,
         series("unary1", "baseline", lambda d: d["p99_ms"]), "{:.3f}",
         "ledger <= 2 ms", lambda ml, mr, q: ml <= 2.0, "ledger")
+    floor = "SQLite 1-row commit (WAL+FULL)"
+    add("Consume unary, 1 in flight", "p50 ms",
+        series("unary1", "ledger", lambda d: d["p50_ms"]), floor,
+        [r["commit_floor"]["p50_ms"] for r in runs], "{:.3f}", "(physical floor)", None,
+        "ratio")
+    add("Consume unary, 1 in flight", "p99 ms",
+        series("unary1", "ledger", lambda d: d["p99_ms"]), floor,
+        [r["commit_floor"]["p99_ms"] for r in runs], "{:.3f}", "(physical floor)", None,
+        "ratio")
     add("ConsumeStream, 64 in flight", "messages/s",
         series("stream", "ledger", lambda d: d["rate_per_s"]), base,
         series("stream", "baseline", lambda d: d["rate_per_s"]), "{:,.0f}",
@@ -467,6 +520,10 @@ def report(runs: list[dict[str, Any]], console: Console, sizes: Sizes) -> dict[s
                   "transaction, WAL + synchronous=FULL (ledger.store.Store). Bare SQL: SELECT "
                   "account_id, sum(json_extract(payload,'$.payg_units')) FROM journal WHERE "
                   "kind='consume' GROUP BY account_id.")
+    console.print("SQLite 1-row commit: BEGIN IMMEDIATE, one journal row, COMMIT, each timed "
+                  "alone, WAL + synchronous=FULL, in the ledger database's directory (same "
+                  "filesystem); p50/p99 over up to "
+                  f"{COMMIT_FLOOR_COMMITS_MAX:,} commits or --seconds per run.")
     return {"rows": rows}
 
 
@@ -486,7 +543,8 @@ def machine() -> dict[str, Any]:
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1),
               help="Repeat every measurement; the table shows the median.")
 @click.option("--seconds", default=None, type=click.FloatRange(0.2),
-              help="Duration of each load measurement and of the SQLite ceiling "
+              help="Duration of each load measurement, of the SQLite ceiling and of the "
+                   "SQLite commit floor "
                    "[default: 8; 1 with --quick].")
 @click.option("--quick", is_flag=True, help="Tiny sizes and 1 s loads: a smoke run.")
 @click.option("--json-out", default=None, metavar="FILE", help="Write every figure as JSON.")
@@ -531,11 +589,17 @@ def main(runs: int, seconds: float | None, quick: bool, json_out: str | None) ->
                     ceiling = sqlite_ceiling(tmp, seconds, sizes.ceiling_rows_max)
                     console.print(f"  run {run + 1} SQLite ceiling: "
                                   f"{ceiling['rows_per_s']:,.0f} rows/s")
+                    commit_floor = sqlite_commit_floor(tmp, seconds, COMMIT_FLOOR_COMMITS_MAX)
+                    console.print(f"  run {run + 1} SQLite 1-row commit: p50 "
+                                  f"{commit_floor['p50_ms']:.3f} ms, p99 "
+                                  f"{commit_floor['p99_ms']:.3f} ms over "
+                                  f"{commit_floor['commits']:,} commits")
                     settle = measure_settlement(settle_db, tmp, run)
                     console.print(f"  run {run + 1} settlement: SettleDay "
                                   f"{settle['settle_s']:.3f} s, bare SQL {settle['sql_s']:.3f} s"
                                   f" ({settle['bills']:,} bills)")
                     collected.append({"network": net, "ceiling": ceiling,
+                                      "commit_floor": commit_floor,
                                       "settlement": settle})
 
             asyncio.run(network())
