@@ -30,15 +30,23 @@ import grpc
 from google.protobuf.json_format import MessageToJson
 from quota_ledger.v1 import common_pb2 as pb
 from rich.console import Console, Group, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
 from clients.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, LedgerClient, LedgerError
 from clients.loadgen import loadtest
-from ledger.calendar import BILLING_TZ
+from ledger.calendar import BILLING_TZ, days_between
 from ledger.money import MICROS_PER_USD, format_usd
 
 INT64_MAX = 2**63 - 1
+EXPORT_DAYS_MAX = 366
 # Modules that register extra verbs on `main` when imported (e.g. a future `loadtest`).
 _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DURATION_RE = re.compile(r"^(\d+)([smhdw]?)$")
@@ -775,6 +783,59 @@ BILLS_CSV_HEADER = ("account_id", "billing_day", "bill_date", "item", "region", 
                     "unit_price_micros", "amount_micros")
 
 
+def bill_csv_rows(b: pb.Bill) -> list[tuple[Any, ...]]:
+    """One row per bill line, then a row with item=total."""
+    rows: list[tuple[Any, ...]] = [
+        (b.account_id, b.billing_day, b.bill_date, ln.item, enum_name(pb.Region, ln.region),
+         ln.quantity, ln.unit_price_micros, ln.amount_micros) for ln in b.lines]
+    rows.append((b.account_id, b.billing_day, b.bill_date, "total", "", "", "",
+                 b.total_micros))
+    return rows
+
+
+@main.command("export-bills")
+@click.argument("from_day", type=Day())
+@click.argument("to_day", type=Day())
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv",
+              show_default=True, help="CSV (one row per bill line, plus a total row per bill) "
+                                      "or JSON lines (one Bill per line).")
+@click.option("--out", "out", type=click.File("w"), default="-", show_default=True,
+              help="Where to write; - is standard output.")
+@click.pass_obj
+def export_bills(state: CliState, from_day: str, to_day: str, fmt: str, out: Any) -> None:
+    """Export every account's bills for a range of ended days (SettleDay, day by day).
+
+    Settling a settled day returns its bills again and charges nothing (R19), so this is
+    safe to run any time; a day that has not ended stops the export with DAY_NOT_ENDED.
+    A progress bar on stderr counts days and bills.
+
+    \b
+    Example:
+      ledgerctl export-bills 2027-03-01 2027-03-31 --out march.csv
+    """
+    days = days_between(from_day, to_day)
+    if not days or len(days) > EXPORT_DAYS_MAX:
+        raise click.UsageError(f"give 1 to {EXPORT_DAYS_MAX} days, FROM_DAY first")
+    writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(BILLS_CSV_HEADER)
+    exported = 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=Console(file=sys.stderr),
+                  transient=True) as progress:
+        task = progress.add_task("days", total=len(days))
+        for day in days:
+            for b in state.call("settle_day", day).bills:
+                if writer is not None:
+                    writer.writerows(bill_csv_rows(b))
+                else:
+                    out.write(MessageToJson(b, preserving_proto_field_name=True,
+                                            indent=None) + "\n")
+                exported += 1
+            progress.update(task, advance=1, description=f"{day}: {exported:,} bills")
+    click.echo(f"exported {exported:,} bills over {len(days)} days", err=True)
+
+
 @main.command()
 @click.argument("account_id")
 @click.argument("from_day", type=Day())
@@ -794,15 +855,7 @@ def bills(state: CliState, account_id: str, from_day: str, to_day: str, as_csv: 
     """
     r = state.call("list_bills", account_id, from_day, to_day)
     if as_csv:
-        rows: list[tuple[Any, ...]] = []
-        for b in r.bills:
-            for ln in b.lines:
-                rows.append((b.account_id, b.billing_day, b.bill_date, ln.item,
-                             enum_name(pb.Region, ln.region), ln.quantity,
-                             ln.unit_price_micros, ln.amount_micros))
-            rows.append((b.account_id, b.billing_day, b.bill_date, "total", "", "", "",
-                         b.total_micros))
-        write_csv(BILLS_CSV_HEADER, rows)
+        write_csv(BILLS_CSV_HEADER, [row for b in r.bills for row in bill_csv_rows(b)])
     elif state.json:
         emit_json(r)
     else:

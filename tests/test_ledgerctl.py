@@ -252,3 +252,36 @@ def test_other_modules_can_add_commands():
         main.commands.pop("probe")
     assert result.exit_code == 0, result.output
     assert (seen[0].target, seen[0].timeout_s, seen[0].json) == ("h:1", 3.0, True)
+
+
+def test_export_bills_every_account_csv_and_json(server, tmp_path):
+    """export-bills writes every account's bills over a range, CSV rows or JSON lines."""
+    from clients.client import LedgerClient
+    from clients.ledgerctl import main as ctl
+
+    from .conftest import T0
+
+    with LedgerClient(server.target) as c:
+        c.set_time(T0)
+        for acct in ("ea", "eb"):
+            c.create_account(acct)
+            c.consume(acct, quantity=10)
+        c.advance_time(2 * 86_400)
+    runner = CliRunner()
+    out_csv = tmp_path / "bills.csv"
+    done = runner.invoke(ctl, ["--target", server.target, "export-bills", "2027-03-10",
+                               "2027-03-11", "--out", str(out_csv)])
+    assert done.exit_code == 0, done.output
+    rows = list(csv.reader(out_csv.open()))
+    assert rows[0][0] == "account_id"
+    totals = [(r[0], r[1], r[7]) for r in rows[1:] if r[3] == "total"]
+    assert totals == [("ea", "2027-03-10", "7000"), ("eb", "2027-03-10", "7000")]
+    out_json = tmp_path / "bills.jsonl"
+    done = runner.invoke(ctl, ["--target", server.target, "export-bills", "2027-03-10",
+                               "2027-03-10", "--format", "json", "--out", str(out_json)])
+    assert done.exit_code == 0, done.output
+    lines = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert [b["account_id"] for b in lines] == ["ea", "eb"]
+    done = runner.invoke(ctl, ["--target", server.target, "export-bills", "2027-03-12",
+                               "2027-03-12"])
+    assert done.exit_code == 1  # the day has not ended: DAY_NOT_ENDED, no traceback
