@@ -362,11 +362,6 @@ class Store:
             " WHERE account_id = ? AND day = ?", (account_id, day)).fetchone()
         return tuple(row) if row else None  # type: ignore[return-value]
 
-    def entry(self, seq: int) -> tuple[str | None, dict[str, Any], int] | None:
-        row = self.conn.execute(
-            "SELECT fingerprint, payload, at_us FROM journal WHERE seq = ?", (seq,)).fetchone()
-        return (row[0], json.loads(row[1]), row[2]) if row else None
-
     # ------------------------------------------------------------------ the group commit
 
     def commit(self, uow: UnitOfWork) -> None:

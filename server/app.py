@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -166,18 +165,3 @@ class LedgerServer:
         self.writer.stop()
         self.store.close()
         log.info("stopped", extra={"event": "stop"})
-
-    async def wait(self) -> None:
-        assert self.server is not None
-        await self.server.wait_for_termination()
-
-
-async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
-    srv = LedgerServer(config)
-    await srv.start()
-    if ready is not None:
-        ready.set()
-    try:
-        await srv.wait()
-    finally:
-        await srv.stop()

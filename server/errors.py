@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ledger import errors as e
@@ -50,12 +50,6 @@ def to_status(exc: e.LedgerError) -> grpc.Status:
     detail.Pack(info)
     return rpc_status.to_status(status_pb2.Status(
         code=code.value[0], message=exc.message, details=[detail]))
-
-
-def internal(exc: BaseException) -> e.LedgerError:
-    err = e.LedgerError("internal error; the request was not applied", reason="INTERNAL")
-    err.__cause__ = exc
-    return err
 
 
 def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -106,6 +100,3 @@ def account_ids(request: Any) -> list[str]:
 def error_message(exc: e.LedgerError) -> dict[str, Any]:
     """Fields of the wire ``Error`` message (batch and stream results)."""
     return {"code": status_code(exc).value[0], "reason": exc.reason, "message": exc.message}
-
-
-_ = code_pb2  # google.rpc codes share numbers with grpc.StatusCode

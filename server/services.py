@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import grpc
 from quota_ledger.v1 import accounts_pb2 as apb
 from quota_ledger.v1 import accounts_pb2_grpc as apb_grpc
 from quota_ledger.v1 import common_pb2 as pb
@@ -376,5 +375,3 @@ class TestClockService(tpb_grpc.TestClockServicer):
         now = await self.ctx.write(m.AdvanceClock(to_us))
         return tpb.TimeResponse(now=convert.ts(now))
 
-
-_unused = grpc
