@@ -101,20 +101,25 @@ class Proc:
                 raise TimeoutError(f"{self.name} did not start within {START_TIMEOUT_S:.0f} s")
             time.sleep(0.05)
         self.port = json.loads(self.port_file.read_text())["grpc"]
+        self.ready()
+        return self
+
+    def ready(self) -> None:
+        """Block until the server answers (a subclass may check more)."""
         with grpc.insecure_channel(self.target) as ch:
             grpc.channel_ready_future(ch).result(timeout=START_TIMEOUT_S)
-        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(20)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
         if self.proc is not None:
             self.log.close()
+            self.proc = None
 
 
 # --------------------------------------------------------------------------- journal rows
