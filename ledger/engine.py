@@ -419,6 +419,7 @@ class Engine:
             paid_voucher_micros=from_voucher, paid_cash_micros=from_cash)
         acct.live_plans.append(plan)
         self.plan_index[plan.plan_id] = plan
+        self._uow.new_plans[plan.plan_id] = plan
         acct.live_plans.sort(key=lambda p: p.order_key)
         heapq.heappush(self.expiries, (plan.expires_at, seq, plan.plan_id, acct.account_id))
         self._uow.plans[plan.plan_id] = plan

@@ -177,7 +177,8 @@ class UnitOfWork:
 
     rows: list[tuple] = field(default_factory=list)
     accounts: dict[str, AccountState] = field(default_factory=dict)
-    plans: dict[str, PlanState] = field(default_factory=dict)
+    plans: dict[str, PlanState] = field(default_factory=dict)  # changed plans
+    new_plans: dict[str, PlanState] = field(default_factory=dict)  # bought in this group
     usage: dict[tuple[str, str, int], list[int]] = field(default_factory=dict)
     offsets: dict[tuple[str, str, str], int] = field(default_factory=dict)
     features: dict[tuple[str, str], tuple[int, int, int, int]] = field(default_factory=dict)
@@ -393,13 +394,22 @@ class Store:
                   a.voucher_micros, a.outstanding_micros, a.overdue_since, a.suspended_at,
                   json.dumps(list(a.scenario_ids)), int(a.custom_policy_enabled))
                  for a in uow.accounts.values()])
-        if uow.plans:
+        if uow.new_plans:
             c.executemany(
-                "INSERT OR REPLACE INTO plans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO plans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(p.plan_id, p.account_id, p.spec_id, p.units_total, p.units_remaining,
                   p.units_forfeited, p.price_micros, int(p.validity), p.purchased_at,
                   p.expires_at, p.purchase_seq, p.paid_voucher_micros, p.paid_cash_micros,
-                  p.refunded_at) for p in uow.plans.values()])
+                  p.refunded_at) for p in uow.new_plans.values()])
+        changed = [(p.units_remaining, p.units_forfeited, p.refunded_at, p.plan_id)
+                   for plan_id, p in uow.plans.items() if plan_id not in uow.new_plans]
+        if changed:
+            # Only these three columns of a plan ever change; an UPDATE leaves the indexes
+            # alone, where INSERT OR REPLACE would delete and re-insert the row.
+            cur = c.executemany("UPDATE plans SET units_remaining = ?, units_forfeited = ?,"
+                                " refunded_at_us = ? WHERE plan_id = ?", changed)
+            if cur.rowcount != len(changed):
+                raise sqlite3.IntegrityError("a plan to update is not in the plans table")
         if uow.usage:
             c.executemany(
                 "INSERT INTO usage_daily VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET"
