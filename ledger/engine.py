@@ -311,7 +311,7 @@ class Engine:
             acc = uow.usage.setdefault((c.account_id, day, int(c.region)), [0, 0])
             acc[0] += payg_units
             acc[1] += payg_micros
-        if takes and takes[-1][0].units_remaining == 0:
+        if takes and takes[0][0].units_remaining == 0:  # R8 order: any emptied plan is first
             acct.live_plans = [p for p in acct.live_plans if p.units_remaining > 0]
         remaining = acct.units_remaining_at(now)
         seq = uow.append_json(now, "consume", c.account_id, c.request_id, fingerprint,

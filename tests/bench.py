@@ -532,6 +532,18 @@ def report(runs: list[dict[str, Any]], console: Console, sizes: Sizes) -> dict[s
     return {"rows": rows}
 
 
+def closing_lines(console: Console, info: dict[str, Any], t_all: float) -> float:
+    """The load at the end and the whole run's time, with a warning on a busy machine."""
+    info["loadavg_end"] = os.getloadavg()
+    elapsed = time.perf_counter() - t_all
+    console.print(f"load average at the end {info['loadavg_end'][0]:.2f} on {info['nproc']} "
+                  f"cores; bench took {elapsed:.0f} s")
+    if max(info["loadavg_start"][0], info["loadavg_end"][0]) > info["nproc"]:
+        console.print("[yellow]note: the machine was busier than its core count during this "
+                      "run; absolute figures are noisy (the ratios less so).[/]")
+    return elapsed
+
+
 def machine() -> dict[str, Any]:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -612,13 +624,7 @@ def main(runs: int, seconds: float | None, quick: bool, json_out: str | None) ->
             ledger.stop()
             baseline.stop()
         summary = report(collected, console, sizes)
-    info["loadavg_end"] = os.getloadavg()
-    elapsed = time.perf_counter() - t_all
-    console.print(f"load average at the end {info['loadavg_end'][0]:.2f} on {info['nproc']} "
-                  f"cores; bench took {elapsed:.0f} s")
-    if max(info["loadavg_start"][0], info["loadavg_end"][0]) > info["nproc"]:
-        console.print("[yellow]note: the machine was busier than its core count during this "
-                      "run; absolute figures are noisy (the ratios less so).[/]")
+    elapsed = closing_lines(console, info, t_all)
     if json_out:
         with open(json_out, "w") as f:
             json.dump({"machine": info, "runs": runs, "seconds": seconds, "quick": quick,

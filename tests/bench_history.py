@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import shutil
 import sqlite3
 import sys
@@ -68,7 +67,16 @@ from ledger.verify import TAIL_CHECK_ENTRIES
 from ledger.verify import verify as verify_db
 from ledger.writer import GROUP_REQUESTS_MAX
 
-from .bench import MEASURES, ConsumeRows, Proc, drive, machine, median, ratio
+from .bench import (
+    MEASURES,
+    ConsumeRows,
+    Proc,
+    closing_lines,
+    drive,
+    machine,
+    median,
+    ratio,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROWS = 10_000_000
@@ -441,13 +449,7 @@ def main(rows: int, runs: int, seconds: float, tmpdir: str | None, full_verify: 
         collected = [one_run(run, {"history": history, "empty": empty}, tmp,
                              plan_ids + payg_ids, seconds, console) for run in range(runs)]
         summary = report(collected, build, console)
-    info["loadavg_end"] = os.getloadavg()
-    elapsed = time.perf_counter() - t_all
-    console.print(f"load average at the end {info['loadavg_end'][0]:.2f} on {info['nproc']} "
-                  f"cores; bench took {elapsed:.0f} s")
-    if max(info["loadavg_start"][0], info["loadavg_end"][0]) > info["nproc"]:
-        console.print("[yellow]note: the machine was busier than its core count during this "
-                      "run; absolute figures are noisy (the ratios less so).[/]")
+    elapsed = closing_lines(console, info, t_all)
     if json_out:
         with open(json_out, "w") as f:
             json.dump({"machine": info, "rows": rows, "runs": runs, "seconds": seconds,
