@@ -60,8 +60,21 @@ def consume(req: qpb.ConsumeRequest) -> m.Consume:
         architecture=m.parse_enum(m.Architecture, req.architecture, "architecture"),
         step=m.parse_enum(m.Step, req.step, "step"),
         scenario_id=scenario, quantity=m.check_quantity(req.quantity), dry_run=req.dry_run,
-        client_timestamp_us=from_ts(req.client_timestamp, "client_timestamp")
-        if req.HasField("client_timestamp") else None)
+        client_timestamp_us=_client_observed_us(req))
+
+
+def _client_observed_us(req: qpb.ConsumeRequest) -> int | None:
+    """R26: the caller's own instant, kept for audit only (never the billing day, R2).
+    client_observed_at is its name since 2026-11-29; the older client_timestamp still works,
+    and when both are sent they must agree."""
+    observed = (from_ts(req.client_observed_at, "client_observed_at")
+                if req.HasField("client_observed_at") else None)
+    legacy = (from_ts(req.client_timestamp, "client_timestamp")
+              if req.HasField("client_timestamp") else None)
+    if observed is not None and legacy is not None and observed != legacy:
+        raise InvalidArgument("client_observed_at and client_timestamp differ; send one of them "
+                              "(they name the same instant, R26)")
+    return observed if observed is not None else legacy
 
 
 def consume_response(o: ConsumeOutcome) -> qpb.ConsumeResponse:

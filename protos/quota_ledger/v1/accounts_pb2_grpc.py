@@ -77,6 +77,11 @@ class AccountsStub:
                 request_serializer=quota__ledger_dot_v1_dot_accounts__pb2.RefundPlanRequest.SerializeToString,
                 response_deserializer=quota__ledger_dot_v1_dot_common__pb2.Plan.FromString,
                 _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/quota_ledger.v1.Accounts/ListAccounts',
+                request_serializer=quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
 
 
 class AccountsServicer:
@@ -140,6 +145,13 @@ class AccountsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAccounts(self, request, context):
+        """Lists accounts in account_id order, optionally only those whose id starts with a prefix, a page at a time (read-only; a reader limited to some accounts sees only those).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +194,11 @@ def add_AccountsServicer_to_server(servicer, server):
                     servicer.RefundPlan,
                     request_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.RefundPlanRequest.FromString,
                     response_serializer=quota__ledger_dot_v1_dot_common__pb2.Plan.SerializeToString,
+            ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsRequest.FromString,
+                    response_serializer=quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +419,33 @@ class Accounts:
             '/quota_ledger.v1.Accounts/RefundPlan',
             quota__ledger_dot_v1_dot_accounts__pb2.RefundPlanRequest.SerializeToString,
             quota__ledger_dot_v1_dot_common__pb2.Plan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota_ledger.v1.Accounts/ListAccounts',
+            quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsRequest.SerializeToString,
+            quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,39 +26,45 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from quota_ledger.v1 import common_pb2 as quota__ledger_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"quota_ledger/v1/quota_ledger.proto\x12\x0fquota_ledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cquota_ledger/v1/common.proto\"\x84\x03\n\x0e\x43onsumeRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\'\n\x06region\x18\x03 \x01(\x0e\x32\x17.quota_ledger.v1.Region\x12\x32\n\x0c\x63\x61ptcha_type\x18\x04 \x01(\x0e\x32\x1c.quota_ledger.v1.CaptchaType\x12\x39\n\x0c\x61rchitecture\x18\x05 \x01(\x0e\x32#.quota_ledger.v1.ClientArchitecture\x12/\n\x04step\x18\x06 \x01(\x0e\x32!.quota_ledger.v1.VerificationStep\x12\x18\n\x0bscenario_id\x18\x07 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08quantity\x18\x08 \x01(\x03\x12\x0f\n\x07\x64ry_run\x18\t \x01(\x08\x12\x34\n\x10\x63lient_timestamp\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0e\n\x0c_scenario_id\"\xa3\x02\n\x0f\x43onsumeResponse\x12\x10\n\x08\x62illable\x18\x01 \x01(\x08\x12/\n\x0b\x61llocations\x18\x02 \x03(\x0b\x32\x1a.quota_ledger.v1.PlanUnits\x12\x12\n\npayg_units\x18\x03 \x01(\x03\x12\x1a\n\x12payg_amount_micros\x18\x04 \x01(\x03\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x12\x13\n\x0b\x62illing_day\x18\x06 \x01(\t\x12/\n\x0brecorded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14plan_units_remaining\x18\x08 \x01(\x03\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x13\n\x0bjournal_seq\x18\n \x01(\x03\"H\n\x13\x43onsumeBatchRequest\x12\x31\n\x08requests\x18\x01 \x03(\x0b\x32\x1f.quota_ledger.v1.ConsumeRequest\"G\n\x14\x43onsumeBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.quota_ledger.v1.ConsumeResult\"\x8d\x01\n\rConsumeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x34\n\x08response\x18\x02 \x01(\x0b\x32 .quota_ledger.v1.ConsumeResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.quota_ledger.v1.ErrorH\x00\x42\t\n\x07outcome\")\n\x13GetRemainingRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\xa0\x01\n\x14GetRemainingResponse\x12$\n\x05plans\x18\x01 \x03(\x0b\x32\x15.quota_ledger.v1.Plan\x12\x1d\n\x15units_remaining_total\x18\x02 \x01(\x03\x12\x12\n\npayg_units\x18\x03 \x01(\x03\x12\x1a\n\x12payg_amount_micros\x18\x04 \x01(\x03\x12\x13\n\x0b\x62illing_day\x18\x05 \x01(\t\"@\n\x10ListPlansRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x18\n\x10include_inactive\x18\x02 \x01(\x08\"9\n\x11ListPlansResponse\x12$\n\x05plans\x18\x01 \x03(\x0b\x32\x15.quota_ledger.v1.Plan\"G\n\x0fGetUsageRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_day\x18\x02 \x01(\t\x12\x0e\n\x06to_day\x18\x03 \x01(\t\";\n\x10GetUsageResponse\x12\'\n\x04\x64\x61ys\x18\x01 \x03(\x0b\x32\x19.quota_ledger.v1.UsageDay\"{\n\x08UsageDay\x12\x13\n\x0b\x62illing_day\x18\x01 \x01(\t\x12.\n\nplan_units\x18\x02 \x03(\x0b\x32\x1a.quota_ledger.v1.PlanUnits\x12*\n\x04payg\x18\x03 \x03(\x0b\x32\x1c.quota_ledger.v1.RegionUsage\"\\\n\x0bRegionUsage\x12\'\n\x06region\x18\x01 \x01(\x0e\x32\x17.quota_ledger.v1.Region\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x32\x90\x04\n\x0bQuotaLedger\x12L\n\x07\x43onsume\x12\x1f.quota_ledger.v1.ConsumeRequest\x1a .quota_ledger.v1.ConsumeResponse\x12[\n\x0c\x43onsumeBatch\x12$.quota_ledger.v1.ConsumeBatchRequest\x1a%.quota_ledger.v1.ConsumeBatchResponse\x12T\n\rConsumeStream\x12\x1f.quota_ledger.v1.ConsumeRequest\x1a\x1e.quota_ledger.v1.ConsumeResult(\x01\x30\x01\x12[\n\x0cGetRemaining\x12$.quota_ledger.v1.GetRemainingRequest\x1a%.quota_ledger.v1.GetRemainingResponse\x12R\n\tListPlans\x12!.quota_ledger.v1.ListPlansRequest\x1a\".quota_ledger.v1.ListPlansResponse\x12O\n\x08GetUsage\x12 .quota_ledger.v1.GetUsageRequest\x1a!.quota_ledger.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"quota_ledger/v1/quota_ledger.proto\x12\x0fquota_ledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cquota_ledger/v1/common.proto\"\xbc\x03\n\x0e\x43onsumeRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\'\n\x06region\x18\x03 \x01(\x0e\x32\x17.quota_ledger.v1.Region\x12\x32\n\x0c\x63\x61ptcha_type\x18\x04 \x01(\x0e\x32\x1c.quota_ledger.v1.CaptchaType\x12\x39\n\x0c\x61rchitecture\x18\x05 \x01(\x0e\x32#.quota_ledger.v1.ClientArchitecture\x12/\n\x04step\x18\x06 \x01(\x0e\x32!.quota_ledger.v1.VerificationStep\x12\x18\n\x0bscenario_id\x18\x07 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08quantity\x18\x08 \x01(\x03\x12\x0f\n\x07\x64ry_run\x18\t \x01(\x08\x12\x34\n\x10\x63lient_timestamp\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x63lient_observed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0e\n\x0c_scenario_id\"\xb8\x02\n\x0f\x43onsumeResponse\x12\x10\n\x08\x62illable\x18\x01 \x01(\x08\x12/\n\x0b\x61llocations\x18\x02 \x03(\x0b\x32\x1a.quota_ledger.v1.PlanUnits\x12\x12\n\npayg_units\x18\x03 \x01(\x03\x12\x1a\n\x12payg_amount_micros\x18\x04 \x01(\x03\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x12\x13\n\x0b\x62illing_day\x18\x06 \x01(\t\x12/\n\x0brecorded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14plan_units_remaining\x18\x08 \x01(\x03\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x13\n\x0bjournal_seq\x18\n \x01(\x03\x12\x13\n\x0bprovisional\x18\x0b \x01(\x08\"y\n\x13\x43onsumeBatchRequest\x12\x31\n\x08requests\x18\x01 \x03(\x0b\x32\x1f.quota_ledger.v1.ConsumeRequest\x12/\n\x04view\x18\x02 \x01(\x0e\x32!.quota_ledger.v1.ConsumeBatchView\"\xe8\x01\n\x0e\x43ompactResults\x12\r\n\x05\x63odes\x18\x01 \x03(\x05\x12\x10\n\x08\x62illable\x18\x02 \x03(\x08\x12\x10\n\x08replayed\x18\x03 \x03(\x08\x12\x12\n\npayg_units\x18\x04 \x03(\x03\x12\x1a\n\x12payg_amount_micros\x18\x05 \x03(\x03\x12-\n\x06\x65rrors\x18\x06 \x03(\x0b\x32\x1d.quota_ledger.v1.IndexedError\x12\x13\n\x0b\x62illing_day\x18\x07 \x01(\t\x12/\n\x0brecorded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x0cIndexedError\x12\r\n\x05index\x18\x01 \x01(\x05\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.quota_ledger.v1.Error\"y\n\x14\x43onsumeBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.quota_ledger.v1.ConsumeResult\x12\x30\n\x07\x63ompact\x18\x02 \x01(\x0b\x32\x1f.quota_ledger.v1.CompactResults\"\x8d\x01\n\rConsumeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x34\n\x08response\x18\x02 \x01(\x0b\x32 .quota_ledger.v1.ConsumeResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.quota_ledger.v1.ErrorH\x00\x42\t\n\x07outcome\")\n\x13GetRemainingRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\xa0\x01\n\x14GetRemainingResponse\x12$\n\x05plans\x18\x01 \x03(\x0b\x32\x15.quota_ledger.v1.Plan\x12\x1d\n\x15units_remaining_total\x18\x02 \x01(\x03\x12\x12\n\npayg_units\x18\x03 \x01(\x03\x12\x1a\n\x12payg_amount_micros\x18\x04 \x01(\x03\x12\x13\n\x0b\x62illing_day\x18\x05 \x01(\t\"@\n\x10ListPlansRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x18\n\x10include_inactive\x18\x02 \x01(\x08\"9\n\x11ListPlansResponse\x12$\n\x05plans\x18\x01 \x03(\x0b\x32\x15.quota_ledger.v1.Plan\"G\n\x0fGetUsageRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_day\x18\x02 \x01(\t\x12\x0e\n\x06to_day\x18\x03 \x01(\t\";\n\x10GetUsageResponse\x12\'\n\x04\x64\x61ys\x18\x01 \x03(\x0b\x32\x19.quota_ledger.v1.UsageDay\"{\n\x08UsageDay\x12\x13\n\x0b\x62illing_day\x18\x01 \x01(\t\x12.\n\nplan_units\x18\x02 \x03(\x0b\x32\x1a.quota_ledger.v1.PlanUnits\x12*\n\x04payg\x18\x03 \x03(\x0b\x32\x1c.quota_ledger.v1.RegionUsage\"\\\n\x0bRegionUsage\x12\'\n\x06region\x18\x01 \x01(\x0e\x32\x17.quota_ledger.v1.Region\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x15\n\ramount_micros\x18\x03 \x01(\x03*s\n\x10\x43onsumeBatchView\x12\"\n\x1e\x43ONSUME_BATCH_VIEW_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONSUME_BATCH_VIEW_FULL\x10\x01\x12\x1e\n\x1a\x43ONSUME_BATCH_VIEW_COMPACT\x10\x02\x32\x90\x04\n\x0bQuotaLedger\x12L\n\x07\x43onsume\x12\x1f.quota_ledger.v1.ConsumeRequest\x1a .quota_ledger.v1.ConsumeResponse\x12[\n\x0c\x43onsumeBatch\x12$.quota_ledger.v1.ConsumeBatchRequest\x1a%.quota_ledger.v1.ConsumeBatchResponse\x12T\n\rConsumeStream\x12\x1f.quota_ledger.v1.ConsumeRequest\x1a\x1e.quota_ledger.v1.ConsumeResult(\x01\x30\x01\x12[\n\x0cGetRemaining\x12$.quota_ledger.v1.GetRemainingRequest\x1a%.quota_ledger.v1.GetRemainingResponse\x12R\n\tListPlans\x12!.quota_ledger.v1.ListPlansRequest\x1a\".quota_ledger.v1.ListPlansResponse\x12O\n\x08GetUsage\x12 .quota_ledger.v1.GetUsageRequest\x1a!.quota_ledger.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'quota_ledger.v1.quota_ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CONSUMEBATCHVIEW']._serialized_start=2259
+  _globals['_CONSUMEBATCHVIEW']._serialized_end=2374
   _globals['_CONSUMEREQUEST']._serialized_start=119
-  _globals['_CONSUMEREQUEST']._serialized_end=507
-  _globals['_CONSUMERESPONSE']._serialized_start=510
-  _globals['_CONSUMERESPONSE']._serialized_end=801
-  _globals['_CONSUMEBATCHREQUEST']._serialized_start=803
-  _globals['_CONSUMEBATCHREQUEST']._serialized_end=875
-  _globals['_CONSUMEBATCHRESPONSE']._serialized_start=877
-  _globals['_CONSUMEBATCHRESPONSE']._serialized_end=948
-  _globals['_CONSUMERESULT']._serialized_start=951
-  _globals['_CONSUMERESULT']._serialized_end=1092
-  _globals['_GETREMAININGREQUEST']._serialized_start=1094
-  _globals['_GETREMAININGREQUEST']._serialized_end=1135
-  _globals['_GETREMAININGRESPONSE']._serialized_start=1138
-  _globals['_GETREMAININGRESPONSE']._serialized_end=1298
-  _globals['_LISTPLANSREQUEST']._serialized_start=1300
-  _globals['_LISTPLANSREQUEST']._serialized_end=1364
-  _globals['_LISTPLANSRESPONSE']._serialized_start=1366
-  _globals['_LISTPLANSRESPONSE']._serialized_end=1423
-  _globals['_GETUSAGEREQUEST']._serialized_start=1425
-  _globals['_GETUSAGEREQUEST']._serialized_end=1496
-  _globals['_GETUSAGERESPONSE']._serialized_start=1498
-  _globals['_GETUSAGERESPONSE']._serialized_end=1557
-  _globals['_USAGEDAY']._serialized_start=1559
-  _globals['_USAGEDAY']._serialized_end=1682
-  _globals['_REGIONUSAGE']._serialized_start=1684
-  _globals['_REGIONUSAGE']._serialized_end=1776
-  _globals['_QUOTALEDGER']._serialized_start=1779
-  _globals['_QUOTALEDGER']._serialized_end=2307
+  _globals['_CONSUMEREQUEST']._serialized_end=563
+  _globals['_CONSUMERESPONSE']._serialized_start=566
+  _globals['_CONSUMERESPONSE']._serialized_end=878
+  _globals['_CONSUMEBATCHREQUEST']._serialized_start=880
+  _globals['_CONSUMEBATCHREQUEST']._serialized_end=1001
+  _globals['_COMPACTRESULTS']._serialized_start=1004
+  _globals['_COMPACTRESULTS']._serialized_end=1236
+  _globals['_INDEXEDERROR']._serialized_start=1238
+  _globals['_INDEXEDERROR']._serialized_end=1306
+  _globals['_CONSUMEBATCHRESPONSE']._serialized_start=1308
+  _globals['_CONSUMEBATCHRESPONSE']._serialized_end=1429
+  _globals['_CONSUMERESULT']._serialized_start=1432
+  _globals['_CONSUMERESULT']._serialized_end=1573
+  _globals['_GETREMAININGREQUEST']._serialized_start=1575
+  _globals['_GETREMAININGREQUEST']._serialized_end=1616
+  _globals['_GETREMAININGRESPONSE']._serialized_start=1619
+  _globals['_GETREMAININGRESPONSE']._serialized_end=1779
+  _globals['_LISTPLANSREQUEST']._serialized_start=1781
+  _globals['_LISTPLANSREQUEST']._serialized_end=1845
+  _globals['_LISTPLANSRESPONSE']._serialized_start=1847
+  _globals['_LISTPLANSRESPONSE']._serialized_end=1904
+  _globals['_GETUSAGEREQUEST']._serialized_start=1906
+  _globals['_GETUSAGEREQUEST']._serialized_end=1977
+  _globals['_GETUSAGERESPONSE']._serialized_start=1979
+  _globals['_GETUSAGERESPONSE']._serialized_end=2038
+  _globals['_USAGEDAY']._serialized_start=2040
+  _globals['_USAGEDAY']._serialized_end=2163
+  _globals['_REGIONUSAGE']._serialized_start=2165
+  _globals['_REGIONUSAGE']._serialized_end=2257
+  _globals['_QUOTALEDGER']._serialized_start=2377
+  _globals['_QUOTALEDGER']._serialized_end=2905
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from quota_ledger.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -21,6 +22,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ConsumeBatchView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConsumeBatchViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConsumeBatchView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONSUME_BATCH_VIEW_UNSPECIFIED: _ConsumeBatchView.ValueType  # 0
+    """Means FULL."""
+    CONSUME_BATCH_VIEW_FULL: _ConsumeBatchView.ValueType  # 1
+    """One ConsumeResult per request in results."""
+    CONSUME_BATCH_VIEW_COMPACT: _ConsumeBatchView.ValueType  # 2
+    """results stays empty; the answer is in compact, in columns where index i is request i."""
+
+class ConsumeBatchView(_ConsumeBatchView, metaclass=_ConsumeBatchViewEnumTypeWrapper):
+    """The shape of a ConsumeBatch answer."""
+
+CONSUME_BATCH_VIEW_UNSPECIFIED: ConsumeBatchView.ValueType  # 0
+"""Means FULL."""
+CONSUME_BATCH_VIEW_FULL: ConsumeBatchView.ValueType  # 1
+"""One ConsumeResult per request in results."""
+CONSUME_BATCH_VIEW_COMPACT: ConsumeBatchView.ValueType  # 2
+"""results stays empty; the answer is in compact, in columns where index i is request i."""
+Global___ConsumeBatchView: _TypeAlias = ConsumeBatchView  # noqa: Y015
 
 @_typing.final
 class ConsumeRequest(_message.Message):
@@ -38,6 +63,7 @@ class ConsumeRequest(_message.Message):
     QUANTITY_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     CLIENT_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    CLIENT_OBSERVED_AT_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The identifier of the account the event is billed to."""
     request_id: _builtins.str
@@ -60,6 +86,10 @@ class ConsumeRequest(_message.Message):
     def client_timestamp(self) -> _timestamp_pb2.Timestamp:
         """The caller's own time of the event; stored for reference only and never decides the billing day (R2)."""
 
+    @_builtins.property
+    def client_observed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the caller saw the verification (R26): kept in the journal for audit, never decides the billing day (R2). A client's spool sends the original instant when it replays. If client_timestamp is also set, the two must be equal."""
+
     def __init__(
         self,
         *,
@@ -73,10 +103,11 @@ class ConsumeRequest(_message.Message):
         quantity: _builtins.int = ...,
         dry_run: _builtins.bool = ...,
         client_timestamp: _timestamp_pb2.Timestamp | None = ...,
+        client_observed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_scenario_id", b"_scenario_id", "client_timestamp", b"client_timestamp", "scenario_id", b"scenario_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_scenario_id", b"_scenario_id", "client_observed_at", b"client_observed_at", "client_timestamp", b"client_timestamp", "scenario_id", b"scenario_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scenario_id", b"_scenario_id", "account_id", b"account_id", "architecture", b"architecture", "captcha_type", b"captcha_type", "client_timestamp", b"client_timestamp", "dry_run", b"dry_run", "quantity", b"quantity", "region", b"region", "request_id", b"request_id", "scenario_id", b"scenario_id", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scenario_id", b"_scenario_id", "account_id", b"account_id", "architecture", b"architecture", "captcha_type", b"captcha_type", "client_observed_at", b"client_observed_at", "client_timestamp", b"client_timestamp", "dry_run", b"dry_run", "quantity", b"quantity", "region", b"region", "request_id", b"request_id", "scenario_id", b"scenario_id", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__scenario_id: _TypeAlias = _typing.Literal["scenario_id"]  # noqa: Y015
     _WhichOneofArgType__scenario_id: _TypeAlias = _typing.Literal["_scenario_id", b"_scenario_id"]  # noqa: Y015
@@ -100,6 +131,7 @@ class ConsumeResponse(_message.Message):
     PLAN_UNITS_REMAINING_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     JOURNAL_SEQ_FIELD_NUMBER: _builtins.int
+    PROVISIONAL_FIELD_NUMBER: _builtins.int
     billable: _builtins.bool
     """Whether the event was billable under the billing-step table; when false nothing was charged (R3)."""
     payg_units: _builtins.int
@@ -116,6 +148,8 @@ class ConsumeResponse(_message.Message):
     """The idempotency key of the request this response answers (R12)."""
     journal_seq: _builtins.int
     """The sequence number of the journal entry that recorded the event; 0 for dry runs and non-billable events (R25)."""
+    provisional: _builtins.bool
+    """Never set by the server. A client library sets it on the result it returns for a request it wrote to its local spool because the ledger could not be reached; what the ledger decides when the spooled request arrives is what is billed (R26)."""
     @_builtins.property
     def allocations(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PlanUnits]:
         """The units taken from each plan, in consumption order; a quantity may be split across plans (R8)."""
@@ -137,10 +171,11 @@ class ConsumeResponse(_message.Message):
         plan_units_remaining: _builtins.int = ...,
         request_id: _builtins.str = ...,
         journal_seq: _builtins.int = ...,
+        provisional: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "billable", b"billable", "billing_day", b"billing_day", "journal_seq", b"journal_seq", "payg_amount_micros", b"payg_amount_micros", "payg_units", b"payg_units", "plan_units_remaining", b"plan_units_remaining", "recorded_at", b"recorded_at", "replayed", b"replayed", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "billable", b"billable", "billing_day", b"billing_day", "journal_seq", b"journal_seq", "payg_amount_micros", b"payg_amount_micros", "payg_units", b"payg_units", "plan_units_remaining", b"plan_units_remaining", "provisional", b"provisional", "recorded_at", b"recorded_at", "replayed", b"replayed", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -153,6 +188,9 @@ class ConsumeBatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTS_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    view: Global___ConsumeBatchView.ValueType
+    """How the results are returned: FULL (the default, also what UNSPECIFIED means) in results, COMPACT in columns in compact."""
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumeRequest]:
         """The events to record, at most 1,000; each is handled as if sent alone to Consume."""
@@ -161,14 +199,107 @@ class ConsumeBatchRequest(_message.Message):
         self,
         *,
         requests: _abc.Iterable[Global___ConsumeRequest] | None = ...,
+        view: Global___ConsumeBatchView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsumeBatchRequest: _TypeAlias = ConsumeBatchRequest  # noqa: Y015
+
+@_typing.final
+class CompactResults(_message.Message):
+    """The results of a batch in columns, where index i answers request i."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODES_FIELD_NUMBER: _builtins.int
+    BILLABLE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    PAYG_UNITS_FIELD_NUMBER: _builtins.int
+    PAYG_AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    BILLING_DAY_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    billing_day: _builtins.str
+    """The billing day of the batch's own transaction, YYYY-MM-DD in UTC+8 (R1); a replayed item's own is in its FULL result."""
+    @_builtins.property
+    def codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each item's gRPC status code, 0 for OK."""
+
+    @_builtins.property
+    def billable(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Whether each item was billable (R3); false for an item not OK."""
+
+    @_builtins.property
+    def replayed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Whether each item was a replay of an earlier request (R12); false for an item not OK."""
+
+    @_builtins.property
+    def payg_units(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each item's pay-as-you-go units (R10); 0 for an item not OK."""
+
+    @_builtins.property
+    def payg_amount_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each item's pay-as-you-go amount in micro-USD (R10, R15); 0 for an item not OK."""
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexedError]:
+        """The error of each item that is not OK, with its index."""
+
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp:
+        """The ledger's instant of the batch's own transaction (R2)."""
+
+    def __init__(
+        self,
+        *,
+        codes: _abc.Iterable[_builtins.int] | None = ...,
+        billable: _abc.Iterable[_builtins.bool] | None = ...,
+        replayed: _abc.Iterable[_builtins.bool] | None = ...,
+        payg_units: _abc.Iterable[_builtins.int] | None = ...,
+        payg_amount_micros: _abc.Iterable[_builtins.int] | None = ...,
+        errors: _abc.Iterable[Global___IndexedError] | None = ...,
+        billing_day: _builtins.str = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billable", b"billable", "billing_day", b"billing_day", "codes", b"codes", "errors", b"errors", "payg_amount_micros", b"payg_amount_micros", "payg_units", b"payg_units", "recorded_at", b"recorded_at", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactResults: _TypeAlias = CompactResults  # noqa: Y015
+
+@_typing.final
+class IndexedError(_message.Message):
+    """The error of one item of a batch, with the item's index."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The index of the request in the batch, from 0."""
+    @_builtins.property
+    def error(self) -> _common_pb2.Error:
+        """The error, the same status the request would get from Consume alone."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        error: _common_pb2.Error | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IndexedError: _TypeAlias = IndexedError  # noqa: Y015
 
 @_typing.final
 class ConsumeBatchResponse(_message.Message):
@@ -177,18 +308,24 @@ class ConsumeBatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    COMPACT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumeResult]:
         """One result per request, in the same order as the requests."""
+
+    @_builtins.property
+    def compact(self) -> Global___CompactResults:
+        """The answer in columns, set only when the request asked for CONSUME_BATCH_VIEW_COMPACT."""
 
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___ConsumeResult] | None = ...,
+        compact: Global___CompactResults | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compact", b"compact"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compact", b"compact", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
