@@ -462,6 +462,18 @@ def read_account(conn: sqlite3.Connection, account_id: str) -> AccountState | No
         scenario_ids=tuple(json.loads(row[9])), custom_policy_enabled=bool(row[10]))
 
 
+def read_accounts(conn: sqlite3.Connection, prefix: str, after: str, limit: int
+                  ) -> list[AccountState]:
+    """Accounts whose id starts with prefix and sorts after `after`, in id order (a range
+    scan of the primary key: ids are printable ASCII, so prefix + DEL bounds the range)."""
+    low = max(prefix, after)
+    op = ">" if after and after >= prefix else ">="
+    rows = conn.execute(
+        f"SELECT account_id FROM accounts WHERE account_id {op} ? AND account_id < ?"
+        " ORDER BY account_id LIMIT ?", (low, prefix + "\x7f", limit)).fetchall()
+    return [a for (account_id,) in rows if (a := read_account(conn, account_id)) is not None]
+
+
 _PLAN_COLUMNS = (
     "plan_id, account_id, spec_id, units_total, units_remaining, price_micros, validity,"
     " purchased_at_us, expires_at_us, purchase_seq, paid_voucher_micros, paid_cash_micros,"

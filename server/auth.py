@@ -12,7 +12,8 @@ when ``quota-ledger token create`` makes it, and never logged:
 Roles: ``consumer`` may call the Consume RPCs, ``reader`` the queries, ``admin`` everything.
 A token limited to accounts may only name those accounts; calls that name no account (or
 that act on all of them, like SettleDay) are refused to it, except the harmless
-ListPlanSpecs and GetTime. Health checks and reflection need no token.
+ListPlanSpecs and GetTime; ListAccounts answers such a token with only its own accounts.
+Health checks and reflection need no token.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ CONSUMER_METHODS = frozenset({"QuotaLedger/Consume", "QuotaLedger/ConsumeBatch",
                               "QuotaLedger/ConsumeStream"})
 READER_METHODS = frozenset({
     "QuotaLedger/GetRemaining", "QuotaLedger/ListPlans", "QuotaLedger/GetUsage",
-    "Accounts/GetAccount", "Accounts/ListPlanSpecs", "Settlement/GetBill",
+    "Accounts/GetAccount", "Accounts/ListAccounts", "Accounts/ListPlanSpecs",
+    "Settlement/GetBill",
     "Settlement/ListBills", "TestClock/GetTime"})
-ACCOUNTLESS_OK = frozenset({"Accounts/ListPlanSpecs", "TestClock/GetTime"})
+# ListAccounts names no account; a token limited to accounts is answered with only those.
+ACCOUNTLESS_OK = frozenset({"Accounts/ListPlanSpecs", "Accounts/ListAccounts",
+                            "TestClock/GetTime"})
 
 
 def hash_token(token: str) -> str:

@@ -30,6 +30,8 @@ from .metrics import Metrics
 STREAM_IN_FLIGHT_MAX = 1_024  # per ConsumeStream: messages read and not yet answered
 STREAM_BATCHES_IN_FLIGHT = 2  # per ConsumeStream: batches at the writer at once
 USAGE_RANGE_DAYS_MAX = 366
+LIST_ACCOUNTS_PAGE_DEFAULT = 100
+LIST_ACCOUNTS_PAGE_MAX = 1_000
 # The test clock moves at most this far per call: everything due on the way (a settlement per
 # day, expiries, suspensions) runs before the call returns, so the step is bounded.
 ADVANCE_SECONDS_MAX = 3 * 366 * 86_400
@@ -297,6 +299,31 @@ class AccountsService(apb_grpc.AccountsServicer):
         cmd = m.Reactivate(m.check_id(request.account_id, "account_id"),
                            m.check_request_id(request.request_id))
         return _account_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def ListAccounts(self, request, context):  # noqa: N802
+        prefix = m.check_text(request.prefix, "prefix", m.ACCOUNT_ID_LEN_MAX, allow_empty=True)
+        after = m.check_text(request.page_token, "page_token", m.ACCOUNT_ID_LEN_MAX,
+                             allow_empty=True)
+        size = request.page_size or LIST_ACCOUNTS_PAGE_DEFAULT
+        if not 1 <= size <= LIST_ACCOUNTS_PAGE_MAX:
+            raise InvalidArgument(
+                f"page_size must be 1..{LIST_ACCOUNTS_PAGE_MAX} (0 means "
+                f"{LIST_ACCOUNTS_PAGE_DEFAULT}); got {request.page_size}")
+        allowed = None
+        if self.ctx.auth.enabled:  # a token limited to accounts lists only those
+            allowed = self.ctx.auth.authenticate(context.invocation_metadata()).accounts
+        conn = self.ctx.reader()
+        if allowed is None:
+            found = q.read_accounts(conn, prefix, after, size + 1)
+        else:
+            ids = sorted(a for a in allowed if a.startswith(prefix) and a > after)
+            found = [a for i in ids[:size + 1] if (a := q.read_account(conn, i)) is not None]
+        more = len(found) > size
+        page = found[:size]
+        return apb.ListAccountsResponse(
+            accounts=[convert.account(a) for a in page],
+            next_page_token=page[-1].account_id if more else "")
 
     def _plan_reply(self, result: Any) -> pb.Plan:
         plan = result.value if isinstance(result, Replayed) else result
