@@ -36,7 +36,14 @@ CHECKPOINT_EVERY_COMMITS = 2_000
 
 
 class Batch(list):
-    """Several commands submitted as one queue item; answered with a list of outcomes."""
+    """Several commands submitted as one queue item; answered with :class:`BatchOutcomes`."""
+
+
+class BatchOutcomes(list):
+    """A batch's outcomes in order, with ``at_us``: the ledger's instant of the transaction
+    that ran the batch (0 when it never ran, e.g. the commit failed)."""
+
+    at_us = 0
 
 
 @dataclass(slots=True)
@@ -165,7 +172,9 @@ class Writer:
                                   for c in (i.cmd if isinstance(i.cmd, Batch) else (i.cmd,))])
             for item in group:
                 if isinstance(item.cmd, Batch):
-                    outcomes.append([self._one(c) for c in item.cmd])
+                    done = BatchOutcomes([self._one(c) for c in item.cmd])
+                    done.at_us = engine.now()
+                    outcomes.append(done)
                 else:
                     outcomes.append(self._one(item.cmd))
             t0 = time.perf_counter()
@@ -173,15 +182,13 @@ class Writer:
             elapsed = time.perf_counter() - t0
         except LedgerError as exc:  # the commit failed: nothing of this group is written
             failed = Outcome(error=exc)
-            self._deliver(group, [[failed] * len(i.cmd) if isinstance(i.cmd, Batch) else failed
-                                  for i in group])
+            self._deliver(group, [_failed_all(i, failed) for i in group])
             return
         except BaseException as exc:
             engine.uow = None
             engine.reload()
             failed = Outcome(error=Unavailable(f"internal error: {exc!r}", reason="INTERNAL"))
-            self._deliver(group, [[failed] * len(i.cmd) if isinstance(i.cmd, Batch) else failed
-                                  for i in group])
+            self._deliver(group, [_failed_all(i, failed) for i in group])
             raise
         fault("after_commit")
         self._deliver(group, outcomes)
@@ -219,6 +226,11 @@ class Writer:
                 loop.call_soon_threadsafe(_resolve_all, pairs)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
+
+
+def _failed_all(item: _Item, failed: Outcome) -> Any:
+    """The same failure for a request, or for every request of a batch."""
+    return BatchOutcomes([failed] * len(item.cmd)) if isinstance(item.cmd, Batch) else failed
 
 
 def _resolve_all(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:

@@ -20,7 +20,7 @@ from ledger import model as m
 from ledger import store as q
 from ledger.engine import ConsumeOutcome, Replayed
 from ledger.errors import InvalidArgument, LedgerError, NotFound
-from ledger.writer import Batch, Outcome, Writer, unwrap
+from ledger.writer import Batch, BatchOutcomes, Outcome, Writer, unwrap
 
 from . import convert
 from .auth import Authorizer
@@ -30,6 +30,7 @@ from .metrics import Metrics
 STREAM_IN_FLIGHT_MAX = 1_024  # per ConsumeStream: messages read and not yet answered
 STREAM_BATCHES_IN_FLIGHT = 2  # per ConsumeStream: batches at the writer at once
 USAGE_RANGE_DAYS_MAX = 366
+_FULL_VIEWS = (qpb.CONSUME_BATCH_VIEW_UNSPECIFIED, qpb.CONSUME_BATCH_VIEW_FULL)
 LIST_ACCOUNTS_PAGE_DEFAULT = 100
 LIST_ACCOUNTS_PAGE_MAX = 1_000
 # The test clock moves at most this far per call: everything due on the way (a settlement per
@@ -78,6 +79,44 @@ def _result(request_id: str, outcome: Outcome) -> qpb.ConsumeResult:
                              response=convert.consume_response(outcome.value))
 
 
+def _count_all(metrics: Metrics, cmds: list[m.Consume], outcomes: list[Outcome]) -> None:
+    """_count for a whole batch: one counter update per region and kind, not per item."""
+    plan_units = [0, 0, 0]
+    payg_units = [0, 0, 0]
+    for cmd, outcome in zip(cmds, outcomes, strict=True):
+        o = outcome.value
+        if outcome.error is None and o.billable and not o.replayed and not cmd.dry_run:
+            plan_units[cmd.region] += cmd.quantity - o.payg_units
+            payg_units[cmd.region] += o.payg_units
+    for region in (1, 2):
+        if plan_units[region] or payg_units[region]:
+            metrics.on_consume(region, plan_units[region], payg_units[region])
+
+
+def _compact(n: int, where: list[int], outcomes: list[Outcome],
+             refused: list[tuple[int, LedgerError]], at_us: int) -> qpb.CompactResults:
+    """A batch's answer in columns (CONTRACT, 2026-11-29): Python lists handed to the
+    repeated fields at once, no message per item; an IndexedError only per failed item."""
+    codes, billable, replayed = [0] * n, [False] * n, [False] * n
+    units, micros = [0] * n, [0] * n
+    failed = list(refused)
+    for i, outcome in zip(where, outcomes, strict=True):
+        if outcome.error is None:
+            o = outcome.value
+            billable[i], replayed[i] = o.billable, o.replayed
+            units[i], micros[i] = o.payg_units, o.payg_amount_micros
+        else:
+            failed.append((i, outcome.error))
+    errors = []
+    for i, exc in sorted(failed, key=lambda f: f[0]):
+        fields = error_message(exc)
+        codes[i] = fields["code"]
+        errors.append(qpb.IndexedError(index=i, error=pb.Error(**fields)))
+    return qpb.CompactResults(codes=codes, billable=billable, replayed=replayed,
+                              payg_units=units, payg_amount_micros=micros, errors=errors,
+                              billing_day=cal.billing_day(at_us), recorded_at=convert.ts(at_us))
+
+
 def _day_range(from_day: str, to_day: str) -> list[str]:
     days = cal.days_between(from_day, to_day)
     if not days:
@@ -102,23 +141,30 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
 
     @rpc
     async def ConsumeBatch(self, request, context):  # noqa: N802
-        n = len(request.requests)
+        requests = request.requests
+        n = len(requests)
         if n > m.BATCH_SIZE_MAX:
             raise InvalidArgument(f"a batch holds at most {m.BATCH_SIZE_MAX:,} requests; got {n:,}")
-        results: list[qpb.ConsumeResult | None] = [None] * n
-        batch, where = Batch(), []
-        for i, req in enumerate(request.requests):
+        compact = request.view == qpb.CONSUME_BATCH_VIEW_COMPACT
+        if not compact and request.view not in _FULL_VIEWS:
+            raise InvalidArgument(f"view must be a ConsumeBatchView; got {request.view}")
+        batch, where, refused = Batch(), [], []
+        for i, req in enumerate(requests):
             try:
                 batch.append(convert.consume(req))
                 where.append(i)
             except LedgerError as exc:  # one bad item fails alone
-                results[i] = _result(req.request_id, Outcome(error=exc))
-        if batch:
-            outcomes = await self.ctx.writer.submit_async(batch)
-            for i, cmd, outcome in zip(where, batch, outcomes, strict=True):
-                if outcome.error is None:
-                    _count(self.ctx.metrics, cmd, outcome.value)
-                results[i] = _result(request.requests[i].request_id, outcome)
+                refused.append((i, exc))
+        outcomes = await self.ctx.writer.submit_async(batch) if batch else BatchOutcomes()
+        _count_all(self.ctx.metrics, batch, outcomes)
+        if compact:
+            return qpb.ConsumeBatchResponse(compact=_compact(
+                n, where, outcomes, refused, outcomes.at_us or self.ctx.clock.now_us()))
+        results: list[qpb.ConsumeResult | None] = [None] * n
+        for i, exc in refused:
+            results[i] = _result(requests[i].request_id, Outcome(error=exc))
+        for i, outcome in zip(where, outcomes, strict=True):
+            results[i] = _result(requests[i].request_id, outcome)
         return qpb.ConsumeBatchResponse(results=results)
 
     async def ConsumeStream(self, request_iterator, context):  # noqa: N802
