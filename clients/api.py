@@ -1,0 +1,118 @@
+"""The ledger's calls as typed methods: request building shared by the sync and asyncio
+clients; each client's ``_call`` decides how a request travels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from quota_ledger.v1 import accounts_pb2 as apb
+from quota_ledger.v1 import common_pb2 as pb
+from quota_ledger.v1 import quota_ledger_pb2 as qpb
+from quota_ledger.v1 import settlement_pb2 as spb
+from quota_ledger.v1 import test_clock_pb2 as tpb
+
+from clients.wire import enum_value, new_request_id, timestamp
+
+
+class LedgerApi:
+    """Request building shared by both clients; ``_call`` decides sync or async."""
+
+    def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
+        raise NotImplementedError
+
+    # --- QuotaLedger
+    @staticmethod
+    def consume_request(account_id: str, *, region: int | str = "mainland",
+                        captcha_type: int | str = "slider", architecture: int | str = "v2",
+                        step: int | str = "3", quantity: int = 1,
+                        request_id: str | None = None, scenario_id: str | None = None,
+                        dry_run: bool = False) -> qpb.ConsumeRequest:
+        req = qpb.ConsumeRequest(
+            account_id=account_id, request_id=request_id or new_request_id(),
+            region=enum_value(pb.Region, region),
+            captcha_type=enum_value(pb.CaptchaType, captcha_type),
+            architecture=enum_value(pb.ClientArchitecture, architecture),
+            step=enum_value(pb.VerificationStep, step), quantity=quantity, dry_run=dry_run)
+        if scenario_id is not None:
+            req.scenario_id = scenario_id
+        return req
+
+    def consume(self, account_id: str, **kwargs: Any) -> Any:
+        return self._call("ledger", "Consume", self.consume_request(account_id, **kwargs))
+
+    def consume_batch(self, requests: Iterable[qpb.ConsumeRequest]) -> Any:
+        return self._call("ledger", "ConsumeBatch",
+                          qpb.ConsumeBatchRequest(requests=list(requests)))
+
+    def get_remaining(self, account_id: str) -> Any:
+        return self._call("ledger", "GetRemaining", qpb.GetRemainingRequest(account_id=account_id))
+
+    def list_plans(self, account_id: str, include_inactive: bool = False) -> Any:
+        return self._call("ledger", "ListPlans", qpb.ListPlansRequest(
+            account_id=account_id, include_inactive=include_inactive))
+
+    def get_usage(self, account_id: str, from_day: str, to_day: str) -> Any:
+        return self._call("ledger", "GetUsage", qpb.GetUsageRequest(
+            account_id=account_id, from_day=from_day, to_day=to_day))
+
+    # --- Accounts
+    def create_account(self, account_id: str, display_name: str = "") -> Any:
+        return self._call("accounts", "CreateAccount", apb.CreateAccountRequest(
+            account_id=account_id, display_name=display_name), retry=False)
+
+    def get_account(self, account_id: str) -> Any:
+        return self._call("accounts", "GetAccount", apb.GetAccountRequest(account_id=account_id))
+
+    def top_up(self, account_id: str, amount_micros: int, kind: int | str = "cash",
+               request_id: str | None = None) -> Any:
+        return self._call("accounts", "TopUp", apb.TopUpRequest(
+            account_id=account_id, request_id=request_id or new_request_id(),
+            kind=enum_value(pb.FundsKind, kind), amount_micros=amount_micros))
+
+    def update_features(self, account_id: str, scenario_ids: Iterable[str],
+                        custom_policy_enabled: bool, request_id: str | None = None) -> Any:
+        return self._call("accounts", "UpdateFeatures", apb.UpdateFeaturesRequest(
+            account_id=account_id, request_id=request_id or new_request_id(),
+            scenario_ids=list(scenario_ids), custom_policy_enabled=custom_policy_enabled))
+
+    def reactivate(self, account_id: str, request_id: str | None = None) -> Any:
+        return self._call("accounts", "Reactivate", apb.ReactivateRequest(
+            account_id=account_id, request_id=request_id or new_request_id()))
+
+    def list_plan_specs(self) -> Any:
+        return self._call("accounts", "ListPlanSpecs", apb.ListPlanSpecsRequest())
+
+    def purchase_plan(self, account_id: str, spec_id: str, request_id: str | None = None) -> Any:
+        return self._call("accounts", "PurchasePlan", apb.PurchasePlanRequest(
+            account_id=account_id, request_id=request_id or new_request_id(), spec_id=spec_id))
+
+    def refund_plan(self, plan_id: str, reason: str = "", request_id: str | None = None) -> Any:
+        return self._call("accounts", "RefundPlan", apb.RefundPlanRequest(
+            plan_id=plan_id, request_id=request_id or new_request_id(), reason=reason))
+
+    # --- Settlement
+    def settle_day(self, billing_day: str) -> Any:
+        return self._call("settlement", "SettleDay",
+                          spb.SettleDayRequest(billing_day=billing_day))
+
+    def get_bill(self, account_id: str, billing_day: str) -> Any:
+        return self._call("settlement", "GetBill", spb.GetBillRequest(
+            account_id=account_id, billing_day=billing_day))
+
+    def list_bills(self, account_id: str, from_day: str, to_day: str) -> Any:
+        return self._call("settlement", "ListBills", spb.ListBillsRequest(
+            account_id=account_id, from_day=from_day, to_day=to_day))
+
+    # --- TestClock
+    def get_time(self) -> Any:
+        return self._call("clock", "GetTime", tpb.GetTimeRequest())
+
+    def set_time(self, now: datetime | Timestamp) -> Any:
+        return self._call("clock", "SetTime", tpb.SetTimeRequest(now=timestamp(now)))
+
+    def advance_time(self, seconds: int) -> Any:
+        return self._call("clock", "AdvanceTime", tpb.AdvanceTimeRequest(seconds=seconds),
+                          retry=False)

@@ -1,0 +1,16 @@
+"""ledgerctl: the command-line client of quota-ledger, over gRPC.
+
+``app`` holds the group (``main``), its global options and :class:`CliState`; ``output`` and
+``params`` the shared output helpers and parameter types; each other module one group of
+verbs, registered on ``main`` when imported here.
+"""
+
+from __future__ import annotations
+
+from clients.ledgerctl import accounts, clock, consumption, plans, settlement  # noqa: F401
+from clients.ledgerctl.app import CONTEXT_SETTINGS, CliState, fail, main
+from clients.loadgen import loadtest
+
+main.add_command(loadtest)
+
+__all__ = ["CONTEXT_SETTINGS", "CliState", "fail", "main"]

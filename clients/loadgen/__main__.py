@@ -1,0 +1,5 @@
+"""``python -m clients.loadgen``: the loadtest command on its own."""
+
+from clients.loadgen.command import loadtest
+
+loadtest()
