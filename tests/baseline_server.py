@@ -1,7 +1,7 @@
 """A baseline for the benchmark: the same gRPC stack as the ledger (grpcio ``grpc.aio``, the
-same server options), the same ``quota_ledger.v1.QuotaLedger`` service and response messages,
-and nothing else: no validation, no engine, no journal, no fsync. What the ledger does beyond
-this is what `tests/bench.py` measures.
+same server options), the same ``quota_ledger.v1.QuotaLedger`` service and response messages
+(ConsumeBatch in both views, FULL and COMPACT), and nothing else: no validation, no engine,
+no journal, no fsync. What the ledger does beyond this is what `tests/bench.py` measures.
 
     python -m tests.baseline_server --listen 127.0.0.1:0 --port-file FILE
 
@@ -44,6 +44,13 @@ class BaselineQuotaLedger(qpb_grpc.QuotaLedgerServicer):
         return _response(request)
 
     async def ConsumeBatch(self, request, context):  # noqa: N802
+        if request.view == qpb.CONSUME_BATCH_VIEW_COMPACT:  # every item OK, plan-covered
+            n = len(request.requests)
+            now = _response(qpb.ConsumeRequest())
+            return qpb.ConsumeBatchResponse(compact=qpb.CompactResults(
+                codes=[0] * n, billable=[True] * n, replayed=[False] * n, payg_units=[0] * n,
+                payg_amount_micros=[0] * n, billing_day=now.billing_day,
+                recorded_at=now.recorded_at))
         return qpb.ConsumeBatchResponse(results=[
             qpb.ConsumeResult(request_id=r.request_id, response=_response(r))
             for r in request.requests])

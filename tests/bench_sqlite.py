@@ -1,0 +1,285 @@
+"""The SQLite side of `make bench`: the journal rows the engine writes, the SQLite ceiling
+and commit floor on the same settings, and the settlement journal and its measurement.
+Nothing here talks gRPC (that is tests/bench.py and tests/bench_loads.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ledger import calendar as cal
+from ledger import catalog
+from ledger import model as m
+from ledger.clock import TestClock
+from ledger.engine import Engine
+from ledger.money import Region, payg_cost_micros
+from ledger.store import Store, UnitOfWork, canonical_json, chain_hash
+from ledger.writer import GROUP_REQUESTS_MAX
+
+INSERT_TXN_ROWS = 1_000  # the SQLite ceiling: executemany in transactions of 1,000 rows
+COMMIT_FLOOR_COMMITS_MAX = 20_000  # the commit floor: at most this many commits, or --seconds
+SETTLE_DAY = "2027-03-10"  # the settlement journal's day (a fixed day, a test clock)
+
+
+
+@dataclass(frozen=True)
+class Sizes:
+    plan_accounts: int
+    payg_accounts: int
+    settle_requests: int
+    settle_accounts: int
+    ceiling_rows_max: int
+    warmup_s: float
+
+
+FULL = Sizes(plan_accounts=1_000, payg_accounts=100, settle_requests=1_000_000,
+             settle_accounts=10_000, ceiling_rows_max=2_000_000, warmup_s=1.5)
+QUICK = Sizes(plan_accounts=50, payg_accounts=10, settle_requests=20_000,
+              settle_accounts=200, ceiling_rows_max=20_000, warmup_s=0.5)
+
+
+
+# --------------------------------------------------------------------------- journal rows
+
+class ConsumeRows:
+    """Journal rows exactly as the engine writes a plan-covered or pay-as-you-go Consume
+    (payload layout, canonical JSON, fingerprint, SHA-256 chain), built with string
+    formatting instead of json.dumps; :meth:`check` proves the equivalence on real rows."""
+
+    FINGERPRINT = "{region}|1|1|1||1"  # slider, v2, step 3, no scenario, quantity 1
+
+    def __init__(self, next_seq: int, last_hash: bytes, day: str) -> None:
+        self.next_seq, self.last_hash, self.day = next_seq, last_hash, day
+
+    @staticmethod
+    def payload(region: int, plan_id: str | None, payg_micros: int, day: str,
+                remaining: int) -> str:
+        alloc = f'[["{plan_id}",1]]' if plan_id else "[]"
+        payg = 0 if plan_id else 1
+        return (f'{{"region":{region},"type":1,"arch":1,"step":1,"qty":1,"alloc":{alloc},'
+                f'"payg_units":{payg},"payg_micros":{payg_micros},"day":"{day}",'
+                f'"remaining":{remaining}}}')
+
+    def row(self, at_us: int, account_id: str, region: int, plan_id: str | None,
+            payg_micros: int, remaining: int) -> tuple:
+        seq = self.next_seq
+        request_id = f"bench-{seq}"
+        payload = self.payload(region, plan_id, payg_micros, self.day, remaining)
+        self.last_hash = chain_hash(self.last_hash, seq, at_us, "consume", account_id,
+                                    request_id, payload)
+        self.next_seq += 1
+        return (seq, at_us, "consume", account_id, request_id,
+                self.FINGERPRINT.format(region=region), payload, self.last_hash)
+
+    @classmethod
+    def check(cls, store: Store) -> None:
+        """Formatted payloads and fingerprints equal those of consumes the engine wrote."""
+        found = 0
+        for payload_json, fingerprint in store.conn.execute(
+                "SELECT payload, fingerprint FROM journal WHERE kind = 'consume' LIMIT 50"):
+            p = json.loads(payload_json)
+            plan_id = p["alloc"][0][0] if p["alloc"] else None
+            mine = cls.payload(p["region"], plan_id, p["payg_micros"], p["day"], p["remaining"])
+            assert mine == payload_json == canonical_json(p), (mine, payload_json)
+            assert cls.FINGERPRINT.format(region=p["region"]) == fingerprint, fingerprint
+            found += 1
+        assert found, "no consume written by the engine to compare with"
+
+
+# --------------------------------------------------------------------------- SQLite ceiling
+
+def sqlite_ceiling(tmp: Path, seconds: float, rows_max: int) -> dict[str, float]:
+    """Journal rows/s that the same SQLite settings (ledger.store: WAL, synchronous=FULL, the
+    journal's indexes and triggers) accept in plain executemany inserts of 1,000 rows per
+    transaction. Only the insert and commit are timed, not building the rows."""
+    path = tmp / f"ceiling-{time.monotonic_ns()}.db"
+    store = Store(path)
+    try:
+        rows = ConsumeRows(1, store.journal_tail()[1], SETTLE_DAY)
+        t_us = cal.day_start(SETTLE_DAY) + 3_600_000_000
+        timed, n = 0.0, 0
+        conn = store.conn
+        while timed < seconds and n < rows_max:
+            chunk = [rows.row(t_us + n + i, f"acct-{(n + i) % 1000:04d}", 1, "plan-7", 0, 10**8)
+                     for i in range(INSERT_TXN_ROWS)]
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", chunk)
+            conn.execute("COMMIT")
+            timed += time.perf_counter() - t0
+            n += len(chunk)
+        return {"rows": n, "timed_s": timed, "rows_per_s": n / timed}
+    finally:
+        store.close()
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def sqlite_commit_floor(tmp: Path, seconds: float, commits_max: int) -> dict[str, float]:
+    """The bare latency of one SQLite commit: one journal row per transaction (BEGIN
+    IMMEDIATE, INSERT, COMMIT) with the ledger's settings (ledger.store.Store: WAL,
+    synchronous=FULL, the journal's index and triggers), in ``tmp``, the directory that holds
+    the ledger's database, so on the same filesystem. Each commit is timed alone (building
+    the row is not); SQLite's automatic WAL checkpoints fall inside the timed commits, as
+    they do in the server. No request can be durably acknowledged faster than this."""
+    path = tmp / f"commit-floor-{time.monotonic_ns()}.db"
+    store = Store(path)
+    try:
+        rows = ConsumeRows(1, store.journal_tail()[1], SETTLE_DAY)
+        t_us = cal.day_start(SETTLE_DAY) + 3_600_000_000
+        conn = store.conn
+        latencies_s: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while len(latencies_s) < commits_max and time.perf_counter() < deadline:
+            n = len(latencies_s)
+            row = rows.row(t_us + n, f"acct-{n % 1000:04d}", 1, "plan-7", 0, 10**8)
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", row)
+            conn.execute("COMMIT")
+            latencies_s.append(time.perf_counter() - t0)
+        latencies_s.sort()
+        return {"commits": len(latencies_s), "p50_ms": nearest_rank(latencies_s, 50) * 1e3,
+                "p99_ms": nearest_rank(latencies_s, 99) * 1e3,
+                "commits_per_s": len(latencies_s) / sum(latencies_s)}
+    finally:
+        store.close()
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def nearest_rank(sorted_xs: list[float], pct: float) -> float:
+    """The pct-th percentile of sorted values (nearest rank: a value that was measured)."""
+    if not sorted_xs:
+        return float("nan")
+    k = max(0, min(len(sorted_xs) - 1, -(-len(sorted_xs) * pct // 100) - 1))
+    return sorted_xs[int(k)]
+
+
+# --------------------------------------------------------------------------- settlement
+
+def build_settlement_journal(path: Path, sizes: Sizes, console: Console) -> dict[str, Any]:
+    """A ledger database whose journal holds ``settle_requests`` billable requests over
+    ``settle_accounts`` accounts on SETTLE_DAY.
+
+    How it is built, and why: accounts, top-ups and plan purchases go through the engine
+    (real commands, real plan rows). The consume entries do not: through ConsumeBatch, or
+    the engine in-process, a request costs the engine's per-request work (~90 us on a busy
+    core here, i.e. 1.5 min or more for 1,000,000), which would eat most of the bench's
+    10-minute budget before anything is measured. Settlement never replays consume entries;
+    it reads the derived tables (usage_daily, offsets_daily, plans) that the engine writes in
+    the same transaction. So the bench writes the same consume rows and the same derived
+    rows the engine would, in the engine's own transaction path (Store.commit of a
+    UnitOfWork, 4,096 requests per commit like the writer's groups), with the engine's
+    payload layout, fingerprint and hash chain (ConsumeRows.check compares it with entries
+    the engine wrote itself). Half the accounts hold a year-1m plan, half pay as you go,
+    regions alternate."""
+    t_start = time.perf_counter()
+    day0 = cal.day_start(SETTLE_DAY)
+    clock = TestClock(day0 + 3_600_000_000)  # 01:00 UTC+8
+    store = Store(path)
+    engine = Engine(store, clock, catalog.builtin())
+    ids = [f"settle-{i:05d}" for i in range(sizes.settle_accounts)]
+
+    def group(cmds: list[Any]) -> None:
+        engine.begin()
+        engine.prefetch_keys(cmds)
+        for c in cmds:
+            engine.execute(c)
+        engine.commit()
+
+    for i in range(0, len(ids), GROUP_REQUESTS_MAX):
+        part = ids[i:i + GROUP_REQUESTS_MAX]
+        group([m.CreateAccount(a) for a in part])
+        group([m.TopUp(a, "bench-top-up", m.FundsKind.CASH, 1_000_000_000) for a in part])
+        group([m.PurchasePlan(a, "bench-plan", "year-1m") for a in part[::2]])
+    # A few consumes through the engine itself: the reference for ConsumeRows.check.
+    group([m.Consume(a, f"engine-{a}", Region(1 + k % 2), m.CaptchaType.SLIDER,
+                     m.Architecture.V2, m.Step.STEP_3) for k, a in enumerate(ids[:20])])
+    ConsumeRows.check(store)
+    plans = {p.account_id: p for p in store.load_plans("WHERE units_remaining > 0")}
+    remaining = {a: p.units_remaining for a, p in plans.items()}
+    seq, last_hash, _ = store.journal_tail()
+    rows = ConsumeRows(seq + 1, last_hash, SETTLE_DAY)
+    n_total = sizes.settle_requests - 20
+    span_us = 20 * 3_600_000_000  # 02:00 .. 22:00 UTC+8
+    t_us0 = day0 + 2 * 3_600_000_000
+    n = 0
+    while n < n_total:
+        k = min(GROUP_REQUESTS_MAX, n_total - n)
+        uow = UnitOfWork(last_hash=rows.last_hash, next_seq=rows.next_seq)
+        for j in range(n, n + k):
+            account_id = ids[j % len(ids)]
+            region = 1 + (j // len(ids)) % 2
+            at = t_us0 + j * span_us // n_total
+            plan = plans.get(account_id)
+            if plan is not None:
+                remaining[account_id] -= 1
+                key = (account_id, SETTLE_DAY, plan.plan_id)
+                uow.offsets[key] = uow.offsets.get(key, 0) + 1
+                uow.rows.append(rows.row(at, account_id, region, plan.plan_id, 0,
+                                         remaining[account_id]))
+            else:
+                micros = payg_cost_micros(Region(region), 1)
+                acc = uow.usage.setdefault((account_id, SETTLE_DAY, region), [0, 0])
+                acc[0] += 1
+                acc[1] += micros
+                uow.rows.append(rows.row(at, account_id, region, None, micros, 0))
+        for account_id in {ids[j % len(ids)] for j in range(n, n + k)} & plans.keys():
+            plan = plans[account_id]
+            plan.units_remaining = remaining[account_id]
+            uow.plans[plan.plan_id] = plan
+        uow.last_hash, uow.next_seq = rows.last_hash, rows.next_seq
+        store.commit(uow)
+        n += k
+    consumes = store.conn.execute(
+        "SELECT count(*) FROM journal WHERE kind = 'consume'").fetchone()[0]
+    store.close()  # checkpoints (TRUNCATE): the copies below need only the main file
+    built_s = time.perf_counter() - t_start
+    console.print(f"settlement journal: {consumes:,} consume entries over {len(ids):,} "
+                  f"accounts on {SETTLE_DAY}, built in {built_s:.1f} s")
+    return {"consume_entries": consumes, "accounts": len(ids), "built_s": built_s}
+
+
+def measure_settlement(db: Path, tmp: Path, run: int) -> dict[str, Any]:
+    """On a fresh copy of the journal: the bare SQL aggregation, then SettleDay (a freshly
+    opened engine settling the day: reading figures, issuing and paying every bill,
+    committing with one fsync). Both run on the same, page-cache-warm file."""
+    copy = tmp / f"settle-run{run}.db"
+    shutil.copyfile(db, copy)
+    try:
+        conn = sqlite3.connect(copy, isolation_level=None)
+        t0 = time.perf_counter()
+        sums = conn.execute(
+            "SELECT account_id, sum(json_extract(payload, '$.payg_units')) FROM journal"
+            " WHERE kind = 'consume' GROUP BY account_id").fetchall()
+        sql_s = time.perf_counter() - t0
+        conn.close()
+        store = Store(copy)
+        try:
+            engine = Engine(store, TestClock(cal.day_end(SETTLE_DAY) + 1_000_000),
+                            catalog.builtin())
+            t0 = time.perf_counter()
+            engine.begin()
+            bills = engine.execute(m.SettleDay(SETTLE_DAY))
+            engine.commit()
+            settle_s = time.perf_counter() - t0
+        finally:
+            store.close()
+        payg_sql = sum(s or 0 for _, s in sums)
+        payg_billed = sum(ln.quantity for b in bills for ln in b.lines
+                          if ln.item == "verification")
+        assert payg_billed == payg_sql, ("bills and journal disagree", payg_billed, payg_sql)
+        assert len(bills) == len(sums), ("one bill per active account", len(bills), len(sums))
+        return {"settle_s": settle_s, "sql_s": sql_s, "bills": len(bills),
+                "payg_units": payg_sql}
+    finally:
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            Path(f"{copy}{suffix}").unlink(missing_ok=True)
