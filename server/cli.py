@@ -19,6 +19,7 @@ from . import config as config_mod
 from . import logs
 from .app import DEFAULT_DB, LedgerServer, ServerConfig, StartupError
 from .auth import ROLES, create_token
+from .console.command import console
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,6 +73,9 @@ def serve(config: str | None, port_file: str | None, **flags: Any) -> None:
     except (DatabaseLocked, StartupError) as exc:
         click.echo(f"quota-ledger: {exc}", err=True)
         sys.exit(2)
+
+
+main.add_command(console)
 
 
 @main.group("config")
