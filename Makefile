@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/quota_ledger/v1/*.proto)
 
-.PHONY: install run test protos protos-check docs lint bench soak crash browse clean
+.PHONY: install run test console protos protos-check docs lint bench soak crash browse clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ run: $(STAMP)
 	$(BIN)/quota-ledger serve
 
 ## test: install everything, check generated code, run the whole default suite
+## (the console's browser tests need Debian's chromium at /usr/bin/chromium; .ci/run installs it)
 test: $(STAMP) protos-check
+	@test -x /usr/bin/chromium || echo "!!! BROWSER TESTS SKIPPED: no /usr/bin/chromium (apt-get install chromium) !!!"
 	$(BIN)/python -m pytest -q -m "not slow"
+
+## console: the read-only web console on 127.0.0.1:8080 for the ledger on 127.0.0.1:50051
+## (make run in another terminal; LEDGER_TOKEN is sent when the ledger has --tokens)
+console: $(STAMP)
+	$(BIN)/quota-ledger console --listen 127.0.0.1:$(or $(PORT),8080) --target $(or $(TARGET),127.0.0.1:50051)
 
 ## protos: regenerate the Python modules from protos/*.proto (never edit them by hand)
 protos: $(STAMP)
