@@ -342,24 +342,31 @@ class Engine:
                 f"a balance may hold at most {m.BALANCE_MICROS_MAX:,} micro-USD; this top-up "
                 "would exceed it", reason="BALANCE_LIMIT", account_id=c.account_id)
         now = self.now()
-        # R22: a top-up pays what is outstanding first.
-        to_outstanding = min(c.amount_micros, acct.outstanding_micros)
-        rest = c.amount_micros - to_outstanding
-        if c.kind is FundsKind.CASH:
-            acct.cash_micros += rest
-        else:
-            acct.voucher_micros += rest
-        acct.outstanding_micros -= to_outstanding
+        cash = c.amount_micros if c.kind is FundsKind.CASH else 0
+        paid_v, paid_c = self._money_in(acct, c.amount_micros - cash, cash)
+        self._touch(acct)
+        self._append(now, "top_up", c.account_id,
+                     {"kind": int(c.kind), "amount_micros": c.amount_micros,
+                      "paid_outstanding_micros": paid_v + paid_c},
+                     c.request_id, c.fingerprint())
+        return acct
+
+    @staticmethod
+    def _money_in(acct: AccountState, voucher_micros: int, cash_micros: int
+                  ) -> tuple[int, int]:
+        """R22 (clarified 2026-11-29): any money that comes in (a top-up of either kind, a
+        refund) pays what is outstanding first, vouchers then cash (R16); the rest goes to
+        the balances. Only "nothing outstanding" ends the overdue period; a suspended account
+        stays suspended until Reactivate (R24). Returns (paid from vouchers, from cash)."""
+        paid_v, paid_c = split_payment(acct.outstanding_micros, voucher_micros, cash_micros)
+        acct.voucher_micros += voucher_micros - paid_v
+        acct.cash_micros += cash_micros - paid_c
+        acct.outstanding_micros -= paid_v + paid_c
         if acct.outstanding_micros == 0:
             acct.overdue_since = None
             if acct.status is AccountStatus.OVERDUE:
                 acct.status = AccountStatus.ACTIVE
-        self._touch(acct)
-        self._append(now, "top_up", c.account_id,
-                     {"kind": int(c.kind), "amount_micros": c.amount_micros,
-                      "paid_outstanding_micros": to_outstanding},
-                     c.request_id, c.fingerprint())
-        return acct
+        return paid_v, paid_c
 
     def update_features(self, c: UpdateFeatures) -> AccountState | Replayed:
         acct = self.account(c.account_id)
@@ -534,14 +541,16 @@ class Engine:
                 "a used plan cannot be refunded (R21)", reason="PLAN_USED", plan_id=plan.plan_id)
         plan.refunded_at = now
         acct.live_plans = [p for p in acct.live_plans if p is not plan]
-        acct.voucher_micros += plan.paid_voucher_micros
-        acct.cash_micros += plan.paid_cash_micros
+        # R21: the price goes back as it was paid; R22: that money pays what is outstanding.
+        paid_v, paid_c = self._money_in(acct, plan.paid_voucher_micros, plan.paid_cash_micros)
         self._uow.plans[plan.plan_id] = plan
         self._touch(acct)
         self._append(now, "refund", acct.account_id,
                      {"plan_id": plan.plan_id, "reason": c.reason,
                       "voucher_micros": plan.paid_voucher_micros,
-                      "cash_micros": plan.paid_cash_micros}, c.request_id, c.fingerprint())
+                      "cash_micros": plan.paid_cash_micros,
+                      "paid_outstanding_voucher_micros": paid_v,
+                      "paid_outstanding_cash_micros": paid_c}, c.request_id, c.fingerprint())
         return plan
 
     # ------------------------------------------------------------------ reactivation (R24)

@@ -50,7 +50,12 @@ def _top_up(d: Derived, seq: int, at: int, a: str, p: dict[str, Any]) -> None:
     acct = d.accounts[a]
     rest = p["amount_micros"] - p["paid_outstanding_micros"]
     acct["cash_micros" if p["kind"] == 1 else "voucher_micros"] += rest
-    acct["outstanding_micros"] -= p["paid_outstanding_micros"]
+    _paid_outstanding(acct, p["paid_outstanding_micros"])
+
+
+def _paid_outstanding(acct: dict[str, Any], micros: int) -> None:
+    """R22: money in paid this much of what was outstanding; nothing left ends overdue."""
+    acct["outstanding_micros"] -= micros
     if acct["outstanding_micros"] == 0:
         acct["overdue_since_us"] = None
         if acct["status"] == AccountStatus.OVERDUE:
@@ -128,9 +133,16 @@ def _suspended(d: Derived, seq: int, at: int, a: str, p: dict[str, Any]) -> None
 
 
 def _refund(d: Derived, seq: int, at: int, a: str, p: dict[str, Any]) -> None:
+    """R21 and R22 (clarified 2026-11-29). A refund written before that change has no
+    paid_outstanding_* fields: it paid nothing outstanding, and keeps that meaning."""
     d.plans[p["plan_id"]]["refunded_at_us"] = at
-    d.accounts[a]["voucher_micros"] += p["voucher_micros"]
-    d.accounts[a]["cash_micros"] += p["cash_micros"]
+    acct = d.accounts[a]
+    paid_v = p.get("paid_outstanding_voucher_micros", 0)
+    paid_c = p.get("paid_outstanding_cash_micros", 0)
+    acct["voucher_micros"] += p["voucher_micros"] - paid_v
+    acct["cash_micros"] += p["cash_micros"] - paid_c
+    if paid_v or paid_c:
+        _paid_outstanding(acct, paid_v + paid_c)
 
 
 def _reactivate(d: Derived, seq: int, at: int, a: str, p: dict[str, Any]) -> None:

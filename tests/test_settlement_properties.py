@@ -3,8 +3,8 @@
 Each hypothesis example opens a fresh SQLite journal in its own temporary directory and drives
 the engine in process through the single writer (``writer.call`` + ``unwrap``), exactly as the
 server does, over a random run of purchases, consumes, feature changes, top-ups, refunds,
-reactivations, on-demand settlements and clock moves for one or two accounts (restarts only in
-the lifecycle run, which has no refunds: see the known bug at the end). :class:`Model` restates
+reactivations, on-demand settlements and clock moves for one or two accounts (restarts in
+the lifecycle runs). :class:`Model` restates
 the rules directly (it imports neither ``ledger.settlement`` nor ``ledger.allocation``): plans
 as records in R8 order, pay-as-you-go per day and region, the configuration at every moment of
 the day, bills paid vouchers then cash, outstanding amounts, suspension and reactivation. Every
@@ -52,6 +52,8 @@ from ledger.model import (
 from ledger.money import Region
 from ledger.store import Store
 from ledger.writer import Writer, unwrap
+
+from .reference_money import money_in
 
 US_PER_SECOND = 1_000_000
 US_PER_HOUR = 3_600 * US_PER_SECOND
@@ -153,6 +155,7 @@ class Model:
     bills: dict[str, list[BillTuple]] = field(default_factory=dict)
     topups_total: int = 0
     paid_outstanding_by_topups: int = 0
+    paid_outstanding_by_refunds: int = 0
     suspensions: int = 0
     suspension_log: list[tuple[Any, ...]] = field(default_factory=list)
     expiry_log: list[tuple[Any, ...]] = field(default_factory=list)
@@ -177,19 +180,10 @@ class Model:
             self.first_day = self.next_settle = self.day()
 
     def top_up(self, account_id: str, kind: FundsKind, amount: int) -> None:
-        a = self.accounts[account_id]
-        paid = min(amount, a.outstanding)  # R22: outstanding first
-        a.outstanding -= paid
+        cash = amount if kind is FundsKind.CASH else 0
+        paid = money_in(self.accounts[account_id], amount - cash, cash)
         self.paid_outstanding_by_topups += paid
         self.topups_total += amount
-        if kind is FundsKind.CASH:
-            a.cash += amount - paid
-        else:
-            a.voucher += amount - paid
-        if a.outstanding == 0:
-            a.overdue_since = None
-            if a.status == OVERDUE:
-                a.status = ACTIVE
 
     def features(self, account_id: str, ids: tuple[str, ...], custom: bool) -> str | None:
         a = self.accounts[account_id]
@@ -246,9 +240,8 @@ class Model:
         if plan.left != plan.units:  # consumed or forfeited
             return "PLAN_USED"
         plan.refunded = True
-        a = self.accounts[plan.account_id]
-        a.voucher += plan.paid_voucher
-        a.cash += plan.paid_cash
+        paid = money_in(self.accounts[plan.account_id], plan.paid_voucher, plan.paid_cash)
+        self.paid_outstanding_by_refunds += paid
         return None
 
     def reactivate(self, account_id: str) -> str | None:
@@ -538,6 +531,19 @@ lifecycle_operation = st.sampled_from([
               st.sampled_from([0, 1, 5_000, 7 * USD])),
     st.builds(React, accts), st.builds(React, accts), buys, st.just(Restart()),
 ]).flatmap(lambda s: s)
+# Refunds (R21) to accounts with something outstanding (R22 clarified): a plan bought with
+# everything the account has, fees that the day's bill cannot pay, then the refund.
+refund_lifecycle_operation = st.sampled_from([
+    buys, buys, st.builds(Configure, accts, st.just(("s1", "s2", "s3", "s4")), st.booleans()),
+    st.builds(Advance, st.just("day_end"), st.sampled_from([0, 1])),
+    st.builds(Advance, st.just("day_end"), st.sampled_from([0, 1])),
+    st.builds(Advance, st.just("suspend"), st.sampled_from([0, 1])),
+    st.builds(Refund, st.integers(0, 100)), st.builds(Refund, st.integers(0, 100)),
+    st.builds(Fund, accts, st.sampled_from(list(FundsKind)),
+              st.sampled_from([1, 3 * USD, 60 * USD])),
+    st.builds(PayOff, accts, st.sampled_from(list(FundsKind)), st.sampled_from([0, 60 * USD])),
+    st.builds(React, accts), st.just(Restart()),
+]).flatmap(lambda s: s)
 initial_cash = st.sampled_from([0, 60 * USD, 600 * USD]) | st.integers(0, 10 * USD)
 initial_vouchers = st.sampled_from([0, 100 * USD]) | st.integers(0, 10 * USD)
 start_instants = st.one_of(st.sampled_from(EDGE_STARTS_US),
@@ -657,6 +663,7 @@ def drive(live: Live, model: Model, accounts: list[str], funds: list[tuple[int, 
     event(f"suspensions: {model.suspensions}, reactivations: {model.reactivations}")
     event(f"bills with outstanding: {sum(1 for b in bills if b[9]) > 0}")
     event(f"outstanding paid by top-ups: {model.paid_outstanding_by_topups > 0}")
+    event(f"outstanding paid by refunds: {model.paid_outstanding_by_refunds > 0}")
     event(f"plan offsets billed: {any(b[4] for b in bills)}")
     event(f"due != total (rounded): {any(b[5] != b[6] for b in bills)}")
     event(f"plan expiries: {len(model.expiry_log) > 0}")
@@ -676,9 +683,16 @@ def check_money(live: Live, model: Model) -> None:
         "SELECT coalesce(sum(json_extract(payload, '$.amount_micros')), 0),"
         " coalesce(sum(json_extract(payload, '$.paid_outstanding_micros')), 0)"
         " FROM journal WHERE kind = 'top_up'")[0]
+    refunds_paid = live.query(
+        "SELECT coalesce(sum(json_extract(payload, '$.paid_outstanding_voucher_micros')"
+        " + json_extract(payload, '$.paid_outstanding_cash_micros')), 0)"
+        " FROM journal WHERE kind = 'refund'")[0][0]
     outstanding = live.query("SELECT sum(outstanding_micros) FROM accounts")[0][0]
     assert topped_up == model.topups_total
-    assert paid_later == model.paid_outstanding_by_topups
+    assert (paid_later, refunds_paid) == (model.paid_outstanding_by_topups,
+                                          model.paid_outstanding_by_refunds)
+    # A refund's money paid outstanding amounts (R22): it left plans_net, not a balance.
+    paid_later += refunds_paid
     assert topped_up == balances + plans_net + paid_at_settlement + paid_later
     assert due == paid_at_settlement + paid_later + outstanding
     assert outstanding_in_bills == paid_later + outstanding
@@ -754,6 +768,21 @@ def test_r22_r24_overdue_suspension_lifecycle_matches_reference_model(start_us, 
                                                                        ops):
     """Unpaid fees, suspension at +168 h + 1 µs, top-ups and reactivation as the model says."""
     run_and_check(start_us, n_accounts, [(0, 0), (0, 0)], ops)
+
+
+@SMALL
+@given(start_us=start_instants, n_accounts=st.integers(1, 2),
+       funds=st.lists(st.sampled_from([(60 * USD, 0), (40 * USD, 20 * USD)]), min_size=2,
+                      max_size=2),
+       ops=st.lists(refund_lifecycle_operation, min_size=10, max_size=25))
+def test_r21_r22_refunds_pay_outstanding_as_the_model_says(start_us, n_accounts, funds, ops):
+    """Refunds to overdue and suspended accounts pay what is outstanding, vouchers then
+    cash (R22 clarified); money is conserved and the journal rebuilds the same figures.
+    Each run opens with a plan bought with everything the first account has and a fee that
+    the day's bill cannot pay, so that a refund finds something outstanding."""
+    owing = [Buy(0, "month-100k"), Configure(0, ("s1", "s2", "s3", "s4"), True),
+             Advance("day_end", 0)]
+    run_and_check(start_us, n_accounts, funds, owing + ops)
 
 
 @SMALL

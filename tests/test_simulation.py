@@ -48,6 +48,7 @@ from clients.client import LedgerClient, LedgerError
 from ledger.verify import verify
 
 from .conftest import ServerProcess
+from .reference_money import money_in
 
 # ---------------------------------------------------------------------------- the rules' numbers
 
@@ -263,6 +264,7 @@ class RefLedger:
         self.next_settle: str | None = None
         self.settled: list[str] = []
         self.bills: dict[str, list[BillTuple]] = {}  # day -> bills in account order
+        self.refunds_paying_outstanding = 0  # R22 (clarified): refunds that paid a debt
 
     def day(self) -> str:
         return billing_day(self.now)
@@ -314,16 +316,8 @@ class RefLedger:
         a = self._account(account_id)
         if self._claimed(account_id, "top_up", rid, (kind, amount)):
             return a.view()  # an administrative replay answers the current state
-        paid = min(amount, a.outstanding)  # R22: outstanding first
-        a.outstanding -= paid
-        if kind == CASH:
-            a.cash += amount - paid
-        else:
-            a.voucher += amount - paid
-        if a.outstanding == 0:
-            a.overdue_since = None
-            if a.status == OVERDUE:
-                a.status = ACTIVE
+        cash = amount if kind == CASH else 0
+        money_in(a, amount - cash, cash)
         self.keys[(account_id, "top_up", rid)] = ((kind, amount), None)
         self._entry()
         return a.view()
@@ -378,9 +372,9 @@ class RefLedger:
         if plan.left != plan.units:  # consumed or forfeited
             raise Refused("FAILED_PRECONDITION", "PLAN_USED")
         plan.refunded_at = self.now
-        a = self.accounts[plan.account_id]
-        a.voucher += plan.paid_voucher  # back where it came from; pays no outstanding
-        a.cash += plan.paid_cash
+        # R21: back where it came from; R22 (clarified): it pays what is outstanding first.
+        paid = money_in(self.accounts[plan.account_id], plan.paid_voucher, plan.paid_cash)
+        self.refunds_paying_outstanding += paid > 0
         self.keys[(plan.account_id, "refund", rid)] = (plan_id, None)
         self._entry()
         return plan
@@ -1280,7 +1274,8 @@ def simulate_log(seed: int, steps: int, srv: ServerProcess) -> list[str]:
     return sim.history
 
 
-def run_ops(ops: Sequence[Op], srv: ServerProcess, start_us: int, label: str = "ops") -> None:
+def run_ops(ops: Sequence[Op], srv: ServerProcess, start_us: int, label: str = "ops"
+            ) -> RefLedger:
     """The same checks over a given list of steps (a minimal failing sequence)."""
     sim = Sim(srv, label, start_us)
     try:
@@ -1288,6 +1283,7 @@ def run_ops(ops: Sequence[Op], srv: ServerProcess, start_us: int, label: str = "
             sim.step(n, op)
     finally:
         sim.close()
+    return sim.model
 
 
 def run_seed(tmp: Path, seed: int, steps: int) -> None:
@@ -1341,6 +1337,30 @@ def test_simulation_reports_a_divergence_with_its_steps(tmp_path: Path,
     assert text.startswith("simulation diverged: seed=0 step=1: Consume")
     assert "payg_amount: server 7000 != model 8000" in text
     assert "SIM_SEED=0 SIM_STEPS=2" in text and "Create(acct='acme'" in text
+
+
+def test_simulation_refunds_to_overdue_accounts_pay_outstanding(tmp_path: Path) -> None:
+    """R21 + R22 (clarified) over the wire: refunds to an overdue account (one that covers
+    the debt, one that covers part of it) agree with the model step by step, then verify."""
+    srv = ServerProcess(tmp_path).start()
+    usd = 1_000_000
+    ops = [Create("full", ""), Create("part", ""),  # journal entries 1, 2
+           TopUp("full", "t1", CASH, 60 * usd),  # 3
+           Consume(CReq("part", "c1", OUTSIDE, qty=100_000)),  # 4: USD 100, before any plan
+           TopUp("part", "t2", VOUCHER, 60 * usd),  # 5
+           Purchase("full", "p1", "month-100k"), Purchase("part", "p2", "month-100k"),  # 6, 7
+           Features("full", "f1", (), True),  # USD 5 for D, nothing left to pay it
+           Advance(6 * 3_600), Advance(3_600),  # D ends at 00:00 UTC+8: both owe
+           Refund("plan-6", "r1"), Refund("plan-7", "r2"), Refund("plan-6", "r1")]
+    try:
+        model = run_ops(ops, srv, to_us(datetime(2027, 3, 10, 18, tzinfo=TZ8)), "refunds")
+    finally:
+        srv.stop()
+    assert model.refunds_paying_outstanding == 2
+    full, part = model.accounts["full"], model.accounts["part"]
+    assert (full.status, full.cash, full.outstanding) == (ACTIVE, 55 * usd, 0)
+    assert (part.status, part.voucher, part.outstanding) == (OVERDUE, 0, 40 * usd)
+    assert verify(str(srv.db)).ok
 
 
 @pytest.mark.slow
