@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ledger.errors import LedgerError
+from ledger.errors import InvalidArgument, LedgerError
 from ledger.store import DatabaseLocked, backup_to
 from ledger.verify import verify as check_db
 
@@ -19,6 +19,7 @@ from . import config as config_mod
 from . import logs
 from .app import DEFAULT_DB, LedgerServer, ServerConfig, StartupError
 from .auth import ROLES, create_token
+from .config import check_db_path
 from .console.command import console
 
 
@@ -113,6 +114,14 @@ async def _run(config: ServerConfig, port_file: str | None) -> None:
     await srv.stop()
 
 
+def _db_path_or_exit(db: str) -> None:
+    try:
+        check_db_path(db)
+    except InvalidArgument as exc:
+        click.echo(f"quota-ledger: {exc.message}", err=True)
+        sys.exit(2)
+
+
 @main.command()
 @click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH",
               help="The journal database to check (opened read-only).")
@@ -121,6 +130,7 @@ def verify(db: str) -> None:
     (balances, plans, usage, bills) equals a rebuild from the journal alone (R25).
 
     Exits 0 when clean, 1 with the first divergence otherwise."""
+    _db_path_or_exit(db)
     if not os.path.exists(db):
         click.echo(f"quota-ledger: no database at {db}", err=True)
         sys.exit(2)
@@ -139,6 +149,7 @@ def verify(db: str) -> None:
 @click.option("--to", "to", required=True, metavar="FILE", help="Where to write the copy.")
 def backup(db: str, to: str) -> None:
     """Take an online backup (SQLite backup API) while the server keeps writing."""
+    _db_path_or_exit(db)
     if os.path.exists(to):
         click.echo(f"quota-ledger: {to} exists; refusing to overwrite it", err=True)
         sys.exit(2)

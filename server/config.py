@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,6 +78,25 @@ _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
 assert {s.name for s in SETTINGS} == set(_FIELDS), "every setting documented, once"
 
 
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
+def check_db_path(value: str, source: str = "--db") -> str:
+    """--db is an SQLite file path. Anything shaped like a URL is refused with a reason,
+    never opened: sqlite3 would create a file named after it (see TRAPS)."""
+    if not value:
+        raise InvalidArgument(f"{source}: db must be a file path")
+    if _URL_LIKE.match(value):
+        scheme = value.split(":", 1)[0].lower()
+        if scheme in ("postgres", "postgresql"):
+            raise InvalidArgument(
+                f"{source}: this build keeps its journal in SQLite only; PostgreSQL storage "
+                "is not available yet. Give a file path, for example data/ledger.db")
+        raise InvalidArgument(f"{source}: {scheme!r} is not a storage this server knows; "
+                              "give an SQLite file path, for example data/ledger.db")
+    return value
+
+
 def default(name: str) -> Any:
     return _FIELDS[name].default
 
@@ -108,6 +128,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     except (TypeError, ValueError):
         raise InvalidArgument(f"{source}: {name} must be a {kind.__name__}; got {value!r}"
                               ) from None
+    if name == "db":
+        check_db_path(value, source)
     choices = next(s.choices for s in SETTINGS if s.name == name)
     if choices and value not in choices:
         raise InvalidArgument(f"{source}: {name} must be one of {', '.join(choices)}")

@@ -238,3 +238,15 @@ def test_full_queue_fails_fast_with_resource_exhausted(tmp_path):
         assert srv.journal_count() == 1 + len(accepted)  # the account, then one per accepted
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("db", ["postgresql://postgres@127.0.0.1:5432/ledger",
+                                "postgres://u@h/d", "sqlite:///x.db", "file:/tmp/x.db"])
+@pytest.mark.parametrize("verb", ["serve", "verify"])
+def test_a_url_given_as_db_is_refused_and_creates_nothing(tmp_path, db, verb):
+    """TRAPS: sqlite3 would create a file named after a URL; the server refuses it instead."""
+    out = subprocess.run([sys.executable, "-m", "server", verb, "--db", db], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "--db" in out.stderr and "file path" in out.stderr
+    assert list(tmp_path.iterdir()) == []
