@@ -90,8 +90,9 @@ async def account(request: Request) -> Response:
                   base=account_path(account_id))
 
 
-async def _usage(request: Request) -> dict[str, Any]:
-    """The usage of a range as rows (one per day) and columns (plans, then regions)."""
+async def _ranged(request: Request, default_days: int) -> tuple[Console, str, Any, str, str]:
+    """The account of a page over a range of days, and the range (checked before any call
+    where it can be: the defaults need the ledger's today and the account's first day)."""
     console = console_of(request)
     account_id = account_id_of(request)
     from_day = checked_day(request.query_params.get("from"), "from")
@@ -99,7 +100,13 @@ async def _usage(request: Request) -> dict[str, Any]:
     acct, remaining = await ask(console, console.client.get_account(account_id),
                                 console.client.get_remaining(account_id))
     start, end = day_range(from_day, to_day, remaining.billing_day,
-                           first_day(acct, remaining.billing_day), USAGE_DAYS_DEFAULT)
+                           first_day(acct, remaining.billing_day), default_days)
+    return console, account_id, acct, start, end
+
+
+async def _usage(request: Request) -> dict[str, Any]:
+    """The usage of a range as rows (one per day) and columns (plans, then regions)."""
+    console, account_id, acct, start, end = await _ranged(request, USAGE_DAYS_DEFAULT)
     usage, plans = await ask(console, console.client.get_usage(account_id, start, end),
                              console.client.list_plans(account_id, include_inactive=True))
     rows = []
@@ -163,14 +170,7 @@ def _safe_name(account_id: str) -> str:
 
 
 async def bills(request: Request) -> Response:
-    console = console_of(request)
-    account_id = account_id_of(request)
-    from_day = checked_day(request.query_params.get("from"), "from")
-    to_day = checked_day(request.query_params.get("to"), "to")
-    acct, remaining = await ask(console, console.client.get_account(account_id),
-                                console.client.get_remaining(account_id))
-    start, end = day_range(from_day, to_day, remaining.billing_day,
-                           first_day(acct, remaining.billing_day), BILLS_DAYS_DEFAULT)
+    console, account_id, acct, start, end = await _ranged(request, BILLS_DAYS_DEFAULT)
     listed, plans = await ask(console, console.client.list_bills(account_id, start, end),
                               console.client.list_plans(account_id, include_inactive=True))
     bill_list = list(listed.bills)
