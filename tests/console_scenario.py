@@ -140,9 +140,10 @@ class ConsoleProcess:
         return self.proc.returncode
 
 
-def get(url: str, method: str = "GET") -> tuple[int, dict[str, str], str]:
+def get(url: str, method: str = "GET", headers: dict[str, str] | None = None
+        ) -> tuple[int, dict[str, str], str]:
     """Status, headers and body; an HTTP error status is an answer, not an exception."""
-    req = urllib.request.Request(url, method=method)
+    req = urllib.request.Request(url, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=15) as resp:  # noqa: S310 (loopback only)
             return resp.status, dict(resp.headers), resp.read().decode()

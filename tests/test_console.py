@@ -162,6 +162,33 @@ def test_markup_in_ids_and_names_is_shown_as_text(history):
     assert status == 200 and "&lt;i&gt;x&lt;/i&gt;" in body  # the redirect was followed
 
 
+def test_only_loopback_host_names_are_answered(history):
+    """A page elsewhere cannot read the console by DNS rebinding: other Host names get 421."""
+    _, console = history
+    port = console.url.rpartition(":")[2]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        assert get(console.url + "/", headers={"Host": host})[0] == 200, host
+    for host in (f"attacker.example:{port}", "attacker.example", f"[::2]:{port}"):
+        assert get(console.url + "/accounts/acme", headers={"Host": host})[0] == 421, host
+
+
+def test_accounts_are_listed_a_page_at_a_time(history):
+    """The account list shows 50 accounts a page, with a link to the next page."""
+    ledger, console = history
+    with ledger.client() as c:
+        for i in range(55):
+            c.create_account(f"page-{i:03d}")
+    status, _, body = get(console.url + "/?q=page-")
+    assert status == 200 and body.count('<tr data-account="page-') == 50
+    assert 'data-account="page-049"' in body and 'data-account="page-050"' not in body
+    assert 'rel="next" href="/?q=page-&amp;after=page-049"' in body
+    status, _, body = get(console.url + "/?q=page-&after=page-049")
+    assert status == 200 and body.count('<tr data-account="page-') == 5
+    assert 'rel="next"' not in body
+    status, _, body = get(console.url + "/?q=nothing-like-this")
+    assert status == 200 and 'data-k="no_accounts"' in body
+
+
 def test_ledger_unreachable_is_a_clear_page(tmp_path):
     """With no ledger at --target, a 503 page says so (no traceback)."""
     import socket

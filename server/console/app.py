@@ -23,7 +23,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -62,6 +62,7 @@ class ConsoleConfig:
     tls_key: str | None = None
     timeout_s: float = CONSOLE_TIMEOUT_S
     log_level: str = "info"
+    insecure: bool = False  # non-loopback listener and any Host header allowed
 
 
 def templates() -> jinja2.Environment:
@@ -107,6 +108,26 @@ class RawPathRouting:
         raw = scope.get("raw_path") if scope["type"] == "http" else None
         if raw:
             scope = dict(scope, path=raw.decode("latin-1"))
+        await self.app(scope, receive, send)
+
+
+class LoopbackHostOnly:
+    """Without --insecure, answers only requests addressed to a loopback name: a page on
+    another site cannot read the console through DNS rebinding (the console has no login)."""
+
+    def __init__(self, app: ASGIApp, listen_host: str) -> None:
+        self.app = app
+        bracketed = f"[{listen_host}]" if ":" in listen_host else listen_host
+        self.allowed = {"127.0.0.1", "localhost", "[::1]", bracketed.lower()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            name = host[:host.find("]") + 1] if host.startswith("[") else host.partition(":")[0]
+            if name.lower() not in self.allowed:
+                await PlainTextResponse(f"421 this console answers only to {sorted(self.allowed)}"
+                                        "\n", status_code=421)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
@@ -201,7 +222,10 @@ def serve(config: ConsoleConfig, port_file: str | None = None) -> None:
     shown = f"[{host}]" if ":" in host else host
     print(f"quota-ledger console on http://{shown}:{port}/ (ledger {config.target})",
           file=sys.stderr, flush=True)
-    app = SecurityHeaders(RawPathRouting(build_app(config)))
+    app: ASGIApp = RawPathRouting(build_app(config))
+    if not config.insecure:
+        app = LoopbackHostOnly(app, host)
+    app = SecurityHeaders(app)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level=config.log_level, lifespan="on",
         proxy_headers=False, server_header=False, limit_concurrency=HTTP_CONNECTIONS_MAX,

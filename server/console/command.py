@@ -27,8 +27,8 @@ DEFAULT_TARGET = "127.0.0.1:50051"
               help="Client certificate for a ledger that requires mutual TLS.")
 @click.option("--tls-key", metavar="PEM", default=None, help="The client certificate's key.")
 @click.option("--insecure", is_flag=True,
-              help="Allow a non-loopback --listen. The console has no login of its own: "
-                   "anyone who reaches it sees what its token sees.")
+              help="Allow a non-loopback --listen and any Host header. The console has no "
+                   "login of its own: anyone who reaches it sees what its token sees.")
 @click.option("--timeout", "timeout_s", default=5.0, show_default=True, metavar="SECONDS",
               type=click.FloatRange(min=0.1, max=60), help="Deadline of each call to the ledger.")
 @click.option("--log-level", default="info", show_default=True,
@@ -59,7 +59,7 @@ def console(listen: str, target: str, token: str | None, tls_ca: str | None,
         raise click.BadParameter(str(exc), param_hint="--listen") from None
     config = ConsoleConfig(listen=listen, target=target, token=token, tls_ca=tls_ca,
                            tls_cert=tls_cert, tls_key=tls_key, timeout_s=timeout_s,
-                           log_level=log_level)
+                           log_level=log_level, insecure=insecure)
     try:
         serve(config, port_file)
     except OSError as exc:
