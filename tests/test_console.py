@@ -17,7 +17,7 @@ from clients.client import LedgerClient
 from server.auth import create_token
 from server.console import formatting as fmt
 
-from .conftest import ROOT
+from .conftest import ROOT, ServerProcess
 from .console_scenario import (
     DAYS,
     HOSTILE_ID,
@@ -26,6 +26,7 @@ from .console_scenario import (
     seed_history,
     start_ledger,
 )
+from .test_auth import _start_tls, tls_material  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +202,32 @@ def test_ledger_unreachable_is_a_clear_page(tmp_path):
         assert_error_page(status, body, 503, "cannot be reached", dead)
     finally:
         console.stop()
+
+
+def test_console_speaks_mutual_tls_to_the_ledger(tmp_path, tls_material):  # noqa: F811
+    """With --tls-ca/--tls-cert/--tls-key the console reads a ledger that requires mutual
+    TLS; without them it shows the 503 page."""
+    f = tls_material
+    ledger = ServerProcess(tmp_path, extra=["--tls-cert", f["server_cert"], "--tls-key",
+                                            f["server_key"], "--tls-client-ca", f["ca"]])
+    ledger.start = _start_tls(ledger, f)  # type: ignore[method-assign]
+    ledger.start()
+    tls = ["--tls-ca", f["ca"], "--tls-cert", f["client_cert"], "--tls-key", f["client_key"]]
+    consoles = []
+    try:
+        with LedgerClient(ledger.target, tls_ca=f["ca"], tls_cert=f["client_cert"],
+                          tls_key=f["client_key"]) as c:
+            c.create_account("acme", "Acme Inc.")
+        consoles = [ConsoleProcess(tmp_path, ledger.target, extra=tls).start(),
+                    ConsoleProcess(tmp_path, ledger.target, extra=["--timeout", "2"]).start()]
+        status, _, body = get(consoles[0].url + "/accounts/acme")
+        assert status == 200 and "Acme Inc." in body
+        status, _, body = get(consoles[1].url + "/accounts/acme")
+        assert_error_page(status, body, 503, "cannot be reached")
+    finally:
+        for console in consoles:
+            console.stop()
+        ledger.stop()
 
 
 def test_non_loopback_listen_is_refused_without_insecure():
