@@ -3,10 +3,12 @@ clients; each client's ``_call`` decides how a request travels."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from quota_ledger.v1 import accounts_pb2 as apb
 from quota_ledger.v1 import common_pb2 as pb
@@ -14,14 +16,48 @@ from quota_ledger.v1 import quota_ledger_pb2 as qpb
 from quota_ledger.v1 import settlement_pb2 as spb
 from quota_ledger.v1 import test_clock_pb2 as tpb
 
-from clients.wire import enum_value, new_request_id, timestamp
+from clients.spool import Spool
+from clients.wire import RETRYABLE, LedgerError, enum_value, new_request_id, timestamp
+
+# Codes that mean "the ledger could not be reached" once retries are spent; CANCELLED is
+# among them only when the caller did not close the client (see _spoolable's caller).
+SPOOLABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.CANCELLED})
 
 
 class LedgerApi:
-    """Request building shared by both clients; ``_call`` decides sync or async."""
+    """Request building and the retry and fail-open decisions shared by both clients;
+    ``_call`` decides sync or async."""
+
+    timeout_s: float
+    retries: int
+    spool: Spool | None = None
+    _closing = False
 
     def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
         raise NotImplementedError
+
+    def _may_retry(self, retry: bool, attempt: int, exc: LedgerError, deadline: float,
+                   pause: float) -> bool:
+        """Retry only what was not applied or is replayable (R12), within one budget. A
+        CANCELLED the caller did not cause (a server shutting down) counts as UNAVAILABLE."""
+        code_ok = exc.code in RETRYABLE or (exc.code is grpc.StatusCode.CANCELLED
+                                            and not self._closing)
+        return (retry and code_ok and attempt < self.retries
+                and time.monotonic() + pause < deadline)
+
+    def _spoolable(self, request: qpb.ConsumeRequest, exc: LedgerError) -> bool:
+        """Fail open (R26): the ledger could not be reached, retries are spent, a spool is
+        configured, and the request would change something."""
+        return (self.spool is not None and not request.dry_run and not self._closing
+                and exc.code in SPOOLABLE)
+
+    def _observed(self, request: qpb.ConsumeRequest) -> qpb.ConsumeRequest:
+        """With a spool, every request carries client_observed_at from its first send, so a
+        replay is the same content under the same key (R12, R26)."""
+        if self.spool is not None and not request.HasField("client_observed_at"):
+            request.client_observed_at.GetCurrentTime()
+        return request
 
     # --- QuotaLedger
     @staticmethod
@@ -29,7 +65,9 @@ class LedgerApi:
                         captcha_type: int | str = "slider", architecture: int | str = "v2",
                         step: int | str = "3", quantity: int = 1,
                         request_id: str | None = None, scenario_id: str | None = None,
-                        dry_run: bool = False) -> qpb.ConsumeRequest:
+                        dry_run: bool = False,
+                        client_observed_at: datetime | Timestamp | None = None
+                        ) -> qpb.ConsumeRequest:
         req = qpb.ConsumeRequest(
             account_id=account_id, request_id=request_id or new_request_id(),
             region=enum_value(pb.Region, region),
@@ -38,10 +76,9 @@ class LedgerApi:
             step=enum_value(pb.VerificationStep, step), quantity=quantity, dry_run=dry_run)
         if scenario_id is not None:
             req.scenario_id = scenario_id
+        if client_observed_at is not None:
+            req.client_observed_at.CopyFrom(timestamp(client_observed_at))
         return req
-
-    def consume(self, account_id: str, **kwargs: Any) -> Any:
-        return self._call("ledger", "Consume", self.consume_request(account_id, **kwargs))
 
     def consume_batch(self, requests: Iterable[qpb.ConsumeRequest]) -> Any:
         return self._call("ledger", "ConsumeBatch",

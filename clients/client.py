@@ -5,9 +5,15 @@
 - Every state-changing call carries a ``request_id``; when the caller gives none, one is made
   up once and reused on every retry, so a retry can never charge twice (R12).
 - Retries only on codes that mean "not applied, or applied and replayable": UNAVAILABLE,
-  RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, with exponential backoff.
+  RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, and a CANCELLED the caller did not cause, with
+  exponential backoff.
 - Errors come back as :class:`LedgerError` with the gRPC code, the ``ErrorInfo`` reason and
   the server's message.
+- ``spool_path=PATH``: fail open. A ``consume()`` that cannot reach the ledger once its
+  retries are spent is written to a local spool and answered ``provisional``; the spool is
+  sent in the background once the ledger answers (``clients/spool.py``, R26).
+- ``batching=True``: concurrent ``consume()`` calls share ``ConsumeBatch`` calls
+  (``clients/coalescer.py``), each caller with its own result or error.
 
 Enum arguments take the wire numbers, the full wire names, or short names
 (``region="mainland"``, ``captcha_type="slider"``, ``architecture="v3"``, ``step="4.1"``).
@@ -16,20 +22,28 @@ Enum arguments take the wire numbers, the full wire names, or short names
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
 from quota_ledger.v1 import quota_ledger_pb2 as qpb
 
 from clients.api import LedgerApi
+from clients.coalescer import (
+    DEFAULT_BATCH_SIZE_MAX,
+    DEFAULT_LINGER_MS,
+    AsyncCoalescer,
+    ThreadCoalescer,
+)
+from clients.replay import REPLAY_CALL_TIMEOUT_S, TaskReplayer, ThreadReplayer
+from clients.spool import Spool, SpoolLimits
 from clients.wire import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT_S,
     RETRIES_MAX,
-    RETRYABLE,
     STREAM_TIMEOUT_S,
     LedgerError,
     auth_metadata,
@@ -44,40 +58,93 @@ from clients.wire import (
 # The names callers imported from here before the client became several modules.
 __all__ = ["CHANNEL_OPTIONS", "DEFAULT_TARGET", "DEFAULT_TIMEOUT_S", "RETRIES_MAX",
            "STREAM_TIMEOUT_S", "AsyncLedgerClient", "LedgerClient", "LedgerError",
-           "enum_value", "new_request_id", "timestamp"]
+           "SpoolLimits", "enum_value", "new_request_id", "timestamp"]
 
 
-class LedgerClient(LedgerApi):
-    """Blocking client. Use as a context manager, or call close()."""
+class _Options:
+    """The keyword arguments both clients take, checked once."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 retries: int = RETRIES_MAX, channel: grpc.Channel | None = None,
+    def __init__(self, *, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = RETRIES_MAX,
                  token: str | None = None, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
-        creds = credentials(tls_ca, tls_cert, tls_key)
-        self.channel = channel or (
-            grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS) if creds
-            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS))
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 spool_path: str | os.PathLike[str] | None = None,
+                 spool_limits: SpoolLimits | None = None, batching: bool = False,
+                 linger_ms: float = DEFAULT_LINGER_MS,
+                 batch_size_max: int = DEFAULT_BATCH_SIZE_MAX) -> None:
         self.timeout_s, self.retries = timeout_s, retries
         self.metadata = auth_metadata(token)
-        self.stubs = stubs(self.channel)
+        self.creds = credentials(tls_ca, tls_cert, tls_key)
+        self.spool = Spool(spool_path, spool_limits) if spool_path is not None else None
+        self.batching = {"linger_ms": linger_ms, "batch_size_max": batch_size_max
+                         } if batching else None
+
+
+class _Wired(LedgerApi):
+    """The parts both clients assemble alike: stubs, coalescer, spool and replayer."""
+
+    def _wire(self, o: _Options, channel: Any, coalescer: Any, replayer: Any,
+              non_blocking: Callable[[Any], Any]) -> None:
+        self.channel = channel
+        self.timeout_s, self.retries, self.metadata = o.timeout_s, o.retries, o.metadata
+        self.stubs = stubs(channel)
+        batch = self.stubs["ledger"].ConsumeBatch
+        send = non_blocking(batch)  # sync: batch.future, so several batches are in flight
+        self.coalescer = coalescer(lambda request, timeout: send(
+            request, timeout=timeout, metadata=self.metadata), **o.batching
+        ) if o.batching else None
+        self.spool, self.replayer = o.spool, None
+        if self.spool is not None:
+            self.replayer = replayer(self.spool, lambda request: batch(
+                request, timeout=REPLAY_CALL_TIMEOUT_S, metadata=self.metadata))
+
+    def _transport(self, stub: str, method: str) -> tuple[Any, float]:
+        """What a call goes through (Consume: the coalescer, when batching) and its
+        deadline: one budget for all attempts."""
+        fn = (self.coalescer if self.coalescer is not None and method == "Consume"
+              else getattr(self.stubs[stub], method))
+        return fn, time.monotonic() + self.timeout_s
+
+    def _pause_or_raise(self, err: grpc.RpcError | LedgerError, retry: bool, attempt: int,
+                        deadline: float) -> float:
+        exc = err if isinstance(err, LedgerError) else LedgerError.from_rpc_error(err)
+        pause = backoff_s(attempt)
+        if not self._may_retry(retry, attempt, exc, deadline, pause):
+            raise exc from None
+        return pause
+
+
+class LedgerClient(_Wired):
+    """Blocking client, safe to share between threads. Use as a context manager, or call
+    close(). Options: see the module doc and ``_Options``."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.Channel | None = None,
+                 **options: Any) -> None:
+        o = _Options(**options)
+        self._wire(o, channel or (
+            grpc.secure_channel(target, o.creds, options=CHANNEL_OPTIONS) if o.creds
+            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)),
+            ThreadCoalescer, ThreadReplayer, lambda batch: batch.future)
 
     def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
-        fn = getattr(self.stubs[stub], method)
-        deadline = time.monotonic() + self.timeout_s  # one budget for all attempts
-        attempt = 0
-        while True:
+        fn, deadline = self._transport(stub, method)
+        for attempt in range(self.retries + 1):
             try:
                 return fn(request, timeout=max(0.001, deadline - time.monotonic()),
                           metadata=self.metadata)
-            except grpc.RpcError as err:
-                pause = backoff_s(attempt)
-                if (retry and attempt < self.retries and err.code() in RETRYABLE
-                        and time.monotonic() + pause < deadline):
-                    time.sleep(pause)
-                    attempt += 1
-                    continue
-                raise LedgerError.from_rpc_error(err) from None
+            except (grpc.RpcError, LedgerError) as err:  # LedgerError: a coalesced caller's
+                time.sleep(self._pause_or_raise(err, retry, attempt, deadline))
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def consume(self, account_id: str, **kwargs: Any) -> qpb.ConsumeResponse:
+        """Record one verification event (Consume); with a spool, fail open (R26)."""
+        request = self._observed(self.consume_request(account_id, **kwargs))
+        try:
+            return self._call("ledger", "Consume", request)
+        except LedgerError as exc:
+            if not self._spoolable(request, exc):
+                raise
+            assert self.spool is not None
+        return self.spool.add(request)
 
     def consume_stream(self, requests: Iterable[qpb.ConsumeRequest],
                        timeout_s: float = STREAM_TIMEOUT_S) -> Iterator[Any]:
@@ -90,6 +157,15 @@ class LedgerClient(LedgerApi):
             raise LedgerError.from_rpc_error(err) from None
 
     def close(self) -> None:
+        """Send the coalesced calls still waiting, stop the replayer (what is still spooled
+        stays on disk for the next client), then close the channel."""
+        if self.coalescer is not None:
+            self.coalescer.close()
+        self._closing = True
+        if self.replayer is not None and self.spool is not None:
+            self.replayer.stop()
+            self.spool.release()
+            self.spool.close()
         self.channel.close()
 
     def __enter__(self) -> LedgerClient:
@@ -99,37 +175,40 @@ class LedgerClient(LedgerApi):
         self.close()
 
 
-class AsyncLedgerClient(LedgerApi):
-    """asyncio client: the same methods, each returning an awaitable."""
+class AsyncLedgerClient(_Wired):
+    """asyncio client: the same methods, each returning an awaitable. Its replayer and
+    coalescer live on the event loop of its first call."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 retries: int = RETRIES_MAX, channel: grpc.aio.Channel | None = None,
-                 token: str | None = None, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
-        creds = credentials(tls_ca, tls_cert, tls_key)
-        self.channel = channel or (
-            grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS) if creds
-            else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS))
-        self.timeout_s, self.retries = timeout_s, retries
-        self.metadata = auth_metadata(token)
-        self.stubs = stubs(self.channel)
+    def __init__(self, target: str = DEFAULT_TARGET, *,
+                 channel: grpc.aio.Channel | None = None, **options: Any) -> None:
+        o = _Options(**options)
+        self._wire(o, channel or (
+            grpc.aio.secure_channel(target, o.creds, options=CHANNEL_OPTIONS) if o.creds
+            else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)),
+            AsyncCoalescer, TaskReplayer, lambda batch: batch)
 
     async def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
-        fn = getattr(self.stubs[stub], method)
-        deadline = time.monotonic() + self.timeout_s  # one budget for all attempts
-        attempt = 0
-        while True:
+        if self.replayer is not None:
+            self.replayer.ensure_started()
+        fn, deadline = self._transport(stub, method)
+        for attempt in range(self.retries + 1):
             try:
                 return await fn(request, timeout=max(0.001, deadline - time.monotonic()),
                                 metadata=self.metadata)
-            except grpc.RpcError as err:
-                pause = backoff_s(attempt)
-                if (retry and attempt < self.retries and err.code() in RETRYABLE
-                        and time.monotonic() + pause < deadline):
-                    await asyncio.sleep(pause)
-                    attempt += 1
-                    continue
-                raise LedgerError.from_rpc_error(err) from None
+            except (grpc.RpcError, LedgerError) as err:  # LedgerError: a coalesced caller's
+                await asyncio.sleep(self._pause_or_raise(err, retry, attempt, deadline))
+        raise AssertionError("unreachable: the last attempt raises")
+
+    async def consume(self, account_id: str, **kwargs: Any) -> qpb.ConsumeResponse:
+        """Record one verification event (Consume); with a spool, fail open (R26)."""
+        request = self._observed(self.consume_request(account_id, **kwargs))
+        try:
+            return await self._call("ledger", "Consume", request)
+        except LedgerError as exc:
+            if not self._spoolable(request, exc):
+                raise
+            assert self.spool is not None
+        return await asyncio.to_thread(self.spool.add, request)
 
     async def consume_stream(self, requests: AsyncIterator[qpb.ConsumeRequest] | Iterable[Any],
                              timeout_s: float = STREAM_TIMEOUT_S) -> AsyncIterator[Any]:
@@ -142,9 +221,20 @@ class AsyncLedgerClient(LedgerApi):
             raise LedgerError.from_rpc_error(err) from None
 
     async def close(self) -> None:
+        """Send the coalesced calls still waiting, stop the replayer (what is still spooled
+        stays on disk for the next client), then close the channel."""
+        if self.coalescer is not None:
+            await self.coalescer.close()
+        self._closing = True
+        if self.replayer is not None and self.spool is not None:
+            await self.replayer.stop()
+            await asyncio.to_thread(self.spool.release)
+            self.spool.close()
         await self.channel.close()
 
     async def __aenter__(self) -> AsyncLedgerClient:
+        if self.replayer is not None:
+            self.replayer.ensure_started()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

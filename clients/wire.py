@@ -28,8 +28,13 @@ BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 2.0
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                        grpc.StatusCode.DEADLINE_EXCEEDED})
+RECONNECT_BACKOFF_MIN_MS = 100
+RECONNECT_BACKOFF_MAX_MS = 1_000  # gRPC's default is 120 s: a restarted ledger would wait
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 16 * 1024 * 1024)]
+                   ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                   ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MIN_MS),
+                   ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MIN_MS),
+                   ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
 
 _SHORT_NAMES: dict[Any, dict[str, int]] = {
     pb.Region: {"mainland": 1, "cn": 1, "chinese_mainland": 1,

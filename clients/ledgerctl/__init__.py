@@ -7,7 +7,14 @@ verbs, registered on ``main`` when imported here.
 
 from __future__ import annotations
 
-from clients.ledgerctl import accounts, clock, consumption, plans, settlement  # noqa: F401
+from clients.ledgerctl import (  # noqa: F401  (each registers its verbs on main)
+    accounts,
+    clock,
+    consumption,
+    plans,
+    settlement,
+    spool,
+)
 from clients.ledgerctl.app import CONTEXT_SETTINGS, CliState, fail, main
 from clients.loadgen import loadtest
 

@@ -8,10 +8,10 @@ A refused call prints ``error: <CODE> <REASON>: <message>`` on stderr and exits 
 error exits 2 (click's default).
 
 Extending: another module can add a verb with ``main.add_command(cmd)`` (``loadtest``, from
-``clients/loadgen/``, is added so). The verb gets the global options through
-``@click.pass_obj`` as a :class:`CliState`: ``state.client()`` is a connected
-:class:`LedgerClient`, and ``state.call("method", ...)`` calls that client method and turns a
-:class:`LedgerError` into the standard error exit.
+``clients/loadgen/``, is added so; this package's verb modules register themselves). The
+verb gets the global options through ``@click.pass_obj`` as a :class:`CliState`:
+``state.client()`` is a connected :class:`LedgerClient`, and ``state.call("method", ...)``
+calls that client method and turns a :class:`LedgerError` into the standard error exit.
 """
 
 from __future__ import annotations

@@ -1,0 +1,252 @@
+"""Coalescing: concurrent ``consume()`` calls of one client share ``ConsumeBatch`` calls.
+
+One unary call per verification caps a process at the per-call cost of gRPC; the ledger
+takes batches far faster. With ``batching=True`` a client's ``Consume`` goes through a
+coalescer that has the signature of a stub method (``(request, timeout, metadata)``), so
+the client's retries, deadlines and spool apply to each caller as before.
+
+- Nothing in flight: a call is sent at once, alone (no linger), on the next turn of the
+  event loop (async) or by the sender thread (sync).
+- While batches are in flight, calls wait at most ``linger_s`` (or until ``batch_size_max``
+  are waiting) and then leave together; at most ``BATCHES_IN_FLIGHT_MAX`` batches at once.
+- Each caller gets its own result or its own ``LedgerError``; one bad item fails only its
+  caller. A batch's deadline is the latest of its callers'; each caller still stops waiting
+  at its own deadline (DEADLINE_EXCEEDED: if it had been sent, its fate is unknown and a
+  retry under the same request_id settles it, R12).
+- A caller that gives up before its request was sent (deadline, cancelled task) takes the
+  request out: it is never sent.
+- ``close()`` sends what is waiting and waits for the batches in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from quota_ledger.v1 import quota_ledger_pb2 as qpb
+
+from clients.outcomes import batch_outcomes, batch_request
+from clients.wire import LedgerError
+
+DEFAULT_LINGER_MS = 1.0
+DEFAULT_BATCH_SIZE_MAX = 500
+BATCH_SIZE_LIMIT = 1_000  # CONTRACT: a ConsumeBatch holds at most 1,000 requests
+BATCHES_IN_FLIGHT_MAX = 8
+CLOSE_TIMEOUT_S = 30.0
+
+AnyFuture = asyncio.Future[Any] | concurrent.futures.Future[Any]
+
+
+class _Item:
+    __slots__ = ("request", "deadline", "future")
+
+    def __init__(self, request: qpb.ConsumeRequest, deadline: float, future: AnyFuture) -> None:
+        self.request, self.deadline, self.future = request, deadline, future
+
+
+def check_batching(linger_ms: float, batch_size_max: int) -> None:
+    if not 0 <= linger_ms <= 1_000:
+        raise ValueError(f"linger_ms must be 0..1,000; got {linger_ms}")
+    if not 1 <= batch_size_max <= BATCH_SIZE_LIMIT:
+        raise ValueError(f"batch_size_max must be 1..{BATCH_SIZE_LIMIT:,}; got {batch_size_max}")
+
+
+def deadline_error(sent: bool) -> LedgerError:
+    fate = ("it was sent: its outcome is unknown; retry it with the same request_id" if sent
+            else "it was never sent")
+    return LedgerError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
+                       f"the call's deadline passed while it waited in a batch ({fate})")
+
+
+def take_batch(pending: list[_Item], size_max: int) -> list[_Item]:
+    """Up to size_max waiting items, oldest first, leaving out callers that gave up."""
+    items = [i for i in pending[:size_max] if not i.future.done()]
+    del pending[:size_max]
+    return items
+
+
+def deliver(items: list[_Item], answer: qpb.ConsumeBatchResponse | None,
+            error: LedgerError | None) -> None:
+    """Each caller's own outcome; a failed call fails each of its callers with its error."""
+    outcomes = (batch_outcomes([i.request for i in items], answer) if answer is not None
+                else [error] * len(items))
+    for item, outcome in zip(items, outcomes, strict=True):
+        if item.future.done():  # the caller gave up
+            continue
+        if isinstance(outcome, LedgerError):
+            item.future.set_exception(outcome)
+        else:
+            item.future.set_result(outcome)
+
+
+def _batch_timeout(items: list[_Item], now: float) -> float:
+    return max(0.001, max(i.deadline for i in items) - now)
+
+
+class AsyncCoalescer:
+    """For ``AsyncLedgerClient``: callers are tasks of one event loop."""
+
+    def __init__(self, send: Callable[..., Awaitable[qpb.ConsumeBatchResponse]], *,
+                 linger_ms: float = DEFAULT_LINGER_MS,
+                 batch_size_max: int = DEFAULT_BATCH_SIZE_MAX) -> None:
+        check_batching(linger_ms, batch_size_max)
+        self._send, self.linger_s, self.batch_size_max = send, linger_ms / 1000, batch_size_max
+        self._pending: list[_Item] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._soon = False
+
+    async def __call__(self, request: qpb.ConsumeRequest, timeout: float,
+                       metadata: Any = None) -> qpb.ConsumeResponse:
+        loop = asyncio.get_running_loop()
+        item = _Item(request, loop.time() + timeout, loop.create_future())
+        self._pending.append(item)
+        self._schedule(loop)
+        try:
+            return await asyncio.wait_for(item.future, timeout)
+        except TimeoutError:
+            raise deadline_error(self._take_out(item)) from None
+        except asyncio.CancelledError:
+            self._take_out(item)
+            raise
+
+    def _take_out(self, item: _Item) -> bool:
+        """Remove a caller that gave up; True when its request had already been sent."""
+        if item in self._pending:
+            self._pending.remove(item)
+            return False
+        return True
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if len(self._pending) >= self.batch_size_max or not self._in_flight:
+            if not self._soon:  # callers of this turn of the loop leave together, no linger
+                self._soon = True
+                loop.call_soon(self._flush)
+        elif self._timer is None:
+            self._timer = loop.call_later(self.linger_s, self._flush)
+
+    def _flush(self, force: bool = False) -> None:
+        self._soon = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._pending and (force or len(self._in_flight) < BATCHES_IN_FLIGHT_MAX):
+            items = take_batch(self._pending, self.batch_size_max)
+            if items:
+                task = asyncio.get_running_loop().create_task(self._send_batch(items))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+
+    async def _send_batch(self, items: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await self._send(batch_request([i.request for i in items]),
+                                      timeout=_batch_timeout(items, loop.time()))
+        except grpc.RpcError as err:
+            deliver(items, None, LedgerError.from_rpc_error(err))
+        else:
+            deliver(items, answer, None)
+        if self._pending and self._timer is None and not self._soon:  # held back by the cap
+            self._soon = True
+            loop.call_soon(self._flush)
+
+    async def close(self) -> None:
+        """Send what is waiting, then wait for every batch in flight."""
+        if self._pending:
+            self._flush(force=True)
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=CLOSE_TIMEOUT_S)
+
+
+class ThreadCoalescer:
+    """For ``LedgerClient``: callers are threads; one sender thread forms the batches and
+    sends them with non-blocking ``future()`` calls, so several can be in flight."""
+
+    def __init__(self, send_future: Callable[..., grpc.Future], *,
+                 linger_ms: float = DEFAULT_LINGER_MS,
+                 batch_size_max: int = DEFAULT_BATCH_SIZE_MAX) -> None:
+        check_batching(linger_ms, batch_size_max)
+        self._send = send_future
+        self.linger_s, self.batch_size_max = linger_ms / 1000, batch_size_max
+        self._pending: list[_Item] = []
+        self._in_flight = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="ledger-coalescer", daemon=True)
+        self._thread.start()
+
+    def __call__(self, request: qpb.ConsumeRequest, timeout: float,
+                 metadata: Any = None) -> qpb.ConsumeResponse:
+        item = _Item(request, time.monotonic() + timeout, concurrent.futures.Future())
+        with self._cond:
+            if self._closed:
+                raise LedgerError(grpc.StatusCode.CANCELLED, "CLIENT_CLOSED",
+                                  "the client is closed")
+            self._pending.append(item)
+            self._cond.notify_all()
+        try:
+            return item.future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            with self._cond:
+                sent = item not in self._pending
+                if not sent:
+                    self._pending.remove(item)
+            item.future.cancel()
+            raise deadline_error(sent) from None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                items = self._next_batch()
+                if items is None:
+                    return
+                self._in_flight += 1
+            request = batch_request([i.request for i in items])
+            call = self._send(request, timeout=_batch_timeout(items, time.monotonic()))
+            call.add_done_callback(lambda c, items=items: self._done(items, c))
+
+    def _next_batch(self) -> list[_Item] | None:
+        """Under the lock: wait for items, linger while batches are in flight, respect
+        BATCHES_IN_FLIGHT_MAX. None once closed and empty."""
+        while True:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            if self._in_flight and not self._closed:
+                self._linger()
+            while self._in_flight >= BATCHES_IN_FLIGHT_MAX and not self._closed:
+                self._cond.wait()
+            items = take_batch(self._pending, self.batch_size_max)
+            if items:
+                return items
+
+    def _linger(self) -> None:
+        until = time.monotonic() + self.linger_s
+        while (len(self._pending) < self.batch_size_max and not self._closed
+               and (left := until - time.monotonic()) > 0):
+            self._cond.wait(left)
+
+    def _done(self, items: list[_Item], call: grpc.Future) -> None:
+        try:
+            deliver(items, call.result(), None)
+        except grpc.RpcError as err:
+            deliver(items, None, LedgerError.from_rpc_error(err))
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Send what is waiting, then wait for every batch in flight."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(CLOSE_TIMEOUT_S)
+        with self._cond:
+            self._cond.wait_for(lambda: self._in_flight == 0, CLOSE_TIMEOUT_S)

@@ -1,0 +1,66 @@
+"""One outcome per request from a ``ConsumeBatch`` answer, FULL or COMPACT.
+
+Both the coalescer (callers' requests sent together) and the spool's replay read batch
+answers here. A request asks for the COMPACT view; a server that answers FULL anyway (one
+that predates COMPACT) is read just as well, so the client works with both.
+
+What a COMPACT answer gives a caller (docs/decisions.md, "Coalesced consume() results"):
+``billable``, ``replayed``, ``payg_units``, ``payg_amount_micros``, the batch's
+``billing_day`` and ``recorded_at``, and the ``request_id``. It has no ``allocations``,
+``plan_units_remaining`` or ``journal_seq``: those stay at their zero values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from quota_ledger.v1 import common_pb2 as pb
+from quota_ledger.v1 import quota_ledger_pb2 as qpb
+
+from clients.wire import LedgerError
+
+Outcome = qpb.ConsumeResponse | LedgerError
+_CODES = {sc.value[0]: sc for sc in grpc.StatusCode}
+
+
+def item_error(error: pb.Error) -> LedgerError:
+    """The LedgerError a request alone would have raised, from a batch item's ``Error``."""
+    code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
+    return LedgerError(code, error.reason or code.name, error.message)
+
+
+def batch_request(requests: Sequence[qpb.ConsumeRequest]) -> qpb.ConsumeBatchRequest:
+    return qpb.ConsumeBatchRequest(requests=requests, view=qpb.CONSUME_BATCH_VIEW_COMPACT)
+
+
+def batch_outcomes(requests: Sequence[qpb.ConsumeRequest], answer: qpb.ConsumeBatchResponse
+                   ) -> list[Outcome]:
+    """Request i's response or error. A short answer leaves the rest UNKNOWN (their fate is
+    not known: a retry under the same request_id settles it, R12)."""
+    n = len(requests)
+    if answer.results:
+        out: list[Outcome] = [r.response if r.HasField("response") else item_error(r.error)
+                              for r in answer.results[:n]]
+    else:
+        out = _compact(requests, answer.compact)
+    missing = LedgerError(grpc.StatusCode.UNKNOWN, "SHORT_ANSWER",
+                          f"the batch answered {len(out)} of {n} requests")
+    return out + [missing] * (n - len(out))
+
+
+def _compact(requests: Sequence[qpb.ConsumeRequest], c: qpb.CompactResults) -> list[Outcome]:
+    errors = {e.index: e.error for e in c.errors}
+    out: list[Outcome] = []
+    for i, code in enumerate(c.codes[:len(requests)]):
+        if code:
+            out.append(item_error(errors.get(i, pb.Error(code=code))))
+            continue
+        r = qpb.ConsumeResponse(
+            request_id=requests[i].request_id, billable=c.billable[i], replayed=c.replayed[i],
+            payg_units=c.payg_units[i], payg_amount_micros=c.payg_amount_micros[i],
+            billing_day=c.billing_day)
+        if c.HasField("recorded_at"):
+            r.recorded_at.CopyFrom(c.recorded_at)
+        out.append(r)
+    return out
