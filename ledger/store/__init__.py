@@ -1,0 +1,45 @@
+"""The journal store: the one package that speaks SQL.
+
+- :mod:`.journal`: entries, the hash chain (R25) and the :class:`UnitOfWork` a group commit
+  writes; engine-independent.
+- :mod:`.schema`: the SQLite schema and its migrations.
+- :mod:`.sqlite`: :class:`Store`, the SQLite backend (the lock file, the writer connection,
+  readers, the group commit).
+- :mod:`.queries`: read queries on committed state (the servicers, settlement, verify).
+
+Tables:
+- ``journal``: append-only (R25), refused UPDATE/DELETE by triggers; each entry chained to the
+  previous one by a SHA-256 hash; the idempotency key (R12) of administrative entries is a
+  partial unique index on ``(account_id, kind, request_id)``.
+- derived tables (``accounts``, ``plans``, ``usage_daily``, ``offsets_daily``,
+  ``features_daily``, ``bills``), written in the same transaction as the entries that change
+  them.
+
+The engine hands over one :class:`UnitOfWork` per group of requests; :meth:`Store.commit`
+writes it in one transaction (group commit: one fsync for the whole group).
+"""
+
+from .journal import GENESIS_HASH, Entry, UnitOfWork, canonical_json, chain_hash
+from .queries import (
+    backup_to,
+    bill_row,
+    day_figures,
+    dump_derived,
+    hash_before,
+    iter_journal,
+    journal_count,
+    read_account,
+    read_accounts,
+    read_bills,
+    read_plans,
+    read_usage,
+)
+from .schema import MIGRATIONS, SCHEMA_VERSION
+from .sqlite import DatabaseLocked, Store
+
+__all__ = [
+    "GENESIS_HASH", "MIGRATIONS", "SCHEMA_VERSION", "DatabaseLocked", "Entry", "Store",
+    "UnitOfWork", "backup_to", "bill_row", "canonical_json", "chain_hash", "day_figures",
+    "dump_derived", "hash_before", "iter_journal", "journal_count", "read_account",
+    "read_accounts", "read_bills", "read_plans", "read_usage",
+]

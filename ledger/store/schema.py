@@ -1,0 +1,120 @@
+"""The SQLite schema and its migrations (``PRAGMA user_version`` is the applied count)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE journal (
+    seq INTEGER PRIMARY KEY,
+    at_us INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    account_id TEXT,
+    request_id TEXT,
+    fingerprint TEXT,
+    payload TEXT NOT NULL,
+    hash BLOB NOT NULL
+);
+CREATE UNIQUE INDEX journal_idempotency ON journal (account_id, kind, request_id)
+    WHERE request_id IS NOT NULL;
+CREATE TRIGGER journal_no_update BEFORE UPDATE ON journal
+    BEGIN SELECT RAISE(ABORT, 'the journal is append-only (R25): UPDATE refused'); END;
+CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal
+    BEGIN SELECT RAISE(ABORT, 'the journal is append-only (R25): DELETE refused'); END;
+CREATE TABLE accounts (
+    account_id TEXT PRIMARY KEY,
+    display_name TEXT NOT NULL,
+    created_at_us INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    cash_micros INTEGER NOT NULL CHECK (cash_micros >= 0),
+    voucher_micros INTEGER NOT NULL CHECK (voucher_micros >= 0),
+    outstanding_micros INTEGER NOT NULL CHECK (outstanding_micros >= 0),
+    overdue_since_us INTEGER,
+    suspended_at_us INTEGER,
+    scenario_ids TEXT NOT NULL,
+    custom_policy INTEGER NOT NULL
+);
+CREATE TABLE plans (
+    plan_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    spec_id TEXT NOT NULL,
+    units_total INTEGER NOT NULL,
+    units_remaining INTEGER NOT NULL CHECK (units_remaining >= 0),
+    units_forfeited INTEGER NOT NULL,
+    price_micros INTEGER NOT NULL,
+    validity INTEGER NOT NULL,
+    purchased_at_us INTEGER NOT NULL,
+    expires_at_us INTEGER NOT NULL,
+    purchase_seq INTEGER NOT NULL,
+    paid_voucher_micros INTEGER NOT NULL,
+    paid_cash_micros INTEGER NOT NULL,
+    refunded_at_us INTEGER
+);
+CREATE INDEX plans_by_account ON plans (account_id, expires_at_us, purchase_seq);
+CREATE TABLE usage_daily (
+    account_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    region INTEGER NOT NULL,
+    payg_units INTEGER NOT NULL,
+    payg_micros INTEGER NOT NULL,
+    PRIMARY KEY (account_id, day, region)
+) WITHOUT ROWID;
+CREATE TABLE offsets_daily (
+    account_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    plan_id TEXT NOT NULL,
+    units INTEGER NOT NULL,
+    PRIMARY KEY (account_id, day, plan_id)
+) WITHOUT ROWID;
+CREATE INDEX offsets_by_day ON offsets_daily (day);
+CREATE INDEX usage_by_day ON usage_daily (day);
+CREATE TABLE features_daily (
+    account_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    start_scenarios INTEGER NOT NULL,
+    start_custom INTEGER NOT NULL,
+    max_scenarios INTEGER NOT NULL,
+    custom_any INTEGER NOT NULL,
+    PRIMARY KEY (account_id, day)
+) WITHOUT ROWID;
+"""
+
+SCHEMA_V2 = """
+CREATE TABLE bills (
+    account_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    bill_date TEXT NOT NULL,
+    lines TEXT NOT NULL,
+    plan_offsets TEXT NOT NULL,
+    total_micros INTEGER NOT NULL,
+    amount_due_micros INTEGER NOT NULL,
+    paid_voucher_micros INTEGER NOT NULL,
+    paid_cash_micros INTEGER NOT NULL,
+    outstanding_micros INTEGER NOT NULL,
+    issued_at_us INTEGER NOT NULL,
+    journal_seq INTEGER NOT NULL,
+    PRIMARY KEY (account_id, day)
+) WITHOUT ROWID;
+CREATE INDEX bills_by_day ON bills (day);
+CREATE TRIGGER bills_no_update BEFORE UPDATE ON bills
+    BEGIN SELECT RAISE(ABORT, 'a bill, once issued, never changes (R19)'); END;
+CREATE TRIGGER bills_no_delete BEFORE DELETE ON bills
+    BEGIN SELECT RAISE(ABORT, 'a bill, once issued, never changes (R19)'); END;
+"""
+
+# Each migration takes the schema from version i to i+1; never edit one that has shipped.
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a schema script into statements, keeping trigger bodies whole."""
+    out, buf = [], []
+    for line in script.strip().splitlines():
+        buf.append(line)
+        joined = "\n".join(buf).strip()
+        if joined.endswith(";") and sqlite3.complete_statement(joined):
+            out.append(joined)
+            buf = []
+    return out

@@ -1,0 +1,250 @@
+"""The SQLite store: the lock, the schema, the writer connection and readers.
+
+SQLite in WAL mode with ``synchronous=FULL`` (an acknowledged request survives a power cut,
+not only a crash), explicit ``BEGIN IMMEDIATE`` transactions (TRAPS: sqlite-utils' atomic()
+issues a plain BEGIN), and an exclusive lock file so a second server refuses to start.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+import sqlite_utils
+
+from ..errors import Unavailable
+from ..faults import fault
+from ..model import AccountState, AccountStatus, PlanState
+from .journal import GENESIS_HASH, UnitOfWork
+from .queries import BUSY_TIMEOUT_MS, read_account, read_plans
+from .schema import MIGRATIONS, SCHEMA_VERSION, _statements
+
+JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+KEYS_PER_LOOKUP_MAX = 300  # idempotency keys looked up in one statement (3 parameters each)
+
+
+class DatabaseLocked(RuntimeError):
+    """Another server holds the database: refuse to start (CONTRACT: single writer)."""
+
+
+def _connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+    return conn
+
+
+class Store:
+    """Owns the database file: the lock, the schema, the writer connection and readers."""
+
+    def __init__(self, path: str | os.PathLike[str], *, lock: bool = True) -> None:
+        self.path = str(path)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = self._take_lock() if lock else None
+        self.conn = _connect(self.path)
+        self.db = sqlite_utils.Database(self.conn)
+        self._migrate()
+        self._local = threading.local()
+        self.commits = 0
+        self.entries_committed = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _take_lock(self) -> int:
+        lock_path = self.path + ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DatabaseLocked(
+                f"the database {self.path} is in use by another quota-ledger server "
+                f"(pid {holder}); only one server may write to it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, newer than this build's "
+                f"{SCHEMA_VERSION}; upgrade quota-ledger"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _statements(MIGRATIONS[target - 1]):
+                    self.conn.execute(stmt)
+                self.conn.execute(f"PRAGMA user_version = {target}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        self.conn.close()
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def checkpoint(self) -> None:
+        """TRAPS: long-lived readers can starve the checkpoint; run this on a schedule."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def reader(self) -> sqlite3.Connection:
+        """A read-only connection for the calling thread; sees only committed data."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path, readonly=True)
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    # ------------------------------------------------------------------ writer-side loads
+
+    def journal_tail(self) -> tuple[int, bytes, int]:
+        """(last seq, last hash, last at_us): where the next entry continues the chain."""
+        row = self.conn.execute(
+            "SELECT seq, hash, at_us FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+        return (row[0], bytes(row[1]), row[2]) if row else (0, GENESIS_HASH, 0)
+
+    def first_entry_at(self) -> int | None:
+        row = self.conn.execute("SELECT at_us FROM journal ORDER BY seq LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def overdue_accounts(self) -> list[tuple[str, int]]:
+        return [tuple(r) for r in self.conn.execute(  # type: ignore[misc]
+            "SELECT account_id, overdue_since_us FROM accounts"
+            " WHERE overdue_since_us IS NOT NULL AND status != ?",
+            (int(AccountStatus.SUSPENDED),))]
+
+    def meta_get(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def load_account(self, account_id: str) -> AccountState | None:
+        acct = read_account(self.conn, account_id)
+        if acct is not None:
+            acct.live_plans = self.load_plans(
+                "WHERE account_id = ? AND refunded_at_us IS NULL AND units_remaining > 0",
+                (account_id,))
+        return acct
+
+    def load_plans(self, where: str, params: tuple = ()) -> list[PlanState]:
+        return read_plans(self.conn, where, params)
+
+    def find_key(self, account_id: str, kind: str, request_id: str
+                 ) -> tuple[int, str | None, str, int] | None:
+        """R12: the entry that already claimed this key: (seq, fingerprint, payload, at_us)."""
+        row = self.conn.execute(
+            "SELECT seq, fingerprint, payload, at_us FROM journal"
+            " WHERE account_id = ? AND kind = ? AND request_id = ?",
+            (account_id, kind, request_id)).fetchone()
+        return (row[0], row[1], row[2], row[3]) if row else None
+
+    def find_keys(self, keys: list[tuple[str, str, str]]
+                  ) -> dict[tuple[str, str, str], tuple[int, str | None, str, int]]:
+        """R12 for a whole group at once: {key: (seq, fingerprint, payload_json, at_us)}."""
+        found = {}
+        for i in range(0, len(keys), KEYS_PER_LOOKUP_MAX):
+            chunk = keys[i:i + KEYS_PER_LOOKUP_MAX]
+            values = ",".join(["(?,?,?)"] * len(chunk))
+            params = [x for k in chunk for x in k]
+            for row in self.conn.execute(
+                    f"SELECT j.account_id, j.kind, j.request_id, j.seq, j.fingerprint, j.payload,"
+                    f" j.at_us FROM (VALUES {values}) v JOIN journal j ON j.account_id = v.column1"
+                    " AND j.kind = v.column2 AND j.request_id = v.column3"
+                    " AND j.request_id IS NOT NULL", params):
+                found[(row[0], row[1], row[2])] = (row[3], row[4], row[5], row[6])
+        return found
+
+    def feature_day(self, account_id: str, day: str) -> tuple[int, int, int, int] | None:
+        row = self.conn.execute(
+            "SELECT start_scenarios, start_custom, max_scenarios, custom_any FROM features_daily"
+            " WHERE account_id = ? AND day = ?", (account_id, day)).fetchone()
+        return tuple(row) if row else None  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ the group commit
+
+    def commit(self, uow: UnitOfWork) -> None:
+        """Write one group in one transaction. Raises Unavailable; then nothing was written."""
+        c = self.conn
+        fault("before_commit")
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                self._write(c, uow)
+                fault("during_commit")
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OverflowError) as exc:
+            raise Unavailable(f"the journal could not be written: {exc}") from exc
+        self.commits += 1
+        self.entries_committed += len(uow.rows)
+
+    @staticmethod
+    def _write(c: sqlite3.Connection, uow: UnitOfWork) -> None:
+        c.executemany("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", uow.rows)
+        if uow.accounts:
+            c.executemany(
+                "INSERT OR REPLACE INTO accounts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(a.account_id, a.display_name, a.created_at, int(a.status), a.cash_micros,
+                  a.voucher_micros, a.outstanding_micros, a.overdue_since, a.suspended_at,
+                  json.dumps(list(a.scenario_ids)), int(a.custom_policy_enabled))
+                 for a in uow.accounts.values()])
+        if uow.new_plans:
+            c.executemany(
+                "INSERT INTO plans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(p.plan_id, p.account_id, p.spec_id, p.units_total, p.units_remaining,
+                  p.units_forfeited, p.price_micros, int(p.validity), p.purchased_at,
+                  p.expires_at, p.purchase_seq, p.paid_voucher_micros, p.paid_cash_micros,
+                  p.refunded_at) for p in uow.new_plans.values()])
+        changed = [(p.units_remaining, p.units_forfeited, p.refunded_at, p.plan_id)
+                   for plan_id, p in uow.plans.items() if plan_id not in uow.new_plans]
+        if changed:
+            # Only these three columns of a plan ever change; an UPDATE leaves the indexes
+            # alone, where INSERT OR REPLACE would delete and re-insert the row.
+            cur = c.executemany("UPDATE plans SET units_remaining = ?, units_forfeited = ?,"
+                                " refunded_at_us = ? WHERE plan_id = ?", changed)
+            if cur.rowcount != len(changed):
+                raise sqlite3.IntegrityError("a plan to update is not in the plans table")
+        if uow.usage:
+            c.executemany(
+                "INSERT INTO usage_daily VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+                " payg_units = payg_units + excluded.payg_units,"
+                " payg_micros = payg_micros + excluded.payg_micros",
+                [(*k, v[0], v[1]) for k, v in uow.usage.items()])
+        if uow.offsets:
+            c.executemany(
+                "INSERT INTO offsets_daily VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET"
+                " units = units + excluded.units",
+                [(*k, v) for k, v in uow.offsets.items()])
+        if uow.features:
+            c.executemany("INSERT OR REPLACE INTO features_daily VALUES (?,?,?,?,?,?)",
+                          [(*k, *v) for k, v in uow.features.items()])
+        if uow.bills:
+            c.executemany("INSERT INTO bills VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", uow.bills)
+        if uow.meta:
+            c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", list(uow.meta.items()))
