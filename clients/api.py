@@ -19,10 +19,9 @@ from quota_ledger.v1 import test_clock_pb2 as tpb
 from clients.spool import Spool
 from clients.wire import RETRYABLE, LedgerError, enum_value, new_request_id, timestamp
 
-# Codes that mean "the ledger could not be reached" once retries are spent; CANCELLED is
-# among them only when the caller did not close the client (see _spoolable's caller).
-SPOOLABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.CANCELLED})
+# Codes that mean "the ledger could not be reached" once retries are spent (and a CANCELLED
+# the caller did not cause, see _cancelled_by_server).
+SPOOLABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class LedgerApi:
@@ -41,8 +40,7 @@ class LedgerApi:
                    pause: float) -> bool:
         """Retry only what was not applied or is replayable (R12), within one budget. A
         CANCELLED the caller did not cause (a server shutting down) counts as UNAVAILABLE."""
-        code_ok = exc.code in RETRYABLE or (exc.code is grpc.StatusCode.CANCELLED
-                                            and not self._closing)
+        code_ok = exc.code in RETRYABLE or self._cancelled_by_server(exc)
         return (retry and code_ok and attempt < self.retries
                 and time.monotonic() + pause < deadline)
 
@@ -50,7 +48,13 @@ class LedgerApi:
         """Fail open (R26): the ledger could not be reached, retries are spent, a spool is
         configured, and the request would change something."""
         return (self.spool is not None and not request.dry_run and not self._closing
-                and exc.code in SPOOLABLE)
+                and (exc.code in SPOOLABLE or self._cancelled_by_server(exc)))
+
+    def _cancelled_by_server(self, exc: LedgerError) -> bool:
+        """CANCELLED from gRPC itself (no ErrorInfo) while this client is open: a server
+        shutting down, not the caller."""
+        return (exc.code is grpc.StatusCode.CANCELLED and exc.reason == exc.code.name
+                and not self._closing)
 
     def _observed(self, request: qpb.ConsumeRequest) -> qpb.ConsumeRequest:
         """With a spool, every request carries client_observed_at from its first send, so a

@@ -100,6 +100,7 @@ class AsyncCoalescer:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._soon = False
+        self.batches_sent = self.requests_sent = 0
 
     async def __call__(self, request: qpb.ConsumeRequest, timeout: float,
                        metadata: Any = None) -> qpb.ConsumeResponse:
@@ -138,6 +139,8 @@ class AsyncCoalescer:
         while self._pending and (force or len(self._in_flight) < BATCHES_IN_FLIGHT_MAX):
             items = take_batch(self._pending, self.batch_size_max)
             if items:
+                self.batches_sent, self.requests_sent = (self.batches_sent + 1,
+                                                         self.requests_sent + len(items))
                 task = asyncio.get_running_loop().create_task(self._send_batch(items))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
@@ -176,6 +179,7 @@ class ThreadCoalescer:
         self._pending: list[_Item] = []
         self._in_flight = 0
         self._closed = False
+        self.batches_sent = self.requests_sent = 0
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="ledger-coalescer", daemon=True)
         self._thread.start()
@@ -224,6 +228,8 @@ class ThreadCoalescer:
                 self._cond.wait()
             items = take_batch(self._pending, self.batch_size_max)
             if items:
+                self.batches_sent, self.requests_sent = (self.batches_sent + 1,
+                                                         self.requests_sent + len(items))
                 return items
 
     def _linger(self) -> None:
