@@ -53,6 +53,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.bench_client
+
+## bench-client: 256 concurrent consume() calls from one AsyncLedgerClient, with and without batching
+.PHONY: bench-client
+bench-client: $(STAMP)
+	$(BIN)/python -m tests.bench_client
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/test_soak.py

@@ -108,13 +108,18 @@ class AsyncCoalescer:
         item = _Item(request, loop.time() + timeout, loop.create_future())
         self._pending.append(item)
         self._schedule(loop)
+        expiry = loop.call_at(item.deadline, self._expire, item)  # lighter than wait_for
         try:
-            return await asyncio.wait_for(item.future, timeout)
-        except TimeoutError:
-            raise deadline_error(self._take_out(item)) from None
+            return await item.future
         except asyncio.CancelledError:
             self._take_out(item)
             raise
+        finally:
+            expiry.cancel()
+
+    def _expire(self, item: _Item) -> None:
+        if not item.future.done():
+            item.future.set_exception(deadline_error(self._take_out(item)))
 
     def _take_out(self, item: _Item) -> bool:
         """Remove a caller that gave up; True when its request had already been sent."""

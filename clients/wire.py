@@ -4,8 +4,8 @@ sees), channel credentials and stubs, and the retry backoff."""
 
 from __future__ import annotations
 
+import os
 import random
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -47,15 +47,24 @@ _SHORT_NAMES: dict[Any, dict[str, int]] = {
 }
 
 
+# Names already resolved: only valid ones are kept, so this stays as small as the enums.
+_RESOLVED: dict[tuple[Any, str], int] = {}
+
+
 def enum_value(enum: Any, value: int | str) -> int:
     """Accept 2, 'REGION_OUTSIDE_CHINESE_MAINLAND' or 'outside'; numbers pass unchecked."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    known = _RESOLVED.get((enum, value))
+    if known is not None:
+        return known
     short = _SHORT_NAMES.get(enum, {}).get(value.lower())
     if short is not None:
+        _RESOLVED[(enum, value)] = short
         return short
     try:
-        return enum.Value(value.upper())
+        _RESOLVED[(enum, value)] = number = enum.Value(value.upper())
+        return number
     except ValueError:
         choices = ", ".join(sorted(_SHORT_NAMES.get(enum, {})))
         raise ValueError(f"unknown {enum.DESCRIPTOR.name} {value!r}; try one of: {choices}"
@@ -73,7 +82,9 @@ def timestamp(value: datetime | Timestamp) -> Timestamp:
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as 32 hex digits (the shape of a uuid4's hex, at a third of its cost:
+    one is made per consume() on the hot path)."""
+    return os.urandom(16).hex()
 
 
 class LedgerError(Exception):
