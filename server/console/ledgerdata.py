@@ -121,13 +121,9 @@ async def ask(console: Console, *calls: Any) -> list[Any]:
 
 
 async def list_accounts(console: Console, prefix: str, after: str) -> Any:
-    client = console.client
-    if hasattr(client, "list_accounts"):
-        call = client.list_accounts(prefix=prefix, page_size=ACCOUNTS_PAGE_SIZE,
-                                    page_token=after)
-    else:  # the typed client's generic call, until it grows a list_accounts method
-        call = client._call("accounts", "ListAccounts", apb.ListAccountsRequest(
-            prefix=prefix, page_size=ACCOUNTS_PAGE_SIZE, page_token=after))
+    # The typed client's generic call (deadline, retries, errors) until it has a method.
+    call = console.client._call("accounts", "ListAccounts", apb.ListAccountsRequest(
+        prefix=prefix, page_size=ACCOUNTS_PAGE_SIZE, page_token=after))
     return (await ask(console, call))[0]
 
 
