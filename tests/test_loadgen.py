@@ -217,3 +217,32 @@ def test_command_help_and_usage_errors():
     assert result.exit_code == 0 and "Example:" in result.output and "--rate" in result.output
     result = runner.invoke(loadtest, ["--concurrency", "2", "--rate", "10"])
     assert result.exit_code == 2 and "mutually exclusive" in result.output
+
+
+@pytest.mark.parametrize("extra", [{"shape": "unary", "client_batching": True},
+                                   {"shape": "batch", "view": "compact"}],
+                         ids=["client-batching", "compact-view"])
+def test_client_batching_and_compact_view_are_accounted_for(server, extra):
+    """--client-batching (consume() calls coalesced by the typed client) and --view compact
+    count like the other shapes: NOT_FOUND by code for the missing half, the rest
+    acknowledged; client batching sends fewer calls than requests."""
+    prefix = f"half-{'-'.join(map(str, extra.values()))}-"
+    config = LoadConfig(target=server.target, accounts=10, account_prefix=prefix,
+                        concurrency=32, batch_size=25, seed=3, **SHORT, **extra)
+    with server.client() as c:
+        for account_id in config.ids()[:5]:
+            make_account(c, account_id)
+    result = asyncio.run(run_load(config))
+    assert_accounted(result)
+    assert result.sent == 300 and set(result.errors) == {"NOT_FOUND"}
+    assert 0 < result.acknowledged == result.billable < 300
+    if extra.get("client_batching"):
+        assert 0 < result.calls < result.sent
+
+
+def test_client_batching_goes_with_unary_only():
+    """--client-batching with --shape batch is refused with a message that says why."""
+    with pytest.raises(ValueError, match="--shape unary"):
+        LoadConfig(shape="batch", client_batching=True).validate()
+    with pytest.raises(ValueError, match="view"):
+        LoadConfig(shape="batch", view="tiny").validate()

@@ -13,7 +13,9 @@ from typing import Any
 
 import click
 
+from clients.coalescer import DEFAULT_LINGER_MS
 from clients.loadgen.accounts import prepare_accounts
+from clients.loadgen.answers import VIEWS
 from clients.loadgen.config import (
     BATCH_SIZE_MAX,
     DEFAULT_ACCOUNTS,
@@ -72,7 +74,18 @@ def _usd_to_micros(text: str) -> int:
 @click.option("--shape", type=click.Choice(SHAPES), default="unary", show_default=True,
               help="Consume calls, ConsumeStream messages or ConsumeBatch calls.")
 @click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True,
-              type=click.IntRange(1, BATCH_SIZE_MAX), help="Requests per ConsumeBatch call.")
+              type=click.IntRange(1, BATCH_SIZE_MAX),
+              help="Requests per ConsumeBatch call (with --client-batching: the most the "
+                   "client puts in one).")
+@click.option("--view", type=click.Choice(sorted(VIEWS)), default="full", show_default=True,
+              help="--shape batch: the answer's view, FULL results or COMPACT columns.")
+@click.option("--client-batching", is_flag=True,
+              help="--shape unary through one AsyncLedgerClient(batching=True): concurrent "
+                   "consume() calls share ConsumeBatch calls (calls/s counts those).")
+@click.option("--linger-ms", default=DEFAULT_LINGER_MS, show_default=True,
+              type=click.FloatRange(0, 1_000),
+              help="With --client-batching: how long a call may wait for others while "
+                   "batches are in flight.")
 @click.option("--concurrency", type=click.IntRange(1), default=None,
               help=f"Closed loop: requests in flight (default {DEFAULT_CONCURRENCY}). "
                    "Not with --rate.")
@@ -115,7 +128,8 @@ def _usd_to_micros(text: str) -> int:
 @click.pass_context
 def loadtest(ctx: click.Context, target: str | None, accounts: int, account_prefix: str,
              create_accounts: bool, plan: str | None, top_up: str, skew: str,
-             hot_fraction: float, shape: str, batch_size: int, concurrency: int | None,
+             hot_fraction: float, shape: str, batch_size: int, view: str,
+             client_batching: bool, linger_ms: float, concurrency: int | None,
              rate: float | None, requests: int, duration: float, timeout: float,
              max_in_flight: int, streams: int | None, channels: int | None, region: str,
              captcha_type: str, architecture: str, step: str, quantity: int, dry_run: bool,
@@ -132,6 +146,8 @@ def loadtest(ctx: click.Context, target: str | None, accounts: int, account_pref
       ledgerctl loadtest --target 127.0.0.1:50051 --accounts 1000 --create-accounts \\
           --plan year-100m --shape batch --batch-size 1000 --concurrency 4 --duration 20
       ledgerctl loadtest --rate 2000 --skew 90/10 --duration 60 --json-out run.json
+      ledgerctl loadtest --client-batching --concurrency 256 --duration 10
+      ledgerctl loadtest --shape batch --view compact --batch-size 1000 --concurrency 4
     """
     if target is None:
         target = (getattr(ctx.obj, "target", None) or os.environ.get("LEDGER_TARGET")
@@ -144,7 +160,8 @@ def loadtest(ctx: click.Context, target: str | None, accounts: int, account_pref
     config = LoadConfig(
         target=target, accounts=accounts, account_prefix=account_prefix,
         create_accounts=create_accounts, plan=plan, top_up_micros=_usd_to_micros(top_up),
-        skew=skew, hot_fraction=hot_fraction, shape=shape, batch_size=batch_size,
+        skew=skew, hot_fraction=hot_fraction, shape=shape, batch_size=batch_size, view=view,
+        client_batching=client_batching, linger_ms=linger_ms,
         concurrency=concurrency, rate=rate, requests=requests, duration_s=duration,
         timeout_s=timeout, max_in_flight=max_in_flight, streams=streams, channels=channels,
         region=region, captcha_type=captcha_type, architecture=architecture, step=step,

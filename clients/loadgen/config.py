@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from quota_ledger.v1 import common_pb2 as pb
 
+from clients.coalescer import DEFAULT_LINGER_MS, check_batching
+from clients.loadgen.answers import VIEWS
 from clients.loadgen.skew import parse_skew
 from clients.wire import DEFAULT_TARGET, enum_value
 
@@ -51,6 +53,9 @@ class LoadConfig:
     hot_fraction: float = 0.1
     shape: str = "unary"
     batch_size: int = DEFAULT_BATCH_SIZE
+    view: str = "full"  # --shape batch: the answer's view, full or compact
+    client_batching: bool = False  # unary through AsyncLedgerClient(batching=True)
+    linger_ms: float = DEFAULT_LINGER_MS
     concurrency: int | None = None
     rate: float | None = None
     requests: int = DEFAULT_REQUESTS
@@ -71,6 +76,14 @@ class LoadConfig:
         """Raise ValueError with a message a person can act on."""
         if self.shape not in SHAPES:
             raise ValueError(f"shape must be one of {', '.join(SHAPES)}; got {self.shape!r}")
+        if self.view not in VIEWS:
+            raise ValueError(f"view must be one of {', '.join(VIEWS)}; got {self.view!r}")
+        if self.client_batching and self.shape != "unary":
+            raise ValueError("--client-batching coalesces consume() calls: it goes with "
+                             "--shape unary (--batch-size is then the client's "
+                             "batch_size_max)")
+        if self.client_batching:
+            check_batching(self.linger_ms, self.batch_size)
         if self.concurrency is not None and self.rate is not None:
             raise ValueError("--concurrency (closed loop) and --rate (open loop) are mutually "
                              "exclusive; give one")

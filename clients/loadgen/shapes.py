@@ -7,14 +7,16 @@ import contextlib
 import math
 import random
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 from quota_ledger.v1 import quota_ledger_pb2 as qpb
 
+from clients.client import AsyncLedgerClient
 from clients.loadgen.accounts import prepare_accounts
+from clients.loadgen.answers import count_answer
 from clients.loadgen.config import (
     CONNECT_TIMEOUT_S,
     STREAMS_AUTO_MAX,
@@ -26,7 +28,7 @@ from clients.loadgen.config import (
 from clients.loadgen.recorder import LoadResult, Recorder
 from clients.loadgen.skew import AccountPicker, parse_skew
 from clients.loadgen.wire import RequestFactory
-from clients.wire import CHANNEL_OPTIONS
+from clients.wire import CHANNEL_OPTIONS, LedgerError
 
 _SERVICE = "/" + qpb.DESCRIPTOR.services_by_name["QuotaLedger"].full_name
 _CODE_NAMES = {sc.value[0]: sc.name for sc in grpc.StatusCode}
@@ -82,6 +84,8 @@ class _Run:
             resp = await stub(req, timeout=self.cfg.timeout_s)
         except grpc.aio.AioRpcError as exc:
             self.rec.record((time.perf_counter() - t) * 1e6, False, exc.code().name)
+        except LedgerError as exc:  # --client-batching: one caller's error
+            self.rec.record((time.perf_counter() - t) * 1e6, False, exc.code.name)
         except asyncio.CancelledError:
             self.rec.record((time.perf_counter() - t) * 1e6, False, "CANCELLED")
             raise
@@ -103,17 +107,7 @@ class _Run:
             self.rec.record((time.perf_counter() - t) * 1e6, False, "CANCELLED", k)
             raise
         lat = (time.perf_counter() - t) * 1e6
-        ok = billable = replayed = 0
-        errors: Counter[int] = Counter()
-        results = resp.results
-        for r in results[:k] if len(results) > k else results:  # one result per request
-            if r.HasField("response"):
-                ok += 1
-                response = r.response
-                billable += response.billable
-                replayed += response.replayed
-            else:
-                errors[r.error.code] += 1
+        ok, billable, replayed, errors = count_answer(resp, k)
         self.rec.record(lat, True, n=ok, billable=billable, replayed=replayed)
         for code, n in errors.items():
             self.rec.record(lat, False, _CODE_NAMES.get(code, f"CODE_{code}"), n)
@@ -292,15 +286,37 @@ class _Run:
                                            for s, lane in zip(stubs, lanes, strict=True)))
             else:
                 method = "ConsumeBatch" if cfg.shape == "batch" else "Consume"
-                stubs = [self._stub(c, method) for c in self.channels]
+                stubs = ([_Coalesced(cfg)] * n_channels if cfg.client_batching
+                         else [self._stub(c, method) for c in self.channels])
                 if cfg.closed_loop:
                     worker = self.batch_worker if cfg.shape == "batch" else self.unary_worker
                     await asyncio.gather(*(worker(stubs[i % n_channels])
                                            for i in range(cfg.in_flight)))
                 else:
                     await self.dispatcher(stubs, None)
+                if cfg.client_batching:  # calls are the batches the client sent
+                    self.rec.calls = await stubs[0].close()
         finally:
             await self.close()
+
+
+class _Coalesced:
+    """--client-batching: every request goes through one AsyncLedgerClient(batching=True),
+    as a CAPTCHA server's consume() calls would, without retries (errors are counted)."""
+
+    def __init__(self, cfg: LoadConfig) -> None:
+        self.client = AsyncLedgerClient(cfg.target, batching=True, linger_ms=cfg.linger_ms,
+                                        batch_size_max=cfg.batch_size, retries=0,
+                                        timeout_s=cfg.timeout_s)
+
+    async def __call__(self, request: bytes, timeout: float) -> qpb.ConsumeResponse:
+        return await self.client._call("ledger", "Consume",
+                                       qpb.ConsumeRequest.FromString(request))
+
+    async def close(self) -> int:
+        await self.client.close()
+        assert self.client.coalescer is not None
+        return self.client.coalescer.batches_sent
 
 
 async def run_load(config: LoadConfig, *, on_tick: Callable[[dict[str, Any]], None] | None
@@ -335,6 +351,10 @@ async def run_load(config: LoadConfig, *, on_tick: Callable[[dict[str, Any]], No
             await tick
     mode = (f"closed loop, {config.in_flight} in flight" if config.closed_loop
             else f"open loop, {config.rate:g} requests/s")
+    if config.client_batching:
+        mode += f", client batching (linger {config.linger_ms:g} ms)"
+    elif config.shape == "batch":
+        mode += f", {config.view} view"
     return recorder.result(client_cpu_s=time.process_time() - cpu0, shape=config.shape,
                            target=config.target, mode=mode)
 

@@ -7,6 +7,7 @@ import secrets
 from quota_ledger.v1 import common_pb2 as pb
 from quota_ledger.v1 import quota_ledger_pb2 as qpb
 
+from clients.loadgen.answers import VIEWS
 from clients.loadgen.config import LoadConfig
 from clients.loadgen.skew import AccountPicker
 from clients.wire import enum_value
@@ -40,6 +41,9 @@ class RequestFactory:
             architecture=enum_value(pb.ClientArchitecture, config.architecture),
             step=enum_value(pb.VerificationStep, config.step),
             quantity=config.quantity, dry_run=config.dry_run).SerializeToString()
+        view = VIEWS[config.view]
+        # ConsumeBatchRequest.view, field 2 (varint); FULL is the default, sent as nothing.
+        self._view = b"\x10" + _varint(view) if view != VIEWS["full"] else b""
         self.run_id = secrets.token_hex(6)
         self.count = 0
 
@@ -54,5 +58,6 @@ class RequestFactory:
         for _ in range(k):
             item = self.one()
             parts.append(b"\x0a" + _varint(len(item)) + item)
+        parts.append(self._view)
         return b"".join(parts)
 
