@@ -121,9 +121,11 @@ class TaskReplayer:
         self._wake: asyncio.Event | None = None
 
     def ensure_started(self) -> None:
-        if self._task is None:
+        """Start on the running loop, or again on a new one (asyncio.run called twice)."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run(self._wake))
+            self._task = loop.create_task(self._run(self._wake))
 
     async def _run(self, wake: asyncio.Event) -> None:
         while True:
@@ -138,7 +140,7 @@ class TaskReplayer:
             self._wake.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
+        if self._task is not None and self._task.get_loop() is asyncio.get_running_loop():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

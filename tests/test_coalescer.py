@@ -87,6 +87,44 @@ def test_sync_coalescer_sends_one_call_at_once_without_linger():
         c.close()
 
 
+def test_sync_caller_whose_deadline_passes_while_waiting_is_never_sent():
+    """Threads: behind a batch in flight, a caller with a short deadline gets
+    DEADLINE_EXCEEDED and its request is never sent; the first one is answered."""
+    class Held:
+        def __init__(self, request):
+            self.request, self.callbacks = request, []
+
+        def add_done_callback(self, fn):
+            self.callbacks.append(fn)
+
+        def result(self):
+            return answer_all(self.request)
+
+    held: list[Held] = []
+
+    def send(request, timeout):
+        held.append(Held(request))
+        return held[-1]
+
+    c = ThreadCoalescer(send, linger_ms=LONG_LINGER_MS)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(c, req(request_id="first"), 5)
+            deadline = time.monotonic() + 5
+            while not held and time.monotonic() < deadline:
+                time.sleep(0.001)
+            with pytest.raises(LedgerError) as err:
+                c(req(request_id="late"), timeout=0.05)
+            assert err.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "never sent" in err.value.message
+            for fn in held[0].callbacks:
+                fn(held[0])
+            assert first.result(5).request_id == "first"
+        assert [r.request_id for h in held for r in h.request.requests] == ["first"]
+    finally:
+        c.close()
+
+
 def test_a_caller_whose_deadline_passes_while_waiting_is_never_sent():
     """Behind a batch in flight, a caller with a short deadline gets DEADLINE_EXCEEDED
     ("never sent"), and its request is in no batch; the others are answered."""
