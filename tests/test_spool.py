@@ -272,8 +272,8 @@ def test_ledgerctl_spool_replay_drains_and_exits_0(srv: FixedPortServer, tmp_pat
                                      "replay", "--spool", str(path), "--give-up-after", "2"])
     assert down.exit_code == 1 and Spool(path).status().pending == 12
     srv.start()
-    done = runner.invoke(ledgerctl, ["--target", srv.target, "spool", "replay", "--spool",
-                                     str(path)])
+    done = runner.invoke(ledgerctl, ["spool", "replay", "--spool", str(path), "--target",
+                                     srv.target])
     assert done.exit_code == 0, done.output
     assert "recorded 12" in done.output
     assert Spool(path).status().pending == 0

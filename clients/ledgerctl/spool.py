@@ -70,11 +70,14 @@ def spool_status(state: CliState, spool_path: str, as_json: bool) -> None:
 
 @spool.command("replay")
 @spool_option
+@click.option("--target", metavar="HOST:PORT", default=None,
+              help="The ledger to send to (default: ledgerctl's --target).")
 @click.option("--give-up-after", "give_up_s", type=click.FloatRange(min=0, min_open=True),
               default=REPLAY_GIVE_UP_S, show_default=True, metavar="SECONDS",
               help="Exit 1 if the spool is still not empty after this long.")
 @click.pass_obj
-def spool_replay(state: CliState, spool_path: str, give_up_s: float) -> None:
+def spool_replay(state: CliState, spool_path: str, target: str | None,
+                 give_up_s: float) -> None:
     """Send a spool to the ledger (--target) until it is empty; exit 0 then.
 
     Each request goes under its original request_id, so one that had reached the ledger is
@@ -84,8 +87,10 @@ def spool_replay(state: CliState, spool_path: str, give_up_s: float) -> None:
 
     \b
     Example:
-      ledgerctl --target 127.0.0.1:50051 spool replay --spool spool.db
+      ledgerctl spool replay --spool spool.db --target 127.0.0.1:50051
     """
+    if target is not None:
+        state.target = target
     s = Spool(spool_path)
     try:
         replay = ReplayState(s)
