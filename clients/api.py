@@ -107,6 +107,11 @@ class LedgerApi:
     def get_account(self, account_id: str) -> Any:
         return self._call("accounts", "GetAccount", apb.GetAccountRequest(account_id=account_id))
 
+    def list_accounts(self, prefix: str = "", page_size: int = 0, page_token: str = "") -> Any:
+        """One page of accounts by id (page_size 0 means the ledger's default)."""
+        return self._call("accounts", "ListAccounts", apb.ListAccountsRequest(
+            prefix=prefix, page_size=page_size, page_token=page_token))
+
     def top_up(self, account_id: str, amount_micros: int, kind: int | str = "cash",
                request_id: str | None = None) -> Any:
         return self._call("accounts", "TopUp", apb.TopUpRequest(

@@ -56,3 +56,16 @@ def test_plot_option_names_the_extra():
 
     result = CliRunner().invoke(loadtest, ["--help"])
     assert result.exit_code == 0 and "[plot]" in result.output and "[plot]" in PLOT_EXTRA_HINT
+
+
+def test_list_accounts_pages_by_prefix(server):
+    """list_accounts answers one page of accounts whose id starts with the prefix."""
+    from .conftest import make_account
+
+    with server.client() as c:
+        for account_id in ("la-1", "la-2", "lb-1"):
+            make_account(c, account_id)
+        page = c.list_accounts(prefix="la-", page_size=1)
+        assert [a.account_id for a in page.accounts] == ["la-1"]
+        rest = c.list_accounts(prefix="la-", page_token=page.next_page_token)
+        assert [a.account_id for a in rest.accounts] == ["la-2"]
