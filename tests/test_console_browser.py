@@ -105,6 +105,8 @@ def test_account_page_equals_the_api(site):
     assert text(summary, "[data-k=outstanding]") == usd(acct.outstanding_micros)
     assert text(summary, "[data-k=overdue_since]") == "—"
     assert text(summary, "[data-k=custom_policy]") == "disabled"
+    assert text(summary, "[data-k=scenario_count]") == f"{len(acct.scenario_ids):,}"
+    assert text(summary, "[data-k=created]") == when(acct, "created_at")
     assert page.locator("#summary [data-k=scenarios] .tag").all_inner_texts() == list(
         acct.scenario_ids)
     assert text(page, ".headline [data-k=remaining_total]") == f"{rem.units_remaining_total:,}"
@@ -244,7 +246,11 @@ def test_accounts_page_equals_the_api_and_escapes(site):
     for row, a in zip(rows, listed, strict=True):
         assert text(row, "th a") == a.account_id
         assert text(row, "[data-k=cash]") == usd(a.cash_balance_micros)
+        assert text(row, "[data-k=voucher]") == usd(a.voucher_balance_micros)
         assert text(row, "[data-k=outstanding]") == usd(a.outstanding_micros)
+        assert text(row, "[data-k=overdue_since]") == when(a, "overdue_since")
+        assert text(row, "[data-k=status]") == pb.AccountStatus.Name(a.status)[15:].lower()
+        assert text(row, "td >> nth=0") == a.display_name
     assert page.locator("#accounts i, #accounts script").count() == 0
     page.fill("input[name=q]", "bo")
     page.click("form.search button >> nth=0")
