@@ -11,7 +11,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from quota_ledger.v1 import accounts_pb2 as apb
 from quota_ledger.v1 import common_pb2 as pb
 
 from .console_scenario import (
@@ -240,7 +239,7 @@ def test_bills_page_equals_the_api(site, account_id):
 def test_accounts_page_equals_the_api_and_escapes(site):
     """The account list equals ListAccounts; an id full of markup is shown as text."""
     page = open_page(site, "/", "accounts")
-    listed = site["api"]._call("accounts", "ListAccounts", apb.ListAccountsRequest()).accounts
+    listed = site["api"].list_accounts().accounts
     rows = page.locator("#accounts tbody tr").all()
     assert [r.get_attribute("data-account") for r in rows] == [a.account_id for a in listed]
     for row, a in zip(rows, listed, strict=True):

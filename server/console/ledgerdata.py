@@ -12,7 +12,6 @@ from datetime import date, timedelta
 from typing import Any
 
 import grpc
-from quota_ledger.v1 import accounts_pb2 as apb
 
 from clients.client import AsyncLedgerClient, LedgerError
 from ledger.calendar import billing_day, clip, parse_day
@@ -121,9 +120,8 @@ async def ask(console: Console, *calls: Any) -> list[Any]:
 
 
 async def list_accounts(console: Console, prefix: str, after: str) -> Any:
-    # The typed client's generic call (deadline, retries, errors) until it has a method.
-    call = console.client._call("accounts", "ListAccounts", apb.ListAccountsRequest(
-        prefix=prefix, page_size=ACCOUNTS_PAGE_SIZE, page_token=after))
+    call = console.client.list_accounts(prefix=prefix, page_size=ACCOUNTS_PAGE_SIZE,
+                                        page_token=after)
     return (await ask(console, call))[0]
 
 
