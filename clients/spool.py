@@ -41,6 +41,7 @@ SPOOL_ROWS_MAX = 100_000
 SPOOL_BYTES_MAX = 64 * 1024 * 1024
 SPOOL_AGE_MAX_S = 86_400.0  # an outage longer than a day stops fail-open: the caller decides
 BUSY_TIMEOUT_MS = 10_000
+WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 LEASE_S = 30.0  # a replayer that stops renewing loses the lease after this long
 REPLAY_ATTEMPTS_MAX = 20  # item-level transient errors before a row is moved to refused
 REFUSED_EXAMPLES_MAX = 20
@@ -116,6 +117,7 @@ class Spool:
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")  # WAL shrinks back
         self.db = sqlite_utils.Database(conn)
         with self._write():
             self._create_tables()
