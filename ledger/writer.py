@@ -1,12 +1,20 @@
 """The single writer: group commit behind a bounded queue.
 
-Every state-changing command goes through one thread. It takes whatever is waiting (up to
-``GROUP_REQUESTS_MAX`` requests), runs each through the engine, commits them all in one
-transaction and one fsync, and only then answers them: no reply before its commit (R11).
-A full queue fails fast with ``Overloaded`` instead of waiting without limit.
+Every state-changing command goes through one engine, one group at a time. The writer
+thread takes whatever is waiting (up to ``GROUP_REQUESTS_MAX`` requests), runs each through
+the engine, commits them all in one transaction and one fsync, and only then answers them:
+no reply before its commit (R11). A full queue fails fast with ``Overloaded`` instead of
+waiting without limit.
+
+Groups are formed on purpose (issue 9): when the previous group held several submissions,
+their callers are about to come back, so the writer waits for as many, at most
+``LINGER_S_MAX``; after a lone submission it never waits. And a lone submission to an idle
+writer (1 in flight) does not travel at all: it is run and committed on the submitting
+thread, under the same engine lock, so only the commit stands between it and its reply.
 
 Answers go back in one hop per group: asyncio futures are resolved through one
-``call_soon_threadsafe`` per event loop; ``concurrent.futures`` futures directly.
+``call_soon_threadsafe`` per event loop (directly when committed on the loop's own thread);
+``concurrent.futures`` futures directly.
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ log = logging.getLogger("quota_ledger.writer")
 QUEUE_DEPTH_MAX = 10_000  # queued submissions (a batch counts once)
 GROUP_REQUESTS_MAX = 4_096  # requests committed together at most
 IDLE_WAKE_S = 0.5  # how often an idle writer looks for due work (expiries, settlements)
+LINGER_S_MAX = 0.001  # under load, how long a group waits at most for its callers to return
+# A submission this soon after the previous commit ended was waiting behind it (load): it
+# goes through the queue. One that comes later, to an idle writer, is committed inline.
+INLINE_GAP_S = 0.0002
 CHECKPOINT_EVERY_COMMITS = 2_000
 
 
@@ -64,19 +76,26 @@ class WriterStats:
     commits: int = 0
     requests: int = 0
     last_commit_s: float = 0.0
+    inline: int = 0  # groups committed inline (an idle writer's lone submission)
 
 
 class Writer:
     def __init__(self, engine: Engine, *, queue_depth_max: int = QUEUE_DEPTH_MAX,
                  group_requests_max: int = GROUP_REQUESTS_MAX,
-                 on_commit: Callable[[int, float], None] | None = None) -> None:
+                 on_commit: Callable[[int, float], None] | None = None,
+                 linger_s_max: float = LINGER_S_MAX) -> None:
         self.engine = engine
         self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_depth_max)
         self.group_requests_max = group_requests_max
+        self.linger_s_max = linger_s_max
         self.on_commit = on_commit
         self.stats = WriterStats()
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._stopping = False
+        self._last_items = 0  # submissions in the previous group: the callers under load
+        self._last_done_s = 0.0  # when the previous commit ended (perf_counter)
+        self._engine_lock = threading.Lock()  # one thread in the engine: writer or inline
+        self.inline = True
 
     def start(self) -> None:
         self._thread.start()
@@ -93,9 +112,43 @@ class Writer:
     # ------------------------------------------------------------------ submitting
 
     def submit_async(self, cmd: Any) -> asyncio.Future[Any]:
-        fut = asyncio.get_running_loop().create_future()
-        self._put(_Item(cmd, fut, len(cmd) if isinstance(cmd, Batch) else 1))
+        """The answer comes back through the future; an idle writer's lone submission is
+        committed here, on the caller's thread, and comes back already answered."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        item = _Item(cmd, fut, len(cmd) if isinstance(cmd, Batch) else 1)
+        if not self._inline(item, loop):
+            self._put(item)
         return fut
+
+    def _inline(self, item: _Item, loop: asyncio.AbstractEventLoop) -> bool:
+        """At 1 in flight nothing but the commit (its fsync) should stand between a request
+        and its reply (issue 9): no hop to the writer thread and back. Only when the writer
+        is idle (the last group was alone, nothing queued, nothing due) and this submission
+        did not queue up behind the previous commit; then the engine lock keeps the writer
+        thread out while the group of one runs here."""
+        if (not self.inline or self._last_items > 1 or not self._q.empty() or self._stopping
+                # asyncio's queue of ready callbacks: handlers of other requests wait to run
+                # (a burst after a blocking commit), so this is not a lone request. A loop
+                # without it (not asyncio's own) never commits inline.
+                or getattr(loop, "_ready", True)
+                or time.perf_counter() - self._last_done_s < INLINE_GAP_S):
+            return False
+        engine = self.engine
+        if not self._engine_lock.acquire(blocking=False):
+            return False
+        try:
+            due = engine.next_due_us()
+            if due is not None and due <= engine.clock.now_us():  # settlements run threaded
+                return False
+            self._process([item], direct=True)
+            self.stats.inline += 1
+        except Exception:  # the group was answered; never fail the caller's loop
+            log.exception("inline group failed")
+        finally:
+            self._last_done_s = time.perf_counter()
+            self._engine_lock.release()
+        return True
 
     def submit(self, cmd: Any) -> Future[Any]:
         fut: Future[Any] = Future()
@@ -119,10 +172,11 @@ class Writer:
     # ------------------------------------------------------------------ the loop
 
     def _take_group(self) -> tuple[list[_Item], bool]:
-        due = self.engine.next_due_us()
+        with self._engine_lock:
+            due = self.engine.next_due_us()
         wait = IDLE_WAKE_S
         if due is not None and not self.engine.clock.is_test_clock:
-            wait = max(0.0, min(wait, (due - self.engine.now()) / 1e6))
+            wait = max(0.0, min(wait, (due - self.engine.clock.now_us()) / 1e6))
         try:
             first = self._q.get(timeout=wait)
         except queue.Empty:
@@ -130,16 +184,31 @@ class Writer:
         if first is None:
             return [], True
         group, size, stop = [first], first.size, False
+        # Deliberate groups: when the previous group held several submissions, their callers
+        # are coming back; wait for as many (at most LINGER_S_MAX) so that one commit serves
+        # them all. After a lone submission (idle, 1 in flight), commit at once.
+        want, deadline = self._last_items, 0.0
         while size < self.group_requests_max:
             try:
                 item = self._q.get_nowait()
             except queue.Empty:
-                break
+                if len(group) >= want:
+                    break
+                now = time.perf_counter()
+                if not deadline:
+                    deadline = now + self.linger_s_max
+                if now >= deadline:
+                    break
+                try:
+                    item = self._q.get(timeout=deadline - now)
+                except queue.Empty:
+                    break
             if item is None:
                 stop = True
                 break
             group.append(item)
             size += item.size
+        self._last_items = len(group)
         return group, stop
 
     def _run(self) -> None:
@@ -147,9 +216,12 @@ class Writer:
         while not stop:
             group, stop = self._take_group()
             try:
-                self._process(group)
+                with self._engine_lock:
+                    self._process(group)
             except Exception:  # never let the writer die: answer and go on
                 log.exception("writer group failed")
+            finally:
+                self._last_done_s = time.perf_counter()
         self._drain_after_stop()
 
     def _drain_after_stop(self) -> None:
@@ -159,9 +231,11 @@ class Writer:
             except queue.Empty:
                 return
             if item is not None:
-                self._process([item])
+                with self._engine_lock:
+                    self._process([item])
 
-    def _process(self, group: list[_Item]) -> None:
+    def _process(self, group: list[_Item], direct: bool = False) -> None:
+        """Run and commit one group, then answer it (``direct``: on the futures' own loop)."""
         engine = self.engine
         engine.begin()
         outcomes: list[Any] = []
@@ -182,16 +256,16 @@ class Writer:
             elapsed = time.perf_counter() - t0
         except LedgerError as exc:  # the commit failed: nothing of this group is written
             failed = Outcome(error=exc)
-            self._deliver(group, [_failed_all(i, failed) for i in group])
+            self._deliver(group, [_failed_all(i, failed) for i in group], direct)
             return
         except BaseException as exc:
             engine.uow = None
             engine.reload()
             failed = Outcome(error=Unavailable(f"internal error: {exc!r}", reason="INTERNAL"))
-            self._deliver(group, [_failed_all(i, failed) for i in group])
+            self._deliver(group, [_failed_all(i, failed) for i in group], direct)
             raise
         fault("after_commit")
-        self._deliver(group, outcomes)
+        self._deliver(group, outcomes, direct)
         if not group:  # an idle wake-up (due work only): not a group commit
             return
         n = sum(i.size for i in group)
@@ -214,11 +288,13 @@ class Writer:
             return Outcome(error=exc)
 
     @staticmethod
-    def _deliver(group: list[_Item], outcomes: list[Any]) -> None:
+    def _deliver(group: list[_Item], outcomes: list[Any], direct: bool = False) -> None:
         per_loop: dict[Any, list[tuple[asyncio.Future[Any], Any]]] = defaultdict(list)
         for item, outcome in zip(group, outcomes, strict=True):
             if isinstance(item.future, Future):
                 item.future.set_result(outcome)
+            elif direct:
+                _resolve_all([(item.future, outcome)])
             else:
                 per_loop[item.future.get_loop()].append((item.future, outcome))
         for loop, pairs in per_loop.items():

@@ -1,0 +1,78 @@
+"""Deliberate groups (issue 9): a lone submission to an idle writer is committed inline and
+comes back answered; a busy writer queues it; after a group of several, the writer waits
+(bounded) for as many before committing; after a lone one, it never waits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from ledger import catalog
+from ledger import model as m
+from ledger.clock import TestClock
+from ledger.engine import Engine
+from ledger.money import Region
+from ledger.store import Store
+from ledger.writer import Writer
+
+T0_US = 1_805_450_400_000_000  # 2027-03-16 10:00 UTC
+
+
+def consume(i: int) -> m.Consume:
+    return m.Consume("acme", f"r-{i}", Region.CHINESE_MAINLAND, m.CaptchaType.SLIDER,
+                     m.Architecture.V2, m.Step.STEP_3)
+
+
+@pytest.fixture
+def writer(tmp_path: Path):
+    store = Store(tmp_path / "ledger.db")
+    w = Writer(Engine(store, TestClock(T0_US), catalog.builtin()), linger_s_max=2.0)
+    w.start()
+    w.call(m.CreateAccount("acme"))
+    try:
+        yield w
+    finally:
+        w.stop()
+        store.close()
+
+
+def test_lone_submission_is_committed_inline(writer):
+    """Idle writer: answered on return, no hop; a held engine (busy writer) queues it."""
+    async def main() -> None:
+        await asyncio.sleep(0.01)  # the set-up's commit is long over: idle
+        fut = writer.submit_async(consume(1))
+        assert fut.done() and fut.result().error is None and fut.result().value.journal_seq
+        assert writer.stats.inline == 1
+        with writer._engine_lock:  # the writer thread is busy with a group
+            await asyncio.sleep(0.01)
+            fut = writer.submit_async(consume(2))
+            assert not fut.done()
+        assert (await fut).value.journal_seq
+        assert writer.stats.inline == 1
+
+    asyncio.run(main())
+
+
+def test_linger_only_after_a_group_of_several(writer):
+    """After a group of 3 the writer waits for 3 submissions (up to its linger) and commits
+    them together; after a group of 1 it commits at once."""
+    writer.inline = False
+    with writer._engine_lock:  # hold the writer while three pile up: one group of 3
+        futs = [writer.submit(consume(10 + i)) for i in range(3)]
+        time.sleep(0.05)
+    assert [f.result(10).value.journal_seq for f in futs]
+    commits = writer.stats.commits
+    first = writer.submit(consume(20))
+    time.sleep(0.2)
+    assert not first.done()  # lingering for the other two callers
+    late = [writer.submit(consume(21 + i)) for i in range(2)]
+    assert all(f.result(10).error is None for f in [first, *late])
+    assert writer.stats.commits == commits + 1  # one commit for the three
+    lone = writer.submit(consume(30))  # previous group was 3: waits; then a group of 1
+    lone.result(10)
+    started = time.perf_counter()
+    writer.submit(consume(31)).result(10)  # previous group was 1: no wait
+    assert time.perf_counter() - started < 1.0
