@@ -14,11 +14,13 @@ The history (the test clock starts at T0 = 2027-03-10 18:00 UTC+8):
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,8 +112,16 @@ class ConsoleProcess:
                "--log-level", "warning", *self.extra]
         self.log_path = self.tmp / f"console-{id(self)}.log"
         self.log = open(self.log_path, "ab")  # noqa: SIM115
-        env = {k: v for k, v in __import__("os").environ.items() if k != "LEDGER_TOKEN"}
+        env = {k: v for k, v in os.environ.items() if k != "LEDGER_TOKEN"}  # only --token
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=self.log, env=env)
+        try:
+            return self._wait_ready(port_file)
+        except BaseException:
+            self.stop()  # never leave a half-started console behind
+            raise
+
+    def _wait_ready(self, port_file: Path) -> ConsoleProcess:
+        assert self.proc is not None
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
@@ -164,22 +174,19 @@ def screenshot(out: Path) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        ledger = start_ledger(tmp)
-        console = None
-        try:
+        with ExitStack() as stack:
+            ledger = start_ledger(tmp)
+            stack.callback(ledger.stop)
             with ledger.client() as c:
                 seed_history(c)
             console = ConsoleProcess(tmp, ledger.target).start()
+            stack.callback(console.stop)
             with sync_playwright() as p:
                 browser = launch_browser(p)
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
                 page.goto(console.url + "/accounts/acme")
                 page.screenshot(path=str(out), full_page=True)
                 browser.close()
-        finally:
-            if console:
-                console.stop()
-            ledger.stop()
     print(f"wrote {out}")
 
 

@@ -8,6 +8,7 @@ import csv
 import io
 import subprocess
 import sys
+from contextlib import ExitStack
 from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import quote
 
@@ -33,13 +34,14 @@ from .test_auth import _start_tls, tls_material  # noqa: F401 (a fixture)
 def history(tmp_path_factory):
     """A ledger with three days of history, and a console without a token in front of it."""
     tmp = tmp_path_factory.mktemp("console")
-    ledger = start_ledger(tmp)
-    with ledger.client() as c:
-        seed_history(c)
-    console = ConsoleProcess(tmp, ledger.target).start()
-    yield ledger, console
-    console.stop()
-    ledger.stop()
+    with ExitStack() as stack:  # whatever started is stopped, even if a later step fails
+        ledger = start_ledger(tmp)
+        stack.callback(ledger.stop)
+        with ledger.client() as c:
+            seed_history(c)
+        console = ConsoleProcess(tmp, ledger.target).start()
+        stack.callback(console.stop)
+        yield ledger, console
 
 
 def assert_error_page(status: int, body: str, expected: int, *needles: str) -> None:
@@ -247,18 +249,18 @@ def secured(tmp_path_factory):
     tokens = {"admin": create_token(tokens_file, "admin", "admin", []),
               "reader": create_token(tokens_file, "reader", "reader", []),
               "reader-acme": create_token(tokens_file, "reader-acme", "reader", ["acme"])}
-    ledger = start_ledger(tmp, extra=["--tokens", tokens_file])
-    with LedgerClient(ledger.target, token=tokens["admin"]) as c:
-        seed_history(c)
-    consoles: dict[str, ConsoleProcess] = {}
-    for name, token in [("reader", tokens["reader"]), ("reader-acme", tokens["reader-acme"]),
-                        ("none", None), ("bogus", "qlt_not-a-real-token")]:
-        extra = ["--token", token] if token else []
-        consoles[name] = ConsoleProcess(tmp, ledger.target, extra=extra).start()
-    yield consoles
-    for console in consoles.values():
-        console.stop()
-    ledger.stop()
+    with ExitStack() as stack:
+        ledger = start_ledger(tmp, extra=["--tokens", tokens_file])
+        stack.callback(ledger.stop)
+        with LedgerClient(ledger.target, token=tokens["admin"]) as c:
+            seed_history(c)
+        consoles: dict[str, ConsoleProcess] = {}
+        for name, token in [("reader", tokens["reader"]), ("reader-acme", tokens["reader-acme"]),
+                            ("none", None), ("bogus", "qlt_not-a-real-token")]:
+            extra = ["--token", token] if token else []
+            consoles[name] = ConsoleProcess(tmp, ledger.target, extra=extra).start()
+            stack.callback(consoles[name].stop)
+        yield consoles
 
 
 def test_reader_token_sees_every_page(secured):

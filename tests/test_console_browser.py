@@ -5,6 +5,7 @@ every figure on every page equals what the ledger's API returns; screenshots are
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from datetime import timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -51,14 +52,18 @@ def site(tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     tmp = tmp_path_factory.mktemp("console-browser")
-    ledger = start_ledger(tmp)
-    api = ledger.client()
-    seed_history(api)
-    console = ConsoleProcess(tmp, ledger.target).start()
     shots = Path(os.environ.get("CONSOLE_SCREENSHOTS") or tmp / "screenshots")  # artifacts
     shots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
+    with ExitStack() as stack:  # whatever started is stopped, even if a later step fails
+        ledger = start_ledger(tmp)
+        stack.callback(ledger.stop)
+        api = stack.enter_context(ledger.client())
+        seed_history(api)
+        console = ConsoleProcess(tmp, ledger.target).start()
+        stack.callback(console.stop)
+        p = stack.enter_context(sync_playwright())
         browser = launch_browser(p)
+        stack.callback(browser.close)
         context = browser.new_context(java_script_enabled=False,
                                       viewport={"width": 1280, "height": 900})
         page = context.new_page()
@@ -66,11 +71,6 @@ def site(tmp_path_factory):
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         yield {"page": page, "api": api, "url": console.url, "shots": shots,
                "dialogs": dialogs}
-        context.close()
-        browser.close()
-    api.close()
-    console.stop()
-    ledger.stop()
 
 
 def open_page(site, path: str, shot: str):  # noqa: ANN001, ANN201
