@@ -78,13 +78,27 @@ def _client_observed_us(req: qpb.ConsumeRequest) -> int | None:
 
 
 def consume_response(o: ConsumeOutcome) -> qpb.ConsumeResponse:
-    return qpb.ConsumeResponse(
-        billable=o.billable,
-        allocations=[pb.PlanUnits(plan_id=p, units=n) for p, n in o.allocations],
-        payg_units=o.payg_units, payg_amount_micros=o.payg_amount_micros, replayed=o.replayed,
-        billing_day=o.billing_day, recorded_at=_recorded_at(o.recorded_at_us),
-        plan_units_remaining=o.plan_units_remaining, request_id=o.request_id,
-        journal_seq=o.journal_seq)
+    return fill_consume_response(qpb.ConsumeResponse(), o)
+
+
+def fill_consume_response(msg: qpb.ConsumeResponse, o: ConsumeOutcome) -> qpb.ConsumeResponse:
+    """Set a (new, empty) ConsumeResponse in place: about 2-3x cheaper than building it from
+    keyword arguments with nested messages, which copies each of them (the FULL batch view
+    builds a thousand of these per call)."""
+    msg.billable = o.billable
+    for plan_id, units in o.allocations:
+        a = msg.allocations.add()
+        a.plan_id = plan_id
+        a.units = units
+    msg.payg_units = o.payg_units
+    msg.payg_amount_micros = o.payg_amount_micros
+    msg.replayed = o.replayed
+    msg.billing_day = o.billing_day
+    msg.recorded_at.CopyFrom(_recorded_at(o.recorded_at_us))
+    msg.plan_units_remaining = o.plan_units_remaining
+    msg.request_id = o.request_id
+    msg.journal_seq = o.journal_seq
+    return msg
 
 
 def plan(p: m.PlanState, now_us: int) -> pb.Plan:

@@ -71,12 +71,19 @@ def _count(metrics: Metrics, cmd: m.Consume, o: ConsumeOutcome) -> None:
 
 
 def _result(request_id: str, outcome: Outcome) -> qpb.ConsumeResult:
+    return _fill_result(qpb.ConsumeResult(), request_id, outcome)
+
+
+def _fill_result(msg: qpb.ConsumeResult, request_id: str, outcome: Outcome
+                 ) -> qpb.ConsumeResult:
+    """Set a new, empty ConsumeResult in place (see convert.fill_consume_response)."""
+    msg.request_id = request_id
     if outcome.error is not None:
         assert isinstance(outcome.error, LedgerError)
-        return qpb.ConsumeResult(request_id=request_id, error=pb.Error(
-            **error_message(outcome.error)))
-    return qpb.ConsumeResult(request_id=request_id,
-                             response=convert.consume_response(outcome.value))
+        msg.error.CopyFrom(pb.Error(**error_message(outcome.error)))
+    else:
+        convert.fill_consume_response(msg.response, outcome.value)
+    return msg
 
 
 def _count_all(metrics: Metrics, cmds: list[m.Consume], outcomes: list[Outcome]) -> None:
@@ -160,12 +167,16 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
         if compact:
             return qpb.ConsumeBatchResponse(compact=_compact(
                 n, where, outcomes, refused, outcomes.at_us or self.ctx.clock.now_us()))
-        results: list[qpb.ConsumeResult | None] = [None] * n
+        by_index: list[Outcome] = [None] * n  # type: ignore[list-item]
         for i, exc in refused:
-            results[i] = _result(requests[i].request_id, Outcome(error=exc))
+            by_index[i] = Outcome(error=exc)
         for i, outcome in zip(where, outcomes, strict=True):
-            results[i] = _result(requests[i].request_id, outcome)
-        return qpb.ConsumeBatchResponse(results=results)
+            by_index[i] = outcome
+        response = qpb.ConsumeBatchResponse()
+        add = response.results.add
+        for req, outcome in zip(requests, by_index, strict=True):
+            _fill_result(add(), req.request_id, outcome)
+        return response
 
     async def ConsumeStream(self, request_iterator, context):  # noqa: N802
         """Results in request order. Messages that arrive while earlier ones are being
