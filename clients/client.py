@@ -62,7 +62,14 @@ __all__ = ["CHANNEL_OPTIONS", "DEFAULT_TARGET", "DEFAULT_TIMEOUT_S", "RETRIES_MA
 
 
 class _Options:
-    """The keyword arguments both clients take, checked once."""
+    """The keyword arguments both clients take, checked once.
+
+    ``timeout_s`` one deadline per call, retries included; ``retries`` attempts after the
+    first; ``token`` a bearer token; ``tls_ca``/``tls_cert``/``tls_key`` PEM paths for TLS
+    and mutual TLS; ``spool_path`` the local spool file (fail open, R26) and
+    ``spool_limits`` its :class:`SpoolLimits`; ``batching`` coalesce concurrent consume()
+    calls, ``linger_ms`` and ``batch_size_max`` how (``clients/coalescer.py``).
+    """
 
     def __init__(self, *, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = RETRIES_MAX,
                  token: str | None = None, tls_ca: str | None = None,
