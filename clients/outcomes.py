@@ -51,16 +51,11 @@ def batch_outcomes(requests: Sequence[qpb.ConsumeRequest], answer: qpb.ConsumeBa
 
 def _compact(requests: Sequence[qpb.ConsumeRequest], c: qpb.CompactResults) -> list[Outcome]:
     errors = {e.index: e.error for e in c.errors}
-    out: list[Outcome] = []
-    for i, code in enumerate(c.codes[:len(requests)]):
-        if code:
-            out.append(item_error(errors.get(i, pb.Error(code=code))))
-            continue
-        r = qpb.ConsumeResponse(
-            request_id=requests[i].request_id, billable=c.billable[i], replayed=c.replayed[i],
-            payg_units=c.payg_units[i], payg_amount_micros=c.payg_amount_micros[i],
-            billing_day=c.billing_day)
-        if c.HasField("recorded_at"):
-            r.recorded_at.CopyFrom(c.recorded_at)
-        out.append(r)
-    return out
+    day = c.billing_day
+    at = c.recorded_at if c.HasField("recorded_at") else None
+    columns = zip(requests, c.codes, c.billable, c.replayed, c.payg_units,  # noqa: B905
+                  c.payg_amount_micros)  # the shortest column bounds the answer
+    return [item_error(errors.get(i, pb.Error(code=code))) if code else qpb.ConsumeResponse(
+        request_id=r.request_id, billable=billable, replayed=replayed, payg_units=units,
+        payg_amount_micros=amount, billing_day=day, recorded_at=at)
+        for i, (r, code, billable, replayed, units, amount) in enumerate(columns)]
