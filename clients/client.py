@@ -169,11 +169,13 @@ class LedgerClient(_Wired):
         if self.coalescer is not None:
             self.coalescer.close()
         self._closing = True
+        if self.replayer is not None:
+            self.replayer.stop()  # a replay call in flight ends with the channel
+        self.channel.close()
         if self.replayer is not None and self.spool is not None:
-            self.replayer.stop()
+            self.replayer.join()
             self.spool.release()
             self.spool.close()
-        self.channel.close()
 
     def __enter__(self) -> LedgerClient:
         return self

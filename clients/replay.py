@@ -107,6 +107,8 @@ class ThreadReplayer:
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
+
+    def join(self) -> None:
         self._thread.join(REPLAY_STOP_TIMEOUT_S)
 
 
