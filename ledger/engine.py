@@ -41,6 +41,7 @@ from .model import (
 )
 from .money import Region, payg_cost_micros
 from .store import Entry, Store, UnitOfWork
+from .store.blocks import Prior, prior_of_item
 
 log = logging.getLogger("quota_ledger.engine")
 
@@ -101,21 +102,21 @@ class Engine(AccountCommands, Lifecycle):
     def begin(self) -> UnitOfWork:
         self.uow = UnitOfWork(last_hash=self.last_hash, next_seq=self.next_seq)
         self._now: int | None = None
-        self._looked_up: set[tuple[str, str, str]] = set()
-        self._found: dict[tuple[str, str, str], tuple[int, str | None, str, int]] = {}
+        self._looked_up: set[tuple[str, str]] = set()
+        self._found: dict[tuple[str, str], Prior] = {}
         return self.uow
 
     def prefetch_keys(self, cmds: list[Any]) -> None:
-        """Look up the idempotency keys of a group's consumes in a few statements, not one
-        each; keys claimed later in the group are still seen through the UnitOfWork."""
-        keys = [(c.account_id, "consume", c.request_id) for c in cmds if type(c) is Consume]
+        """Look up the idempotency keys of a group's consumes at once, not one each; keys
+        claimed later in the group are still seen through the UnitOfWork."""
+        keys = [(c.account_id, c.request_id) for c in cmds if type(c) is Consume]
         self._looked_up.update(keys)
-        self._found.update(self.store.find_keys(keys))
+        self._found.update(self.store.find_consume_keys(keys))
 
     def commit(self) -> None:
         """Commit the open group; on failure reload state and re-raise (Unavailable)."""
         uow = self._uow
-        if uow.rows or uow.meta:
+        if uow:
             try:
                 self.store.commit(uow)
             except Exception:
@@ -193,6 +194,22 @@ class Engine(AccountCommands, Lifecycle):
             raise key_reused(kind, request_id)
         return seq, json.loads(payload_json), at_us
 
+    def _consume_prior(self, c: Consume) -> Prior | None:
+        """R12 for a Consume: what its key recorded, if anything (this group, else the
+        index); refuses the key reused for other content."""
+        key = (c.account_id, c.request_id)
+        hit = self._uow.consumed.get(key)
+        if hit is not None:  # claimed earlier in this very group: not yet in the database
+            seq, _, at_us, day, item = hit
+            prior: Prior | None = prior_of_item(seq, at_us, day, item)
+        elif key in self._looked_up:
+            prior = self._found.get(key)
+        else:
+            prior = self.store.find_consume_keys([key]).get(key)
+        if prior is not None and prior.fingerprint != c.fingerprint():
+            raise key_reused("consume", c.request_id)
+        return prior
+
     def _append(self, at_us: int, kind: str, account_id: str | None, payload: dict[str, Any],
                 request_id: str | None = None, fingerprint: str | None = None) -> int:
         uow = self._uow
@@ -216,10 +233,11 @@ class Engine(AccountCommands, Lifecycle):
         now = self.now()
         acct = self.account(c.account_id)
         day = self._billing_day(now)
-        fingerprint = c.fingerprint()
-        prior = self._claimed(c.account_id, "consume", c.request_id, fingerprint)
+        prior = self._consume_prior(c)
         if prior is not None:  # only a billable request claims a key, so this one is too
-            return _consume_replay(c.request_id, *prior)
+            return ConsumeOutcome(c.request_id, True, prior.allocations, prior.payg_units,
+                                  prior.payg_micros, True, prior.day, prior.at_us,
+                                  prior.remaining, prior.seq)
         if not c.billable:  # R3: acknowledged, nothing charged, no state changed, no key
             if acct.status is AccountStatus.SUSPENDED:
                 raise suspended(c.account_id)
@@ -248,9 +266,10 @@ class Engine(AccountCommands, Lifecycle):
         if takes and takes[0][0].units_remaining == 0:  # R8 order: any emptied plan is first
             acct.live_plans = [p for p in acct.live_plans if p.units_remaining > 0]
         remaining = acct.units_remaining_at(now)
-        seq = uow.append_json(now, "consume", c.account_id, c.request_id, fingerprint,
-                              consume_payload_json(c, allocations, payg_units, payg_micros, day,
-                                                   remaining))
+        seq = uow.add_consume(now, day, [
+            c.account_id, c.request_id, int(c.region), int(c.captcha_type),
+            int(c.architecture), int(c.step), c.scenario_id, c.quantity, c.client_timestamp_us,
+            [[p, n] for p, n in allocations], payg_units, payg_micros, remaining])
         return ConsumeOutcome(c.request_id, True, allocations, payg_units, payg_micros, False,
                               day, now, remaining, seq)
 
@@ -277,27 +296,6 @@ def _snapshot(result: Any) -> Any:
     if isinstance(result, PlanState):
         return dataclasses.replace(result)
     return result
-
-
-def consume_payload_json(c: Consume, allocations: tuple[tuple[str, int], ...], payg_units: int,
-                         payg_micros: int, day: str, remaining: int) -> str:
-    """A consume entry's payload, rendered directly (json.dumps costs more than the rest of
-    the hot path). Only the scenario id is caller text, so only it goes through json.dumps."""
-    alloc = ",".join(f'["{plan_id}",{n}]' for plan_id, n in allocations)
-    text = (f'{{"region":{c.region:d},"type":{c.captcha_type:d},"arch":{c.architecture:d},'
-            f'"step":{c.step:d},"qty":{c.quantity},"alloc":[{alloc}],"payg_units":{payg_units},'
-            f'"payg_micros":{payg_micros},"day":"{day}","remaining":{remaining}')
-    if c.scenario_id:
-        text += f',"scenario":{json.dumps(c.scenario_id)}'
-    if c.client_timestamp_us is not None:
-        text += f',"client_ts_us":{c.client_timestamp_us}'
-    return text + "}"
-
-
-def _consume_replay(request_id: str, seq: int, p: dict[str, Any], at_us: int) -> ConsumeOutcome:
-    return ConsumeOutcome(request_id, True, tuple((a[0], a[1]) for a in p["alloc"]),
-                          p["payg_units"], p["payg_micros"], True, p["day"], at_us,
-                          p["remaining"], seq)
 
 
 __all__ = ["CLOCK_META_KEY", "ConsumeOutcome", "Engine", "InvalidArgument",

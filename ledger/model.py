@@ -168,8 +168,14 @@ class Consume:
 
     def fingerprint(self) -> str:
         """R12: what makes two requests with one key 'the same content'."""
-        return (f"{self.region:d}|{self.captcha_type:d}|{self.architecture:d}|{self.step:d}|"
-                f"{self.scenario_id or ''}|{self.quantity}")
+        return consume_fingerprint(self.region, self.captcha_type, self.architecture,
+                                   self.step, self.scenario_id, self.quantity)
+
+
+def consume_fingerprint(region: int, captcha_type: int, architecture: int, step: int,
+                        scenario_id: str | None, quantity: int) -> str:
+    """R12 content of a Consume, from its fields (also as a journal block stores them)."""
+    return f"{region:d}|{captcha_type:d}|{architecture:d}|{step:d}|{scenario_id or ''}|{quantity}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import calendar as cal
 from .model import AccountStatus
+from .store import blocks
 
 
 @dataclass
@@ -102,6 +103,14 @@ def _consume(d: Derived, seq: int, at: int, a: str, p: dict[str, Any]) -> None:
         d.usage_daily[key2] = (units0 + p["payg_units"], micros0 + p["payg_micros"])
 
 
+def _consume_block(d: Derived, seq: int, at: int, a: str | None,
+                   block: tuple[str, list[list[Any]]]) -> None:
+    """A run of consumes written as one block (ledger/store/blocks.py), item by item."""
+    day, items = block
+    for item in items:
+        _consume(d, seq, at, item[blocks.ACCOUNT], blocks.entry_payload(day, item))
+
+
 def _plan_expired(d: Derived, seq: int, at: int, a: str, p: dict[str, Any]) -> None:
     plan = d.plans[p["plan_id"]]
     plan["units_remaining"] -= p["units_forfeited"]
@@ -152,7 +161,8 @@ def _reactivate(d: Derived, seq: int, at: int, a: str, p: dict[str, Any]) -> Non
 
 _FOLDS = {
     "account_created": _account_created, "top_up": _top_up, "features": _features,
-    "purchase": _purchase, "consume": _consume, "plan_expired": _plan_expired, "bill": _bill,
+    "purchase": _purchase, "consume": _consume, blocks.BLOCK_KIND: _consume_block,
+    "plan_expired": _plan_expired, "bill": _bill,
     "day_settled": _day_settled, "account_suspended": _suspended, "refund": _refund,
     "reactivate": _reactivate,
 }

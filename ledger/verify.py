@@ -10,6 +10,7 @@ from typing import Any
 
 from . import store as st
 from .rebuild import rebuild
+from .store import blocks
 
 TAIL_CHECK_ENTRIES = 100_000  # what the server re-hashes at start (a full replay is verify's)
 
@@ -42,9 +43,10 @@ def check_chain(conn: sqlite3.Connection, from_seq: int = 1):
         if bytes(digest) != want:
             raise ChainBroken(seq, f"hash mismatch ({kind} entry altered after it was written)")
         try:
-            payload = json.loads(payload_json)
+            payload = (blocks.decode(payload_json) if kind == blocks.BLOCK_KIND
+                       else json.loads(payload_json))
         except ValueError as exc:
-            raise ChainBroken(seq, f"payload is not JSON ({exc})") from None
+            raise ChainBroken(seq, f"payload cannot be read ({exc})") from None
         prev, expected = want, seq + 1
         yield seq, at, kind, account_id, payload
 

@@ -28,6 +28,7 @@ from clients.loadgen import (
     RequestFactory,
     parse_skew,
 )
+from ledger.store import consume_entries
 
 VIEWS = {"full": qpb.CONSUME_BATCH_VIEW_FULL, "compact": qpb.CONSUME_BATCH_VIEW_COMPACT}
 BATCH_METHOD = "/quota_ledger.v1.QuotaLedger/ConsumeBatch"
@@ -134,10 +135,9 @@ class Units:
         """Units of the consume entries after the mark, then move the mark to the end."""
         conn = self._connect()
         try:
-            top, units = conn.execute(
-                "SELECT coalesce(max(seq), ?), coalesce(sum(json_extract(payload, '$.qty')), 0)"
-                " FROM journal WHERE seq > ? AND kind = 'consume'", (self.seq, self.seq)
-            ).fetchone()
+            entries = list(consume_entries(conn, "AND seq > ?", (self.seq,)))
+            top = max((e[0] for e in entries), default=self.seq)
+            units = sum(e[4]["qty"] for e in entries)
         finally:
             conn.close()
         self.seq = max(top, self._last_seq())

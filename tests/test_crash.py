@@ -11,7 +11,6 @@ The default suite runs CRASH_ITERATIONS_CI iterations; ``make crash`` runs 200.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sqlite3
@@ -22,6 +21,7 @@ from collections import Counter
 import pytest
 
 from clients.client import LedgerClient, LedgerError
+from ledger.store import consume_entries
 from ledger.verify import verify
 
 from .conftest import T0, ServerProcess
@@ -103,11 +103,10 @@ def _iteration(srv: ServerProcess, seed: int, monkeypatch: pytest.MonkeyPatch) -
 def _check_conserved(srv: ServerProcess, acked: dict[str, tuple]) -> None:
     conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
     try:
-        keys = Counter(r[0] for r in conn.execute(
-            "SELECT request_id FROM journal WHERE kind = 'consume'"))
+        entries = list(consume_entries(conn))
+        keys = Counter(e[3] for e in entries)
         assert all(keys[rid] == 1 for rid in acked), "an acknowledged request is missing"
-        payloads = [json.loads(p) for (p,) in conn.execute(
-            "SELECT payload FROM journal WHERE kind = 'consume'")]
+        payloads = [e[4] for e in entries]
         taken = sum(n for p in payloads for _, n in p["alloc"])
         payg = sum(p["payg_units"] for p in payloads)
         assert taken + payg == sum(p["qty"] for p in payloads)  # units conserved

@@ -32,6 +32,8 @@ from quota_ledger.v1 import quota_ledger_pb2_grpc as qpb_grpc
 from quota_ledger.v1 import test_clock_pb2 as tpb
 from quota_ledger.v1 import test_clock_pb2_grpc as tpb_grpc
 
+from ledger.store import consume_entries
+
 from .conftest import ROOT, T0, ServerProcess
 
 TMPFS_SIZE = "3M"
@@ -118,8 +120,7 @@ def journal_keys(db: Path) -> Counter[str]:
     """How many consume entries each request_id has in the journal (read-only)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return Counter(r[0] for r in conn.execute(
-            "SELECT request_id FROM journal WHERE kind = 'consume'"))
+        return Counter(r[3] for r in consume_entries(conn))
     finally:
         conn.close()
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
 from collections import defaultdict
 
 from clients.client import LedgerClient, LedgerError
+from ledger.store import consume_entries
 
 from .conftest import make_account
 
@@ -30,6 +30,15 @@ def content(i: int) -> dict:
 def outcome(r) -> tuple:
     return ([(a.plan_id, a.units) for a in r.allocations], r.payg_units, r.payg_amount_micros,
             r.journal_seq, r.billing_day, r.recorded_at.ToJsonString(), r.plan_units_remaining)
+
+
+def consumes(server) -> list[tuple]:
+    """(seq, at_us, account_id, request_id, payload) of every consume entry (read-only)."""
+    conn = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
+    try:
+        return list(consume_entries(conn))
+    finally:
+        conn.close()
 
 
 def read_db(server, sql: str, params: tuple = ()) -> list[tuple]:
@@ -97,9 +106,8 @@ def test_r11_sigkill_keeps_every_acknowledged_request(server, client):
             assert r.replayed, f"acknowledged request {i} was lost"
             assert outcome(r) == outcome(acked[i]), i
         # 2. The journal holds every acknowledged entry, with its own allocations.
-        rows = {rid: (seq, json.loads(payload)) for seq, rid, payload in read_db(
-            server, "SELECT seq, request_id, payload FROM journal WHERE kind = 'consume'"
-                    " AND request_id LIKE 'load-%'")}
+        rows = {rid: (seq, payload) for seq, _, _, rid, payload in consumes(server)
+                if rid.startswith("load-")}
         for i, r in acked.items():
             seq, payload = rows[f"load-{i}"]
             assert seq == r.journal_seq
@@ -127,8 +135,7 @@ def test_r11_sigkill_keeps_every_acknowledged_request(server, client):
         assert offset + units_remaining == units_total - forfeited, plan_id
     per_plan: dict[str, int] = defaultdict(int)
     payg = 0
-    for (payload,) in read_db(server, "SELECT payload FROM journal WHERE kind = 'consume'"):
-        p = json.loads(payload)
+    for *_, p in consumes(server):
         payg += p["payg_units"]
         for plan_id, units in p["alloc"]:
             per_plan[plan_id] += units

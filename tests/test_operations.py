@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients.client import LedgerClient, LedgerError
 from ledger.errors import InvalidArgument
+from ledger.store import consume_entries
 from server import config
 
 from .conftest import ROOT, T0, ServerProcess, make_account
@@ -143,11 +144,10 @@ def test_sigterm_during_load_keeps_every_reply_and_exits_zero(tmp_path):
     assert rc == 0 and took < DRAIN_LIMIT_S + 5
     assert len(acked) > 0
     with sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True) as conn:
-        journaled = dict(conn.execute(
-            "SELECT request_id, payload FROM journal WHERE kind = 'consume'").fetchall())
+        journaled = {e[3]: e[4] for e in consume_entries(conn)}
         offsets = conn.execute("SELECT sum(units) FROM offsets_daily").fetchone()[0]
     for rid, reply in acked.items():
-        assert json.loads(journaled[rid])["alloc"] == [[a.plan_id, a.units]
+        assert journaled[rid]["alloc"] == [[a.plan_id, a.units]
                                                       for a in reply.allocations]
     assert offsets == 3 * len(journaled)  # nothing half-done: every entry fully applied
 

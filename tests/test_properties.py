@@ -45,7 +45,7 @@ from ledger.model import (
     TopUp,
 )
 from ledger.money import Region
-from ledger.store import Store
+from ledger.store import Store, consume_entries
 from ledger.writer import Batch, Writer, unwrap
 
 from . import strategies as lst
@@ -160,6 +160,13 @@ class Live:
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
         try:
             return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def consume_entries(self) -> list[tuple]:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            return list(consume_entries(conn))
         finally:
             conn.close()
 
@@ -341,9 +348,7 @@ def test_r11_units_are_conserved(start_us, ops):
                            " FROM plans ORDER BY plan_id")
         offsets = live.query("SELECT day, plan_id, units FROM offsets_daily")
         usage = live.query("SELECT day, region, payg_units, payg_micros FROM usage_daily")
-        journal_qty = live.query(
-            "SELECT coalesce(sum(json_extract(payload, '$.qty')), 0) FROM journal"
-            " WHERE kind = 'consume'")[0][0]
+        journal_qty = sum(e[4]["qty"] for e in live.consume_entries())
     billable = sum(cmd.quantity for cmd, out, *_ in run.consumes if out.billable)
     taken = sum(n for _, out, *_ in run.consumes for _, n in out.allocations)
     payg = sum(out.payg_units for _, out, *_ in run.consumes)
@@ -409,7 +414,7 @@ def test_r12_replay_within_one_commit_group(start_us, use, spec):
         cmd = consume_cmd(use, "c")
         other = dataclasses.replace(cmd, quantity=cmd.quantity % QUANTITY_MAX + 1)
         first, again, changed = live.writer.call(Batch([cmd, cmd, other]))
-        count = live.query("SELECT count(*) FROM journal WHERE kind = 'consume'")[0][0]
+        count = len(live.consume_entries())
     first, again = unwrap(first), unwrap(again)
     assert first.replayed is False
     assert again == as_replay(first)

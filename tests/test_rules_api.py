@@ -10,6 +10,7 @@ import pytest
 from quota_ledger.v1 import common_pb2 as pb
 
 from clients.client import LedgerError
+from ledger.store import canonical_json, consume_entries
 
 from .conftest import T0, make_account
 
@@ -34,9 +35,17 @@ def response_fields(r) -> tuple:
 
 
 def journal_rows(server, where: str = "", params: tuple = ()) -> list[tuple]:
+    """Journal entries (seq, kind, account_id, request_id, payload JSON), the consumes of a
+    block (ledger/store/blocks.py) as one entry each; ``where`` filters those entries."""
     conn = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
     try:
-        return conn.execute(f"SELECT seq, kind, account_id, request_id, payload FROM journal "
+        conn.execute("CREATE TEMP TABLE entries (seq, kind, account_id, request_id, payload)")
+        conn.executemany("INSERT INTO entries VALUES (?,?,?,?,?)", [
+            (seq, "consume", account_id, request_id, canonical_json(payload))
+            for seq, _, account_id, request_id, payload in consume_entries(conn)])
+        conn.execute("INSERT INTO entries SELECT seq, kind, account_id, request_id, payload"
+                     " FROM journal WHERE kind NOT IN ('consume', 'consume_block')")
+        return conn.execute(f"SELECT seq, kind, account_id, request_id, payload FROM entries "
                             f"{where} ORDER BY seq", params).fetchall()
     finally:
         conn.close()

@@ -24,6 +24,7 @@ import pytest
 
 from clients.client import AsyncLedgerClient, LedgerError
 from clients.loadgen import LoadConfig, LoadResult, prepare_accounts, run_load
+from ledger.store import consume_entries as store_consume_entries
 
 from .conftest import ServerProcess
 
@@ -92,7 +93,7 @@ def journal_max_seq(db: Path) -> int:
 def consume_entries(db: Path) -> int:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return conn.execute("SELECT count(*) FROM journal WHERE kind = 'consume'").fetchone()[0]
+        return sum(1 for _ in store_consume_entries(conn))
     finally:
         conn.close()
 

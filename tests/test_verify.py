@@ -58,11 +58,11 @@ def test_r25_flipped_payload_byte_is_named_and_refused(server, client, tmp_path)
     shutil.copy(server.db, copy)
     with sqlite3.connect(copy) as conn:
         seq, payload = conn.execute(
-            "SELECT seq, payload FROM journal WHERE kind = 'consume' LIMIT 1").fetchone()
-        i = payload.index("99000")
+            "SELECT seq, payload FROM journal WHERE kind = 'consume_block' LIMIT 1").fetchone()
+        altered = bytearray(payload)
+        altered[-1] ^= 1  # the last item's units remaining, one bit off
         conn.execute("DROP TRIGGER journal_no_update")  # what an attacker would have to do
-        conn.execute("UPDATE journal SET payload = ? WHERE seq = ?",
-                     (payload[:i] + "98000" + payload[i + 5:], seq))
+        conn.execute("UPDATE journal SET payload = ? WHERE seq = ?", (bytes(altered), seq))
     report = verify(str(copy))
     assert not report.ok and f"journal entry {seq}:" in report.problems[0]
     done = _run("verify", "--db", str(copy))

@@ -23,6 +23,7 @@ from .journal import GENESIS_HASH, Entry, UnitOfWork, canonical_json, chain_hash
 from .queries import (
     backup_to,
     bill_row,
+    consume_entries,
     day_figures,
     dump_derived,
     hash_before,
@@ -39,7 +40,8 @@ from .sqlite import DatabaseLocked, Store
 
 __all__ = [
     "GENESIS_HASH", "MIGRATIONS", "SCHEMA_VERSION", "DatabaseLocked", "Entry", "Store",
-    "UnitOfWork", "backup_to", "bill_row", "canonical_json", "chain_hash", "day_figures",
+    "UnitOfWork", "backup_to", "bill_row", "canonical_json",
+    "consume_entries", "chain_hash", "day_figures",
     "dump_derived", "hash_before", "iter_journal", "journal_count", "read_account",
     "read_accounts", "read_bills", "read_plans", "read_usage",
 ]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model import AccountState, PlanState
+from . import blocks
 
 GENESIS_HASH = b"\x00" * 32
 
@@ -33,15 +34,22 @@ def canonical_json(payload: dict[str, Any]) -> str:
 
 
 def chain_hash(prev: bytes, seq: int, at_us: int, kind: str, account_id: str | None,
-               request_id: str | None, payload_json: str) -> bytes:
-    """Each entry's hash covers the previous hash and every stored field of the entry."""
-    fields = f"{seq}|{at_us}|{kind}|{account_id or ''}|{request_id or ''}|{payload_json}"
-    return hashlib.sha256(prev + fields.encode()).digest()
+               request_id: str | None, payload: str | bytes) -> bytes:
+    """Each entry's hash covers the previous hash and every stored field of the entry (a
+    consume block's payload is bytes, an entry's is JSON text)."""
+    fields = f"{seq}|{at_us}|{kind}|{account_id or ''}|{request_id or ''}|"
+    body = payload if isinstance(payload, bytes) else payload.encode()
+    return hashlib.sha256(prev + fields.encode() + body).digest()
 
 
 @dataclass(slots=True)
 class UnitOfWork:
-    """Everything one group commit writes: entries plus the derived rows they change."""
+    """Everything one group commit writes: entries plus the derived rows they change.
+
+    Consumes go into the open block (:mod:`.blocks`), which takes the next seq when it opens
+    and is sealed into a row before any other entry is appended, when the clock moves, and
+    at commit: the rows stay in seq order and the journal in the order of application.
+    """
 
     rows: list[tuple] = field(default_factory=list)
     accounts: dict[str, AccountState] = field(default_factory=dict)
@@ -53,18 +61,28 @@ class UnitOfWork:
     meta: dict[str, str] = field(default_factory=dict)
     bills: list[tuple] = field(default_factory=list)
     keys: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    # Consume keys claimed in this group: (account_id, request_id) -> (seq, index, at_us, day,
+    # item)
+    consumed: dict[tuple[str, str], tuple[int, int, int, str, list[Any]]] = field(
+        default_factory=dict)
+    block_items: list[list[Any]] = field(default_factory=list)
+    block_seq: int = 0
+    block_at_us: int = 0
+    block_day: str = ""
     last_hash: bytes = GENESIS_HASH
     next_seq: int = 1
 
     def append(self, e: Entry) -> int:
         """Seal the entry into the chain and queue it; returns its seq."""
+        self.seal_block()
         assert e.seq == self.next_seq, "journal order is total and gap-free"
         return self.append_json(e.at_us, e.kind, e.account_id, e.request_id, e.fingerprint,
                                 canonical_json(e.payload))
 
     def append_json(self, at_us: int, kind: str, account_id: str | None,
                     request_id: str | None, fingerprint: str | None, payload_json: str) -> int:
-        """The same, for a payload already rendered as JSON (the Consume hot path)."""
+        """The same, for a payload already rendered as JSON."""
+        self.seal_block()
         seq = self.next_seq
         self.last_hash = chain_hash(self.last_hash, seq, at_us, kind, account_id, request_id,
                                     payload_json)
@@ -74,6 +92,32 @@ class UnitOfWork:
             self.keys[(account_id or "", kind, request_id)] = seq
         self.next_seq = seq + 1
         return seq
+
+    def add_consume(self, at_us: int, day: str, item: list[Any]) -> int:
+        """Queue one consume into the open block (opened at this instant if need be);
+        returns the block's seq, which the item's journal entry is."""
+        if self.block_items and at_us != self.block_at_us:
+            self.seal_block()
+        if not self.block_items:
+            self.block_seq, self.block_at_us, self.block_day = self.next_seq, at_us, day
+            self.next_seq += 1
+        self.consumed[(item[0], item[1])] = (self.block_seq, len(self.block_items), at_us, day,
+                                             item)
+        self.block_items.append(item)
+        return self.block_seq
+
+    def seal_block(self) -> None:
+        if not self.block_items:
+            return
+        payload = blocks.encode(self.block_day, self.block_items)
+        self.last_hash = chain_hash(self.last_hash, self.block_seq, self.block_at_us,
+                                    blocks.BLOCK_KIND, None, None, payload)
+        self.rows.append((self.block_seq, self.block_at_us, blocks.BLOCK_KIND, None, None, None,
+                          payload, self.last_hash))
+        self.block_items = []
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.meta or self.block_items)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -9,6 +9,7 @@ from typing import Any
 from ..calendar import day_end
 from ..model import AccountState, AccountStatus, PlanState, Validity
 from ..settlement import Bill, BillLine, DayFigures
+from . import blocks
 from .journal import GENESIS_HASH
 
 BUSY_TIMEOUT_MS = 5_000
@@ -183,3 +184,19 @@ def backup_to(db_path: str, to_path: str) -> None:
     finally:
         dst.close()
         src.close()
+
+
+def consume_entries(conn: sqlite3.Connection, where: str = "", params: tuple = ()):
+    """Every Consume entry in journal order, whether written as one row (before blocks) or
+    inside a block: (seq, at_us, account_id, request_id, payload as the one-row JSON had
+    it). ``where`` filters journal rows (e.g. ``AND seq > ?``)."""
+    for seq, at_us, kind, account_id, request_id, payload in conn.execute(
+            "SELECT seq, at_us, kind, account_id, request_id, payload FROM journal"
+            f" WHERE kind IN ('consume', '{blocks.BLOCK_KIND}') {where} ORDER BY seq", params):
+        if kind == "consume":
+            yield seq, at_us, account_id, request_id, json.loads(payload)
+            continue
+        day, items = blocks.decode(payload)
+        for item in items:
+            yield (seq, at_us, item[blocks.ACCOUNT], item[blocks.REQUEST],
+                   blocks.entry_payload(day, item))

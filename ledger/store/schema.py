@@ -103,8 +103,32 @@ CREATE TRIGGER bills_no_delete BEFORE DELETE ON bills
     BEGIN SELECT RAISE(ABORT, 'a bill, once issued, never changes (R19)'); END;
 """
 
+# Consume blocks (issue 9): consumes are written as journal rows of kind 'consume_block'
+# (MessagePack payload, see ledger/store/blocks.py); their keys are indexed off the commit
+# path (ledger/store/keyindex.py). Rows written before keep their meaning.
+SCHEMA_V3 = """
+CREATE TABLE consume_keys (
+    run INTEGER NOT NULL,
+    h INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (run, h, seq, idx)
+) WITHOUT ROWID;
+CREATE TABLE key_runs (
+    run INTEGER PRIMARY KEY,
+    through_seq INTEGER NOT NULL,
+    keys INTEGER NOT NULL
+);
+CREATE TABLE key_filter (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    through_run INTEGER NOT NULL,
+    keys INTEGER NOT NULL,
+    bits BLOB NOT NULL
+);
+"""
+
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2]
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

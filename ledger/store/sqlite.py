@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlite_utils
@@ -19,12 +20,15 @@ import sqlite_utils
 from ..errors import Unavailable
 from ..faults import fault
 from ..model import AccountState, AccountStatus, PlanState
+from . import blocks
 from .journal import GENESIS_HASH, UnitOfWork
+from .keyindex import KeyIndex
 from .queries import BUSY_TIMEOUT_MS, read_account, read_plans
 from .schema import MIGRATIONS, SCHEMA_VERSION, _statements
 
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 KEYS_PER_LOOKUP_MAX = 300  # idempotency keys looked up in one statement (3 parameters each)
+BLOCK_CACHE_MAX = 64  # decoded blocks kept for replays (R12)
 
 
 class DatabaseLocked(RuntimeError):
@@ -58,6 +62,10 @@ class Store:
         self._local = threading.local()
         self.commits = 0
         self.entries_committed = 0
+        self._blocks: dict[int, tuple[int, str, list]] = {}  # seq -> (at_us, day, items)
+        self.keys = KeyIndex(self.conn)
+        self.keys.load()
+        self.keys.recover(self._consumes_after(self.keys.through_seq))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -177,6 +185,60 @@ class Store:
                 found[(row[0], row[1], row[2])] = (row[3], row[4], row[5], row[6])
         return found
 
+    # ------------------------------------------------------------------ consume keys (R12)
+
+    def _consumes_after(self, seq: int) -> Iterator[tuple[int, int, str, str]]:
+        """(seq, index, account_id, request_id) of every consume after seq, in order."""
+        for row_seq, kind, account_id, request_id, payload in self.conn.execute(
+                "SELECT seq, kind, account_id, request_id, payload FROM journal"
+                " WHERE seq > ? AND kind IN ('consume', ?) ORDER BY seq",
+                (seq, blocks.BLOCK_KIND)).fetchall():
+            if kind == "consume":
+                yield row_seq, -1, account_id, request_id
+            else:
+                _, items = blocks.decode(payload)
+                for idx, item in enumerate(items):
+                    yield row_seq, idx, item[blocks.ACCOUNT], item[blocks.REQUEST]
+
+    def find_consume_keys(self, keys: list[tuple[str, str]]
+                          ) -> dict[tuple[str, str], blocks.Prior]:
+        """R12 for a group's consumes at once: {(account_id, request_id): what it recorded}.
+        The index answers where a key may be; the journal itself confirms it."""
+        found = {}
+        for key, locations in self.keys.candidates(keys).items():
+            for seq, idx in locations:
+                prior = self._prior_at(key, seq, idx)
+                if prior is not None:
+                    found[key] = prior
+                    break
+        return found
+
+    def _prior_at(self, key: tuple[str, str], seq: int, idx: int) -> blocks.Prior | None:
+        if idx < 0:  # a consume written as one row, before blocks
+            row = self.conn.execute(
+                "SELECT fingerprint, payload, at_us FROM journal WHERE seq = ?"
+                " AND account_id = ? AND request_id = ? AND kind = 'consume'",
+                (seq, *key)).fetchone()
+            return (blocks.prior_of_entry(seq, row[0], json.loads(row[1]), row[2])
+                    if row else None)
+        cached = self._blocks.get(seq)
+        if cached is None:
+            row = self.conn.execute("SELECT at_us, payload FROM journal WHERE seq = ? AND kind = ?",
+                                    (seq, blocks.BLOCK_KIND)).fetchone()
+            if row is None:
+                return None
+            cached = (row[0], *blocks.decode(row[1]))
+            if len(self._blocks) >= BLOCK_CACHE_MAX:
+                self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[seq] = cached
+        at_us, day, items = cached
+        if idx >= len(items):
+            return None
+        item = items[idx]
+        if (item[blocks.ACCOUNT], item[blocks.REQUEST]) != key:
+            return None  # another key with the same 64-bit hash
+        return blocks.prior_of_item(seq, at_us, day, item)
+
     def feature_day(self, account_id: str, day: str) -> tuple[int, int, int, int] | None:
         row = self.conn.execute(
             "SELECT start_scenarios, start_custom, max_scenarios, custom_any FROM features_daily"
@@ -188,6 +250,7 @@ class Store:
     def commit(self, uow: UnitOfWork) -> None:
         """Write one group in one transaction. Raises Unavailable; then nothing was written."""
         c = self.conn
+        uow.seal_block()
         fault("before_commit")
         try:
             c.execute("BEGIN IMMEDIATE")
@@ -203,6 +266,9 @@ class Store:
             raise Unavailable(f"the journal could not be written: {exc}") from exc
         self.commits += 1
         self.entries_committed += len(uow.rows)
+        if uow.consumed:  # committed: the keys are durable in their block (R12)
+            self.keys.add((key, v[0], v[1]) for key, v in uow.consumed.items())
+            self.keys.flush_if_full()
 
     @staticmethod
     def _write(c: sqlite3.Connection, uow: UnitOfWork) -> None:

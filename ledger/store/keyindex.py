@@ -1,0 +1,185 @@
+"""Where a Consume's idempotency key (R12) was recorded, kept off the commit path.
+
+The durable record of a key is its item in a journal block (:mod:`.blocks`); this index only
+points into the journal, and everything in it can be rebuilt from the journal. Inserting
+random keys (CAPTCHA servers send UUIDs) into a B-tree dirties a page per key; here nothing
+random is written when a group commits:
+
+- the **memtable**, a dict of the keys of the newest blocks: exact, in memory, bounded by
+  ``MEMTABLE_KEYS_MAX``;
+- **runs**: when the memtable is full it is written, sorted by a 64-bit hash of the key, as
+  one run of ``consume_keys`` rows (``(run, h)`` leads the primary key, so a run is appended
+  in order, never scattered) in a transaction of its own after a commit;
+- a **filter** (Bloom) over the keys of every run, in memory, so that a new key (nearly
+  every key) is answered without reading a run; a key the filter may hold is looked up in
+  the runs by its hash, and every hit is checked against the journal itself.
+
+Crash safety: a run and the filter's snapshot record how far they cover the journal; at
+start the memtable is rebuilt from the blocks after the newest run (at most
+``MEMTABLE_KEYS_MAX`` keys), and the keys of runs newer than the snapshot are added to the
+filter (at most ``FILTER_SNAPSHOT_EVERY_RUNS`` runs): start-up time does not grow with
+history. Consumes written one row each before blocks existed are indexed the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterable, Iterator
+
+MEMTABLE_KEYS_MAX = 100_000
+FILTER_KEYS = 16_000_000  # keys one filter holds at about 1% false positives
+FILTER_BITS_PER_KEY = 10
+FILTER_HASHES = 7
+FILTER_SNAPSHOT_EVERY_RUNS = 8
+LOOKUP_HASHES_PER_STATEMENT = 500
+MASK64 = (1 << 64) - 1
+
+Key = tuple[str, str]  # (account_id, request_id)
+Location = tuple[int, int]  # (journal seq, index in its block; -1: a one-row entry)
+
+
+def key_hash(account_id: str, request_id: str) -> int:
+    """A signed 64-bit hash (SQLite INTEGER) of a consume key."""
+    digest = hashlib.blake2b(f"{account_id}\x00{request_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class Filter:
+    """A Bloom filter over 64-bit key hashes (double hashing on the hash's two halves)."""
+
+    def __init__(self, bits: bytes | None = None, keys_max: int = FILTER_KEYS) -> None:
+        self.bits = bytearray(bits) if bits is not None else bytearray(
+            keys_max * FILTER_BITS_PER_KEY // 8)
+        self.m = len(self.bits) * 8
+
+    def _positions(self, h: int) -> Iterator[int]:
+        h &= MASK64
+        h1, h2 = h & 0xFFFFFFFF, (h >> 32) | 1
+        m = self.m
+        for i in range(FILTER_HASHES):
+            yield (h1 + i * h2) % m
+
+    def add(self, h: int) -> None:
+        bits = self.bits
+        for p in self._positions(h):
+            bits[p >> 3] |= 1 << (p & 7)
+
+    def __contains__(self, h: int) -> bool:
+        bits = self.bits
+        return all(bits[p >> 3] & (1 << (p & 7)) for p in self._positions(h))
+
+
+class KeyIndex:
+    """The memtable, the runs and the filter of one SQLite journal (the writer's side)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.memtable: dict[Key, tuple[int, int, int]] = {}  # key -> (seq, index, hash)
+        self.runs: list[int] = []
+        self.through_seq = 0  # the runs cover every key at or before this seq
+        self.filter = Filter()
+        self.filter_through_run = 0
+        self.filter_keys = 0
+        self.failed_flushes = 0
+
+    # ------------------------------------------------------------------ start
+
+    def load(self) -> None:
+        """Load the runs and the filter (then :meth:`recover` the memtable)."""
+        c = self.conn
+        for run, through in c.execute("SELECT run, through_seq FROM key_runs ORDER BY run"):
+            self.runs.append(run)
+            self.through_seq = max(self.through_seq, through)
+        row = c.execute("SELECT through_run, keys, bits FROM key_filter WHERE id = 1").fetchone()
+        if row is not None:
+            self.filter, self.filter_through_run, self.filter_keys = Filter(row[2]), row[0], row[1]
+        for (h,) in c.execute("SELECT h FROM consume_keys WHERE run > ?",
+                              (self.filter_through_run,)):
+            self.filter.add(h)
+            self.filter_keys += 1
+
+    def recover(self, entries: Iterable[tuple[int, int, str, str]]) -> None:
+        """The memtable from (seq, index, account_id, request_id) of each consume after
+        ``through_seq``, in journal order (runs written on the way if it fills up)."""
+        for seq, idx, account_id, request_id in entries:
+            self.memtable[(account_id, request_id)] = (seq, idx, key_hash(account_id,
+                                                                          request_id))
+            if len(self.memtable) >= MEMTABLE_KEYS_MAX:
+                self.flush()
+
+    # ------------------------------------------------------------------ lookups
+
+    def candidates(self, keys: Iterable[Key]) -> dict[Key, list[Location]]:
+        """Where each key may be recorded; every location must be checked against the
+        journal (a hash may collide). Keys absent from the result were never recorded."""
+        found: dict[Key, list[Location]] = {}
+        maybe: dict[int, list[Key]] = {}
+        memtable, filt = self.memtable, self.filter
+        for key in keys:
+            hit = memtable.get(key)
+            if hit is not None:
+                found[key] = [(hit[0], hit[1])]
+                continue
+            h = key_hash(*key)
+            if self.runs and h in filt:
+                maybe.setdefault(h, []).append(key)
+        if maybe:
+            hashes = list(maybe)
+            runs = ",".join(str(r) for r in self.runs)
+            for i in range(0, len(hashes), LOOKUP_HASHES_PER_STATEMENT):
+                chunk = hashes[i:i + LOOKUP_HASHES_PER_STATEMENT]
+                marks = ",".join("?" * len(chunk))
+                for h, seq, idx in self.conn.execute(
+                        f"SELECT h, seq, idx FROM consume_keys WHERE run IN ({runs})"
+                        f" AND h IN ({marks})", chunk):
+                    for key in maybe[h]:
+                        found.setdefault(key, []).append((seq, idx))
+        return found
+
+    # ------------------------------------------------------------------ after a commit
+
+    def add(self, keys: Iterable[tuple[Key, int, int]]) -> None:
+        memtable = self.memtable
+        for key, seq, idx in keys:
+            memtable[key] = (seq, idx, key_hash(*key))
+
+    def flush_if_full(self) -> None:
+        if len(self.memtable) >= MEMTABLE_KEYS_MAX:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the memtable as one run, sorted by hash, in a transaction of its own; the
+        filter's snapshot goes with every FILTER_SNAPSHOT_EVERY_RUNS-th run. On failure
+        (a full disk) the memtable stays and the next commit tries again."""
+        if not self.memtable:
+            return
+        rows = sorted((h, seq, idx) for seq, idx, h in self.memtable.values())
+        through = max(seq for _, seq, _ in rows)
+        run = (self.runs[-1] + 1) if self.runs else 1
+        for h, _, _ in rows:
+            self.filter.add(h)
+        snapshot = (run - self.filter_through_run) >= FILTER_SNAPSHOT_EVERY_RUNS
+        c = self.conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.executemany(f"INSERT INTO consume_keys VALUES ({run},?,?,?)", rows)
+                c.execute("INSERT INTO key_runs VALUES (?,?,?)", (run, through, len(rows)))
+                if snapshot:
+                    c.execute("INSERT OR REPLACE INTO key_filter VALUES (1,?,?,?)",
+                              (run, self.filter_keys + len(rows), bytes(self.filter.bits)))
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error:
+            self.failed_flushes += 1
+            return
+        self.runs.append(run)
+        self.through_seq = max(self.through_seq, through)
+        self.filter_keys += len(rows)
+        if snapshot:
+            self.filter_through_run = run
+        self.memtable.clear()

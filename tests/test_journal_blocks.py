@@ -1,0 +1,173 @@
+"""Consume blocks and the key index (issue 9): R12 and R25 on the new journal format.
+
+One journal row per run of consumes (ledger/store/blocks.py); keys found through a memtable,
+sorted runs and a filter (ledger/store/keyindex.py). These tests shrink the memtable so that
+runs, filter snapshots and restarts happen within a few hundred requests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+
+from clients.client import LedgerError
+from ledger import model as m
+from ledger.catalog import builtin
+from ledger.clock import TestClock
+from ledger.engine import Engine
+from ledger.errors import AlreadyExists
+from ledger.money import Region
+from ledger.store import Store, consume_entries, keyindex
+from ledger.verify import verify
+from ledger.writer import Batch, Writer, unwrap
+
+from .conftest import ServerProcess
+
+FIXTURES = Path(__file__).parent / "fixtures"
+T0 = 1_804_636_800_000_000  # 2027-03-10 08:00 UTC+8
+
+
+class Ledger:
+    """One store, engine and writer in process; reopened from the file by restart()."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self._open()
+
+    def _open(self) -> None:
+        self.store = Store(self.db)
+        self.writer = Writer(Engine(self.store, TestClock(T0), builtin()))
+        self.writer.start()
+
+    def restart(self) -> None:
+        self.close()
+        self._open()
+
+    def close(self) -> None:
+        self.writer.stop()
+        self.store.close()
+
+    def call(self, cmd):
+        return unwrap(self.writer.call(cmd))
+
+
+def consume(account_id: str, request_id: str, qty: int = 1, region: int = 1) -> m.Consume:
+    return m.Consume(account_id, request_id, Region(region), m.CaptchaType(1),
+                     m.Architecture(1), m.Step(1), None, qty)
+
+
+def outcome(r) -> tuple:
+    return (r.allocations, r.payg_units, r.payg_amount_micros, r.billing_day, r.recorded_at_us,
+            r.plan_units_remaining, r.journal_seq)
+
+
+@pytest.fixture
+def small_index(monkeypatch):
+    """Runs every 40 keys, a filter snapshot every 2 runs, a small filter."""
+    monkeypatch.setattr(keyindex, "MEMTABLE_KEYS_MAX", 40)
+    monkeypatch.setattr(keyindex, "FILTER_SNAPSHOT_EVERY_RUNS", 2)
+    monkeypatch.setattr(keyindex, "FILTER_KEYS", 10_000)
+
+
+def test_r12_keys_replay_from_memtable_runs_and_after_restarts(tmp_path, small_index):
+    """Every key replays its first result exactly, whether it sits in the memtable, in a run,
+    or is known again after a restart (runs, filter snapshot, memtable from the blocks)."""
+    led = Ledger(tmp_path / "l.db")
+    try:
+        for a in ("acme", "beta"):
+            led.call(m.CreateAccount(a))
+            led.call(m.TopUp(a, "t", m.FundsKind.CASH, 100_000_000))
+        led.call(m.PurchasePlan("acme", "p", "month-100k"))
+        keys = [(("acme", "beta")[i % 2], str(uuid.uuid4())) for i in range(250)]
+        qty = {key: 1 + i % 3 for i, key in enumerate(keys)}
+        first = {}
+        for i in range(0, len(keys), 23):  # groups of 23: blocks of several items
+            outs = led.writer.call(Batch([consume(*k, qty[k]) for k in keys[i:i + 23]]))
+            first.update(zip(keys[i:i + 23], map(unwrap, outs), strict=True))
+        runs = led.store.keys.runs
+        assert len(runs) >= 4 and led.store.keys.memtable  # both paths are exercised
+        for round_ in ("live", "restarted", "restarted twice"):
+            if round_ != "live":
+                led.restart()
+            again = led.writer.call(Batch([consume(*k, qty[k]) for k in keys]))
+            for key, r in zip(keys, map(unwrap, again), strict=True):
+                assert r.replayed, (round_, key)
+                assert outcome(r) == outcome(first[key]), (round_, key)
+        with pytest.raises(AlreadyExists) as err:  # the same key, other content (R12)
+            led.call(consume(*keys[0], qty=9))
+        assert err.value.reason == "IDEMPOTENCY_KEY_REUSED"
+    finally:
+        led.close()
+    assert verify(str(tmp_path / "l.db")).ok
+
+
+def test_r12_hash_collisions_are_told_apart_by_the_journal(tmp_path, small_index, monkeypatch):
+    """With every key hashing alike, new keys are still new and old ones still replay."""
+    monkeypatch.setattr(keyindex, "key_hash", lambda account_id, request_id: 7)
+    led = Ledger(tmp_path / "l.db")
+    try:
+        led.call(m.CreateAccount("acme"))
+        firsts = [led.call(consume("acme", f"k{i}")) for i in range(100)]
+        assert all(not r.replayed for r in firsts)
+        led.restart()
+        for i in (0, 41, 99):
+            r = led.call(consume("acme", f"k{i}"))
+            assert r.replayed and outcome(r) == outcome(firsts[i])
+        assert not led.call(consume("acme", "k100")).replayed
+    finally:
+        led.close()
+
+
+def test_r25_a_block_never_spans_another_entry(tmp_path):
+    """Consume, purchase, consume in one group: the purchase splits the block, so the
+    journal keeps the order of application and rebuilds the same figures."""
+    led = Ledger(tmp_path / "l.db")
+    try:
+        led.call(m.CreateAccount("acme"))
+        led.call(m.TopUp("acme", "t", m.FundsKind.CASH, 100_000_000))
+        before, bought, after = led.writer.call(Batch([
+            consume("acme", "c1", 5), m.PurchasePlan("acme", "p", "month-100k"),
+            consume("acme", "c2", 5)]))
+        assert unwrap(before).payg_units == 5 and unwrap(after).allocations == (
+            (unwrap(bought).plan_id, 5),)
+    finally:
+        led.close()
+    conn = sqlite3.connect(tmp_path / "l.db")
+    kinds = [k for (k,) in conn.execute("SELECT kind FROM journal ORDER BY seq")]
+    assert kinds[-3:] == ["consume_block", "purchase", "consume_block"]
+    assert [e[3] for e in consume_entries(conn)] == ["c1", "c2"]
+    conn.close()
+    assert verify(str(tmp_path / "l.db")).ok
+
+
+def test_migration_fixture_old_entries_verify_and_old_keys_replay(tmp_path):
+    """A database written by schema version 2 (one row per consume, committed as a fixture)
+    migrates in place: it verifies, and its request_ids replay their original results."""
+    shutil.copy(FIXTURES / "ledger-v2.db", tmp_path / "ledger.db")
+    recorded = json.loads((FIXTURES / "ledger-v2.json").read_text())
+    srv = ServerProcess(tmp_path).start()
+    try:
+        with srv.client() as c:
+            for name, r in recorded.items():
+                account_id, request_id = name.split("/")
+                got = c.consume(account_id, request_id=request_id, quantity=r["qty"],
+                                region=r["region"], scenario_id=r["scenario"])
+                assert got.replayed, name
+                assert ([[a.plan_id, a.units] for a in got.allocations], got.payg_units,
+                        got.payg_amount_micros, got.billing_day, got.plan_units_remaining,
+                        got.journal_seq, got.recorded_at.ToMicroseconds()) == (
+                    r["alloc"], r["payg_units"], r["payg_micros"], r["day"], r["remaining"],
+                    r["seq"], r["at_us"]), name
+            with pytest.raises(LedgerError) as err:
+                c.consume("acme", request_id="c-3", quantity=21)
+            assert err.value.reason == "IDEMPOTENCY_KEY_REUSED"
+            fresh = c.consume("acme", request_id="c-new", quantity=2)
+            assert not fresh.replayed and fresh.payg_units == 2
+    finally:
+        srv.stop()
+    assert verify(str(tmp_path / "ledger.db")).ok
