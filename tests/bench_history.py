@@ -12,15 +12,15 @@ What it does, in one run:
    consumes) and "history" (``--rows`` consume entries over the days before today, UTC+8,
    at most 1,000,000 per day, each day settled by the engine as the server would). Both are
    settled through yesterday, so a server on either finds nothing due at start.
-   The consume entries are written the way ``tests/bench.py`` writes its settlement journal:
-   the engine's payload layout, fingerprint, idempotency key and SHA-256 chain
-   (``ConsumeRows``, checked against consumes the engine wrote itself), with the derived rows
-   (plans, offsets_daily, usage_daily) the engine would write, through ``Store.commit`` of a
-   ``UnitOfWork``, 100,000 rows per transaction. Through the engine or the server a request
-   costs ~90 us or more of Python here, which for 10 million rows alone would take longer
-   than this whole bench. After building, cheap SQL checks (gap-free seq, units conserved
-   between the journal and the derived tables); ``--verify`` adds the full
-   ``quota-ledger verify`` (a whole replay, streamed; about 50 s per million rows here).
+   The consumes are written as the engine writes them: journal blocks of 1,000 items
+   (``history_item``, checked against consumes the engine wrote itself) with random UUID
+   request_ids, the derived rows (plans, offsets_daily, usage_daily) the engine would write,
+   through ``Store.commit`` of a ``UnitOfWork``, 100,000 requests per transaction, which
+   also indexes their keys (memtable, runs, filter) exactly as a server does. Through the
+   engine or the server a request costs tens of microseconds of Python more, which for 10
+   million requests alone would take longer than this whole bench. After building, cheap
+   SQL checks (gap-free seq, units conserved between the journal and the derived tables);
+   ``--verify`` adds the full ``quota-ledger verify`` (a whole replay, streamed).
 2. Per run: starts `python -m server serve` (system clock, WAL + synchronous=FULL) on each
    database and times process spawn -> health check SERVING; warms both up; drives the same
    ``clients.loadgen.run_load`` loads at each, alternating which goes first: unary Consume at
@@ -44,6 +44,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,14 +63,13 @@ from ledger import model as m
 from ledger.clock import TestClock
 from ledger.engine import Engine
 from ledger.money import Region, payg_cost_micros
-from ledger.store import Store, UnitOfWork
+from ledger.store import Store, UnitOfWork, blocks, consume_entries
 from ledger.verify import TAIL_CHECK_ENTRIES
 from ledger.verify import verify as verify_db
 from ledger.writer import GROUP_REQUESTS_MAX
 
 from .bench import (
     MEASURES,
-    ConsumeRows,
     Proc,
     closing_lines,
     drive,
@@ -88,6 +88,7 @@ PAYG_TOP_UP_MICROS = 1_000_000_000  # USD 1,000: pays every pay-as-you-go bill o
 ENGINE_CONSUMES = 20  # consumes written by the engine itself: ConsumeRows.check's reference
 ROWS_PER_DAY_MAX = 1_000_000
 BUILD_TXN_ROWS = 100_000  # consume entries per transaction while building
+BUILD_BLOCK_ITEMS = 1_000  # consumes per journal block (one commit group of a busy server)
 BUILD_CACHE_KIB = 512 * 1024  # the builder's own page cache (not the server's)
 START_TIMEOUT_S = 120.0
 HEALTH_TIMEOUT_S = 10.0
@@ -163,41 +164,62 @@ def settle_through(engine: Engine, clock: TestClock, day: str) -> None:
 
 def write_day(store: Store, ids: list[str], day: str, n: int, offset: int,
               remaining: dict[str, int], plan_of: dict[str, Any]) -> None:
-    """n consume entries on ``day`` (01:00 to 23:00 UTC+8) with their derived rows, in
-    transactions of BUILD_TXN_ROWS. ``offset`` continues the round robin over accounts."""
+    """n consumes on ``day`` (01:00 to 23:00 UTC+8) with random UUID request_ids, as journal
+    blocks of BUILD_BLOCK_ITEMS (what a busy server's commit groups write) with their derived
+    rows, BUILD_TXN_ROWS per transaction; ``Store.commit`` indexes the keys as the server's
+    does. ``offset`` continues the round robin over accounts."""
     seq, last_hash, _ = store.journal_tail()
-    rows = ConsumeRows(seq + 1, last_hash, day)
     t0_us = cal.day_start(day) + cal.US_PER_HOUR
     span_us = 22 * cal.US_PER_HOUR
     payg_micros = {r: payg_cost_micros(Region(r), 1) for r in (1, 2)}
     n_ids = len(ids)
+    next_seq = seq + 1
     for start in range(0, n, BUILD_TXN_ROWS):
-        uow = UnitOfWork(last_hash=rows.last_hash, next_seq=rows.next_seq)
+        uow = UnitOfWork(last_hash=last_hash, next_seq=next_seq)
         touched: set[str] = set()
         for j in range(start, min(n, start + BUILD_TXN_ROWS)):
             g = offset + j
             account_id = ids[g % n_ids]
             region = 1 + (g // n_ids) % 2
-            at = t0_us + j * span_us // n
+            at = t0_us + (j - j % BUILD_BLOCK_ITEMS) * span_us // n  # one instant a block
             plan = plan_of.get(account_id)
             if plan is not None:
                 remaining[account_id] -= 1
                 key = (account_id, day, plan.plan_id)
                 uow.offsets[key] = uow.offsets.get(key, 0) + 1
-                uow.rows.append(rows.row(at, account_id, region, plan.plan_id, 0,
-                                         remaining[account_id]))
+                uow.add_consume(at, day, history_item(account_id, region, plan.plan_id, 0,
+                                                      remaining[account_id]))
                 touched.add(account_id)
             else:
                 acc = uow.usage.setdefault((account_id, day, region), [0, 0])
                 acc[0] += 1
                 acc[1] += payg_micros[region]
-                uow.rows.append(rows.row(at, account_id, region, None, payg_micros[region], 0))
+                uow.add_consume(at, day, history_item(account_id, region, None,
+                                                      payg_micros[region], 0))
         for account_id in touched:
             plan = plan_of[account_id]
             plan.units_remaining = remaining[account_id]
             uow.plans[plan.plan_id] = plan
-        uow.last_hash, uow.next_seq = rows.last_hash, rows.next_seq
         store.commit(uow)
+        last_hash, next_seq = uow.last_hash, uow.next_seq
+
+
+def history_item(account_id: str, region: int, plan_id: str | None, payg_micros: int,
+                 remaining: int) -> list[Any]:
+    """A quantity-1 slider/v2/step-3 consume as the engine records it in a block."""
+    return [account_id, str(uuid.uuid4()), region, 1, 1, 1, None, 1, None,
+            [[plan_id, 1]] if plan_id else [], 0 if plan_id else 1, payg_micros, remaining]
+
+
+def check_items(store: Store) -> None:
+    """history_item() lays an item out exactly as the engine did for its own consumes."""
+    found = 0
+    for _, _, account_id, _request_id, p in consume_entries(store.conn):
+        plan_id = p["alloc"][0][0] if p["alloc"] else None
+        mine = history_item(account_id, p["region"], plan_id, p["payg_micros"], p["remaining"])
+        assert blocks.entry_payload(p["day"], mine) == p, (mine, p)
+        found += 1
+    assert found == ENGINE_CONSUMES, found
 
 
 def build_history(path: Path, days: list[str], rows: int, build: Build,
@@ -215,7 +237,7 @@ def build_history(path: Path, days: list[str], rows: int, build: Build,
         run_group(engine, [m.Consume(a, f"engine-{a}", Region(1 + k % 2), m.CaptchaType.SLIDER,
                                      m.Architecture.V2, m.Step.STEP_3)
                            for k, a in enumerate(ids[:ENGINE_CONSUMES])])
-        ConsumeRows.check(store)
+        check_items(store)
         plan_of = {p.account_id: p for p in store.load_plans("WHERE units_remaining > 0")}
         remaining = {a: p.units_remaining for a, p in plan_of.items()}
         bulk = rows - ENGINE_CONSUMES
@@ -253,8 +275,7 @@ def check_built(path: Path, consumes_expected: int) -> int:
     try:
         count, max_seq = conn.execute("SELECT count(*), max(seq) FROM journal").fetchone()
         assert count == max_seq, f"journal seq has gaps: {count} entries, max seq {max_seq}"
-        consumes = conn.execute(
-            "SELECT count(*) FROM journal WHERE kind = 'consume'").fetchone()[0]
+        consumes = sum(1 for _ in consume_entries(conn))
         assert consumes == consumes_expected, (consumes, consumes_expected)
         offsets = conn.execute("SELECT coalesce(sum(units), 0) FROM offsets_daily").fetchone()[0]
         payg = conn.execute(
@@ -294,7 +315,8 @@ def build_all(tmp: Path, rows: int, console: Console) -> tuple[Path, Path, Build
     build.checks_s = time.perf_counter() - t0
     build.size_bytes = history.stat().st_size
     console.print(f"built: history {build.entries:,} journal entries, "
-                  f"{build.size_bytes / 2**30:.2f} GiB; empty {empty_entries:,} entries; "
+                  f"{build.size_bytes / 2**30:.2f} GiB ({build.size_bytes / rows:,.0f} bytes "
+                  f"per request); empty {empty_entries:,} entries; "
                   f"consume entries written at {rows / max(build.rows_s, 1e-9):,.0f}/s; checks "
                   f"(gap-free seq, units conserved) ok in {build.checks_s:.1f} s")
     return empty, history, build

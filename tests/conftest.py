@@ -86,11 +86,25 @@ class ServerProcess:
     def client(self, **kwargs) -> LedgerClient:
         return LedgerClient(self.target, **kwargs)
 
-    def journal_count(self) -> int:
+    def journal_rows(self) -> int:
+        """Rows of the journal table (a consume block is one row)."""
         import sqlite3
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
         try:
             return conn.execute("SELECT count(*) FROM journal").fetchone()[0]
+        finally:
+            conn.close()
+
+    def journal_count(self) -> int:
+        """Journal entries, each consume of a block (ledger/store/blocks.py) counted once."""
+        import sqlite3
+
+        from ledger.store import consume_entries
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            others = conn.execute("SELECT count(*) FROM journal"
+                                  " WHERE kind NOT IN ('consume', 'consume_block')").fetchone()[0]
+            return others + sum(1 for _ in consume_entries(conn))
         finally:
             conn.close()
 

@@ -79,7 +79,8 @@ def test_r11_concurrent_callers_take_each_unit_once(server, client):
     assert all(r.plan_units_remaining >= 0 for r in results)
     # Each covered request saw a distinct "units left after me": LEFT-1 down to 0.
     assert sorted(r.plan_units_remaining for r in covered) == list(range(LEFT))
-    assert len({r.journal_seq for r in results}) == total
+    # Every request is its own entry: a block's items share its seq, never a request_id.
+    assert len({(r.journal_seq, r.request_id) for r in results}) == total
     assert client.get_remaining("acme").units_remaining_total == 0
     check_tables(server, plan_id, payg_expected=LEFT)
 

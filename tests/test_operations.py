@@ -106,7 +106,7 @@ def test_metrics_after_load_show_requests_latency_and_batches(server, client):
     assert billable[("chinese_mainland", "plan")] == 200
     assert billable[("outside_chinese_mainland", "plan")] == 20
     rows = [s.value for s in m["ledger_journal_entries"]]
-    assert rows == [server.journal_count()]
+    assert rows == [server.journal_rows()]
 
 
 def test_sigterm_during_load_keeps_every_reply_and_exits_zero(tmp_path):

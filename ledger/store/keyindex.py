@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+
+import numpy as np
 
 MEMTABLE_KEYS_MAX = 100_000
 FILTER_KEYS = 16_000_000  # keys one filter holds at about 1% false positives
@@ -33,7 +35,6 @@ FILTER_BITS_PER_KEY = 10
 FILTER_HASHES = 7
 FILTER_SNAPSHOT_EVERY_RUNS = 8
 LOOKUP_HASHES_PER_STATEMENT = 500
-MASK64 = (1 << 64) - 1
 
 Key = tuple[str, str]  # (account_id, request_id)
 Location = tuple[int, int]  # (journal seq, index in its block; -1: a one-row entry)
@@ -46,28 +47,35 @@ def key_hash(account_id: str, request_id: str) -> int:
 
 
 class Filter:
-    """A Bloom filter over 64-bit key hashes (double hashing on the hash's two halves)."""
+    """A Bloom filter over 64-bit key hashes (double hashing on the hash's two halves),
+    added to and asked a whole group of hashes at a time (numpy: no Python loop a key)."""
 
-    def __init__(self, bits: bytes | None = None, keys_max: int = FILTER_KEYS) -> None:
-        self.bits = bytearray(bits) if bits is not None else bytearray(
-            keys_max * FILTER_BITS_PER_KEY // 8)
-        self.m = len(self.bits) * 8
+    def __init__(self, bits: bytes | None = None, keys_max: int | None = None) -> None:
+        if bits is not None:
+            self.bits = np.frombuffer(bits, dtype=np.uint8).copy()
+        else:
+            self.bits = np.zeros((keys_max or FILTER_KEYS) * FILTER_BITS_PER_KEY // 8,
+                                 dtype=np.uint8)
+        self.m = np.uint64(len(self.bits) * 8)
 
-    def _positions(self, h: int) -> Iterator[int]:
-        h &= MASK64
-        h1, h2 = h & 0xFFFFFFFF, (h >> 32) | 1
-        m = self.m
-        for i in range(FILTER_HASHES):
-            yield (h1 + i * h2) % m
+    def _positions(self, hashes: list[int]) -> np.ndarray:
+        hs = np.array(hashes, dtype=np.int64).view(np.uint64)
+        h1, h2 = hs & np.uint64(0xFFFFFFFF), (hs >> np.uint64(32)) | np.uint64(1)
+        i = np.arange(FILTER_HASHES, dtype=np.uint64)
+        return (h1[:, None] + i[None, :] * h2[:, None]) % self.m  # wraps mod 2**64: fine
 
-    def add(self, h: int) -> None:
-        bits = self.bits
-        for p in self._positions(h):
-            bits[p >> 3] |= 1 << (p & 7)
+    def add_many(self, hashes: list[int]) -> None:
+        if hashes:
+            p = self._positions(hashes).ravel()
+            np.bitwise_or.at(self.bits, p >> np.uint64(3),
+                             np.left_shift(1, p & np.uint64(7)).astype(np.uint8))
 
-    def __contains__(self, h: int) -> bool:
-        bits = self.bits
-        return all(bits[p >> 3] & (1 << (p & 7)) for p in self._positions(h))
+    def contains_many(self, hashes: list[int]) -> list[bool]:
+        if not hashes:
+            return []
+        p = self._positions(hashes)
+        hit = self.bits[p >> np.uint64(3)] & np.left_shift(1, p & np.uint64(7)).astype(np.uint8)
+        return (hit != 0).all(axis=1).tolist()
 
 
 class KeyIndex:
@@ -94,10 +102,10 @@ class KeyIndex:
         row = c.execute("SELECT through_run, keys, bits FROM key_filter WHERE id = 1").fetchone()
         if row is not None:
             self.filter, self.filter_through_run, self.filter_keys = Filter(row[2]), row[0], row[1]
-        for (h,) in c.execute("SELECT h FROM consume_keys WHERE run > ?",
-                              (self.filter_through_run,)):
-            self.filter.add(h)
-            self.filter_keys += 1
+        newer = [h for (h,) in c.execute("SELECT h FROM consume_keys WHERE run > ?",
+                                         (self.filter_through_run,))]
+        self.filter.add_many(newer)
+        self.filter_keys += len(newer)
 
     def recover(self, entries: Iterable[tuple[int, int, str, str]]) -> None:
         """The memtable from (seq, index, account_id, request_id) of each consume after
@@ -115,14 +123,17 @@ class KeyIndex:
         journal (a hash may collide). Keys absent from the result were never recorded."""
         found: dict[Key, list[Location]] = {}
         maybe: dict[int, list[Key]] = {}
-        memtable, filt = self.memtable, self.filter
+        unseen: list[Key] = []
+        memtable = self.memtable
         for key in keys:
             hit = memtable.get(key)
             if hit is not None:
                 found[key] = [(hit[0], hit[1])]
-                continue
-            h = key_hash(*key)
-            if self.runs and h in filt:
+            elif self.runs:
+                unseen.append(key)
+        hashes = [key_hash(*key) for key in unseen]
+        for key, h, may in zip(unseen, hashes, self.filter.contains_many(hashes), strict=True):
+            if may:
                 maybe.setdefault(h, []).append(key)
         if maybe:
             hashes = list(maybe)
@@ -157,8 +168,7 @@ class KeyIndex:
         rows = sorted((h, seq, idx) for seq, idx, h in self.memtable.values())
         through = max(seq for _, seq, _ in rows)
         run = (self.runs[-1] + 1) if self.runs else 1
-        for h, _, _ in rows:
-            self.filter.add(h)
+        self.filter.add_many([h for h, _, _ in rows])
         snapshot = (run - self.filter_through_run) >= FILTER_SNAPSHOT_EVERY_RUNS
         c = self.conn
         try:
@@ -168,7 +178,7 @@ class KeyIndex:
                 c.execute("INSERT INTO key_runs VALUES (?,?,?)", (run, through, len(rows)))
                 if snapshot:
                     c.execute("INSERT OR REPLACE INTO key_filter VALUES (1,?,?,?)",
-                              (run, self.filter_keys + len(rows), bytes(self.filter.bits)))
+                              (run, self.filter_keys + len(rows), self.filter.bits.tobytes()))
                 c.execute("COMMIT")
             except BaseException:
                 if c.in_transaction:
