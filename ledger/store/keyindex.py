@@ -90,6 +90,7 @@ class KeyIndex:
         self.filter_through_run = 0
         self.filter_keys = 0
         self.failed_flushes = 0
+        self._hashed: dict[Key, int] = {}  # hashes computed by the last candidates()
 
     # ------------------------------------------------------------------ start
 
@@ -132,6 +133,7 @@ class KeyIndex:
             elif self.runs:
                 unseen.append(key)
         hashes = [key_hash(*key) for key in unseen]
+        self._hashed = dict(zip(unseen, hashes, strict=True))  # for add(), after the commit
         for key, h, may in zip(unseen, hashes, self.filter.contains_many(hashes), strict=True):
             if may:
                 maybe.setdefault(h, []).append(key)
@@ -151,9 +153,11 @@ class KeyIndex:
     # ------------------------------------------------------------------ after a commit
 
     def add(self, keys: Iterable[tuple[Key, int, int]]) -> None:
-        memtable = self.memtable
+        memtable, hashed = self.memtable, self._hashed
         for key, seq, idx in keys:
-            memtable[key] = (seq, idx, key_hash(*key))
+            h = hashed.get(key)
+            memtable[key] = (seq, idx, key_hash(*key) if h is None else h)
+        self._hashed = {}
 
     def flush_if_full(self) -> None:
         if len(self.memtable) >= MEMTABLE_KEYS_MAX:
