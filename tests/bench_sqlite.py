@@ -1,13 +1,14 @@
-"""The SQLite side of `make bench`: the journal rows the engine writes, the SQLite ceiling
-and commit floor on the same settings, and the settlement journal and its measurement.
-Nothing here talks gRPC (that is tests/bench.py and tests/bench_loads.py)."""
+"""The SQLite side of `make bench`: the SQLite ceiling (one JSON journal row per request, the
+format before consume blocks) and commit floor on the ledger's settings, and the settlement
+journal (consume blocks, as the engine writes them) and its measurement. Nothing here talks
+gRPC (that is tests/bench.py and tests/bench_loads.py)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import sqlite3
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from ledger import model as m
 from ledger.clock import TestClock
 from ledger.engine import Engine
 from ledger.money import Region, payg_cost_micros
-from ledger.store import Store, UnitOfWork, canonical_json, chain_hash
+from ledger.store import Store, UnitOfWork, blocks, chain_hash, consume_entries
 from ledger.writer import GROUP_REQUESTS_MAX
 
 INSERT_TXN_ROWS = 1_000  # the SQLite ceiling: executemany in transactions of 1,000 rows
@@ -49,9 +50,9 @@ QUICK = Sizes(plan_accounts=50, payg_accounts=10, settle_requests=20_000,
 # --------------------------------------------------------------------------- journal rows
 
 class ConsumeRows:
-    """Journal rows exactly as the engine writes a plan-covered or pay-as-you-go Consume
-    (payload layout, canonical JSON, fingerprint, SHA-256 chain), built with string
-    formatting instead of json.dumps; :meth:`check` proves the equivalence on real rows."""
+    """Journal rows as the engine wrote a plan-covered Consume before consume blocks: one
+    row per request (JSON payload, fingerprint, SHA-256 chain, the idempotency index), the
+    row shape of the SQLite ceiling and the commit floor."""
 
     FINGERPRINT = "{region}|1|1|1||1"  # slider, v2, step 3, no scenario, quantity 1
 
@@ -77,20 +78,6 @@ class ConsumeRows:
         self.next_seq += 1
         return (seq, at_us, "consume", account_id, request_id,
                 self.FINGERPRINT.format(region=region), payload, self.last_hash)
-
-    @classmethod
-    def check(cls, store: Store) -> None:
-        """Formatted payloads and fingerprints equal those of consumes the engine wrote."""
-        found = 0
-        for payload_json, fingerprint in store.conn.execute(
-                "SELECT payload, fingerprint FROM journal WHERE kind = 'consume' LIMIT 50"):
-            p = json.loads(payload_json)
-            plan_id = p["alloc"][0][0] if p["alloc"] else None
-            mine = cls.payload(p["region"], plan_id, p["payg_micros"], p["day"], p["remaining"])
-            assert mine == payload_json == canonical_json(p), (mine, payload_json)
-            assert cls.FINGERPRINT.format(region=p["region"]) == fingerprint, fingerprint
-            found += 1
-        assert found, "no consume written by the engine to compare with"
 
 
 # --------------------------------------------------------------------------- SQLite ceiling
@@ -175,11 +162,11 @@ def build_settlement_journal(path: Path, sizes: Sizes, console: Console) -> dict
     core here, i.e. 1.5 min or more for 1,000,000), which would eat most of the bench's
     10-minute budget before anything is measured. Settlement never replays consume entries;
     it reads the derived tables (usage_daily, offsets_daily, plans) that the engine writes in
-    the same transaction. So the bench writes the same consume rows and the same derived
+    the same transaction. So the bench writes the same consume blocks and the same derived
     rows the engine would, in the engine's own transaction path (Store.commit of a
-    UnitOfWork, 4,096 requests per commit like the writer's groups), with the engine's
-    payload layout, fingerprint and hash chain (ConsumeRows.check compares it with entries
-    the engine wrote itself). Half the accounts hold a year-1m plan, half pay as you go,
+    UnitOfWork, 4,096 requests per commit and one instant per commit like the writer's
+    groups), with the engine's item layout (check_items compares it with consumes the
+    engine wrote itself). Half the accounts hold a year-1m plan, half pay as you go,
     regions alternate."""
     t_start = time.perf_counter()
     day0 = cal.day_start(SETTLE_DAY)
@@ -200,47 +187,45 @@ def build_settlement_journal(path: Path, sizes: Sizes, console: Console) -> dict
         group([m.CreateAccount(a) for a in part])
         group([m.TopUp(a, "bench-top-up", m.FundsKind.CASH, 1_000_000_000) for a in part])
         group([m.PurchasePlan(a, "bench-plan", "year-1m") for a in part[::2]])
-    # A few consumes through the engine itself: the reference for ConsumeRows.check.
+    # A few consumes through the engine itself: the reference for check_items.
     group([m.Consume(a, f"engine-{a}", Region(1 + k % 2), m.CaptchaType.SLIDER,
                      m.Architecture.V2, m.Step.STEP_3) for k, a in enumerate(ids[:20])])
-    ConsumeRows.check(store)
+    check_items(store)
     plans = {p.account_id: p for p in store.load_plans("WHERE units_remaining > 0")}
     remaining = {a: p.units_remaining for a, p in plans.items()}
     seq, last_hash, _ = store.journal_tail()
-    rows = ConsumeRows(seq + 1, last_hash, SETTLE_DAY)
     n_total = sizes.settle_requests - 20
     span_us = 20 * 3_600_000_000  # 02:00 .. 22:00 UTC+8
     t_us0 = day0 + 2 * 3_600_000_000
     n = 0
     while n < n_total:
         k = min(GROUP_REQUESTS_MAX, n_total - n)
-        uow = UnitOfWork(last_hash=rows.last_hash, next_seq=rows.next_seq)
+        uow = UnitOfWork(last_hash=last_hash, next_seq=seq + 1)
+        at = t_us0 + n * span_us // n_total  # one instant per commit group, as the engine's
         for j in range(n, n + k):
             account_id = ids[j % len(ids)]
             region = 1 + (j // len(ids)) % 2
-            at = t_us0 + j * span_us // n_total
             plan = plans.get(account_id)
             if plan is not None:
                 remaining[account_id] -= 1
                 key = (account_id, SETTLE_DAY, plan.plan_id)
                 uow.offsets[key] = uow.offsets.get(key, 0) + 1
-                uow.rows.append(rows.row(at, account_id, region, plan.plan_id, 0,
-                                         remaining[account_id]))
+                uow.add_consume(at, SETTLE_DAY, settle_item(account_id, region, plan.plan_id, 0,
+                                                            remaining[account_id]))
             else:
                 micros = payg_cost_micros(Region(region), 1)
                 acc = uow.usage.setdefault((account_id, SETTLE_DAY, region), [0, 0])
                 acc[0] += 1
                 acc[1] += micros
-                uow.rows.append(rows.row(at, account_id, region, None, micros, 0))
+                uow.add_consume(at, SETTLE_DAY, settle_item(account_id, region, None, micros, 0))
         for account_id in {ids[j % len(ids)] for j in range(n, n + k)} & plans.keys():
             plan = plans[account_id]
             plan.units_remaining = remaining[account_id]
             uow.plans[plan.plan_id] = plan
-        uow.last_hash, uow.next_seq = rows.last_hash, rows.next_seq
         store.commit(uow)
+        seq, last_hash = uow.next_seq - 1, uow.last_hash
         n += k
-    consumes = store.conn.execute(
-        "SELECT count(*) FROM journal WHERE kind = 'consume'").fetchone()[0]
+    consumes = sum(1 for _ in consume_entries(store.conn))
     store.close()  # checkpoints (TRUNCATE): the copies below need only the main file
     built_s = time.perf_counter() - t_start
     console.print(f"settlement journal: {consumes:,} consume entries over {len(ids):,} "
@@ -248,8 +233,38 @@ def build_settlement_journal(path: Path, sizes: Sizes, console: Console) -> dict
     return {"consume_entries": consumes, "accounts": len(ids), "built_s": built_s}
 
 
+def settle_item(account_id: str, region: int, plan_id: str | None, payg_micros: int,
+                remaining: int) -> list[Any]:
+    """A quantity-1 slider/v2/step-3 consume as the engine records it in a block."""
+    return [account_id, f"bench-{uuid.uuid4()}", region, 1, 1, 1, None, 1, None,
+            [[plan_id, 1]] if plan_id else [], 0 if plan_id else 1, payg_micros, remaining]
+
+
+def check_items(store: Store) -> None:
+    """settle_item() lays an item out exactly as the engine did for its own consumes."""
+    found = 0
+    for _, _, account_id, _request_id, p in consume_entries(store.conn):
+        plan_id = p["alloc"][0][0] if p["alloc"] else None
+        mine = settle_item(account_id, p["region"], plan_id, p["payg_micros"], p["remaining"])
+        assert blocks.entry_payload(p["day"], mine) == p, (mine, p)
+        found += 1
+    assert found, "no consume written by the engine to compare with"
+
+
+def journal_scan(conn: sqlite3.Connection) -> dict[str, int]:
+    """The bare scan: every consume block's items decoded (MessagePack, in C) and the
+    pay-as-you-go units summed per account that consumed, with no derived table."""
+    sums: dict[str, int] = {}
+    for (payload,) in conn.execute(
+            "SELECT payload FROM journal WHERE kind = ?", (blocks.BLOCK_KIND,)):
+        for item in blocks.decode(payload)[1]:
+            a = item[blocks.ACCOUNT]
+            sums[a] = sums.get(a, 0) + item[blocks.PAYG_UNITS]
+    return sums
+
+
 def measure_settlement(db: Path, tmp: Path, run: int) -> dict[str, Any]:
-    """On a fresh copy of the journal: the bare SQL aggregation, then SettleDay (a freshly
+    """On a fresh copy of the journal: the bare journal scan, then SettleDay (a freshly
     opened engine settling the day: reading figures, issuing and paying every bill,
     committing with one fsync). Both run on the same, page-cache-warm file."""
     copy = tmp / f"settle-run{run}.db"
@@ -257,9 +272,7 @@ def measure_settlement(db: Path, tmp: Path, run: int) -> dict[str, Any]:
     try:
         conn = sqlite3.connect(copy, isolation_level=None)
         t0 = time.perf_counter()
-        sums = conn.execute(
-            "SELECT account_id, sum(json_extract(payload, '$.payg_units')) FROM journal"
-            " WHERE kind = 'consume' GROUP BY account_id").fetchall()
+        payg = journal_scan(conn)
         sql_s = time.perf_counter() - t0
         conn.close()
         store = Store(copy)
@@ -273,11 +286,11 @@ def measure_settlement(db: Path, tmp: Path, run: int) -> dict[str, Any]:
             settle_s = time.perf_counter() - t0
         finally:
             store.close()
-        payg_sql = sum(s or 0 for _, s in sums)
+        payg_sql = sum(payg.values())
         payg_billed = sum(ln.quantity for b in bills for ln in b.lines
                           if ln.item == "verification")
         assert payg_billed == payg_sql, ("bills and journal disagree", payg_billed, payg_sql)
-        assert len(bills) == len(sums), ("one bill per active account", len(bills), len(sums))
+        assert len(bills) == len(payg), ("one bill per active account", len(bills), len(payg))
         return {"settle_s": settle_s, "sql_s": sql_s, "bills": len(bills),
                 "payg_units": payg_sql}
     finally:
