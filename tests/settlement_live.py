@@ -1,0 +1,114 @@
+"""The real ledger for the settlement property tests: the engine in process, as the server runs it.
+
+Each hypothesis example opens a fresh SQLite journal in its own temporary directory and drives
+the engine in process through the single writer (``writer.call`` + ``unwrap``), exactly as the
+server does; :class:`Live` also reads the database back (read-only) for the checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ledger.catalog import builtin
+from ledger.clock import TestClock
+from ledger.engine import Engine
+from ledger.errors import LedgerError
+from ledger.model import Architecture, CaptchaType, Consume, Step
+from ledger.money import Region
+from ledger.store import Store
+from ledger.writer import Writer, unwrap
+
+from .settlement_model import BillTuple
+
+
+def bill_tuple(b: Any) -> BillTuple:
+    return (b.account_id, b.billing_day, b.bill_date,
+            tuple((ln.item, ln.region, ln.quantity, ln.unit_price_micros, ln.amount_micros)
+                  for ln in b.lines),
+            tuple((p, n) for p, n in b.plan_offsets), b.total_micros, b.amount_due_micros,
+            b.paid_voucher_micros, b.paid_cash_micros, b.outstanding_micros, b.issued_at_us)
+
+
+# ---------------------------------------------------------------------------- the real ledger
+
+
+class Live:
+    """One store, test clock, engine and writer on a database file of a temp directory."""
+
+    def __init__(self, db: Path, start_us: int) -> None:
+        self.db = db
+        self._open(start_us)
+
+    def _open(self, start_us: int) -> None:
+        self.store = Store(self.db)
+        self.clock = TestClock(start_us)  # the engine floors it to the saved clock
+        self.engine = Engine(self.store, self.clock, builtin())
+        self.writer = Writer(self.engine)
+        self.writer.start()
+
+    def close(self) -> None:
+        self.writer.stop()
+        self.store.close()
+
+    def restart(self) -> None:
+        """Stop and reopen from the database alone (state is reloaded, not replayed)."""
+        self.close()
+        self._open(0)
+
+    def call(self, cmd: Any) -> Any:
+        return unwrap(self.writer.call(cmd))
+
+    def attempt(self, cmd: Any) -> tuple[Any, str | None]:
+        """(result, None) or (None, the refusal's reason); a refusal writes nothing."""
+        before = self.snapshot()
+        try:
+            return self.call(cmd), None
+        except LedgerError as exc:
+            assert self.snapshot() == before, f"{cmd} was refused but changed state"
+            return None, exc.reason
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def account_rows(self) -> dict[str, tuple[Any, ...]]:
+        return {r[0]: (r[1], r[2], r[3], r[4], r[5], r[6], sorted(json.loads(r[7])), r[8])
+                for r in self.query(
+                    "SELECT account_id, status, cash_micros, voucher_micros, outstanding_micros,"
+                    " overdue_since_us, suspended_at_us, scenario_ids, custom_policy"
+                    " FROM accounts")}
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """What settling an already settled day again must leave alone."""
+        return (self.query("SELECT count(*) FROM journal")[0][0], self.account_rows(),
+                self.query("SELECT count(*) FROM bills")[0][0])
+
+
+@contextmanager
+def ledger_at(start_us: int) -> Iterator[Live]:
+    """A fresh ledger per hypothesis example (pytest's tmp_path is per test, not example)."""
+    with tempfile.TemporaryDirectory(dir=RAM_DIR) as d:
+        live = Live(Path(d) / "l.db", start_us)
+        try:
+            yield live
+        finally:
+            live.close()
+
+
+# Durability is not what these tests check: a RAM disk keeps each fsync (and shrinking) cheap.
+RAM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def consume_cmd(account_id: str, request_id: str, qty: int, region: int) -> Consume:
+    return Consume(account_id, request_id, Region(region), CaptchaType.SLIDER, Architecture.V2,
+                   Step.STEP_3, quantity=qty)
