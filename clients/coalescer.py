@@ -100,33 +100,62 @@ class AsyncCoalescer:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._soon = False
+        self._pending_timer: asyncio.TimerHandle | None = None
+        self._pending_at: float | None = None
         self.batches_sent = self.requests_sent = 0
 
     async def __call__(self, request: qpb.ConsumeRequest, timeout: float,
                        metadata: Any = None) -> qpb.ConsumeResponse:
+        """The caller's outcome. No timer per call: one timer watches the waiting calls'
+        earliest deadline and one each batch in flight. A cancelled future is done, so
+        take_batch leaves its request out."""
         loop = asyncio.get_running_loop()
         item = _Item(request, loop.time() + timeout, loop.create_future())
         self._pending.append(item)
+        if self._pending_at is None or item.deadline < self._pending_at:
+            self._watch_pending(loop, item.deadline)
         self._schedule(loop)
-        expiry = loop.call_at(item.deadline, self._expire, item)  # lighter than wait_for
-        try:
-            return await item.future
-        except asyncio.CancelledError:
-            self._take_out(item)
-            raise
-        finally:
-            expiry.cancel()
+        return await item.future
 
-    def _expire(self, item: _Item) -> None:
-        if not item.future.done():
-            item.future.set_exception(deadline_error(self._take_out(item)))
+    def _watch_pending(self, loop: asyncio.AbstractEventLoop, at: float | None) -> None:
+        if self._pending_timer is not None:
+            self._pending_timer.cancel()
+        self._pending_at = at
+        self._pending_timer = None if at is None else loop.call_at(at, self._expire_pending)
 
-    def _take_out(self, item: _Item) -> bool:
-        """Remove a caller that gave up; True when its request had already been sent."""
-        if item in self._pending:
-            self._pending.remove(item)
-            return False
-        return True
+    def _expire_pending(self) -> None:
+        """Waiting callers past their deadline: never sent. Then watch the next one."""
+        loop = asyncio.get_running_loop()
+        now, error = loop.time(), None
+        waiting = []
+        for item in self._pending:
+            if item.future.done():
+                continue
+            if item.deadline <= now:
+                item.future.set_exception(error or (error := deadline_error(False)))
+            else:
+                waiting.append(item)
+        self._pending[:] = waiting
+        self._pending_timer = None
+        self._watch_pending(loop, min((i.deadline for i in waiting), default=None))
+
+    def _watch_sent(self, loop: asyncio.AbstractEventLoop, items: list[_Item]
+                    ) -> list[asyncio.TimerHandle]:
+        """One timer per batch in flight, at its callers' earliest deadline."""
+        handle: list[asyncio.TimerHandle] = []
+
+        def expire() -> None:
+            now = loop.time()
+            left = [i for i in items if not i.future.done()]
+            for item in left:
+                if item.deadline <= now:
+                    item.future.set_exception(deadline_error(True))
+            left = [i for i in left if not i.future.done()]
+            if left:
+                handle[0] = loop.call_at(min(i.deadline for i in left), expire)
+
+        handle.append(loop.call_at(min(i.deadline for i in items), expire))
+        return handle
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         if len(self._pending) >= self.batch_size_max or not self._in_flight:
@@ -152,6 +181,7 @@ class AsyncCoalescer:
 
     async def _send_batch(self, items: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
+        expiry = self._watch_sent(loop, items)
         try:
             answer = await self._send(batch_request([i.request for i in items]),
                                       timeout=_batch_timeout(items, loop.time()))
@@ -159,6 +189,8 @@ class AsyncCoalescer:
             deliver(items, None, LedgerError.from_rpc_error(err))
         else:
             deliver(items, answer, None)
+        finally:
+            expiry[0].cancel()
         if self._pending and self._timer is None and not self._soon:  # held back by the cap
             self._soon = True
             loop.call_soon(self._flush)
@@ -167,6 +199,8 @@ class AsyncCoalescer:
         """Send what is waiting, then wait for every batch in flight."""
         if self._pending:
             self._flush(force=True)
+        if self._pending_timer is not None:  # nothing waits any more
+            self._watch_pending(asyncio.get_running_loop(), None)
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=CLOSE_TIMEOUT_S)
 
