@@ -1,8 +1,9 @@
 """Domain types: enums that mirror the wire numbers, commands, plan state, and input checks.
 
-Commands are plain frozen dataclasses; ``server/`` builds them from protos and ``ledger/``
-never sees a proto. Every check of caller input lives here, so each transport gets the same
-messages.
+Commands are plain frozen dataclasses (``Consume``, built once per request on the hot path,
+is a hashable slots dataclass that nothing mutates); ``server/`` builds them from protos and
+``ledger/`` never sees a proto. Every check of caller input lives here, so each transport
+gets the same messages.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def check_text(value: str, field_name: str, max_len: int, *, allow_empty: bool =
 
 
 def check_id(value: str, field_name: str, max_len: int = ACCOUNT_ID_LEN_MAX) -> str:
+    if 0 < len(value) <= max_len and value.isascii() and value.isprintable() and " " not in value:
+        return value  # the common case, checked at once (printable ASCII: only " " strips)
     check_text(value, field_name, max_len)
     if value != value.strip() or " " in value:
         raise InvalidArgument(f"{field_name} {value!r} must not contain spaces")
@@ -125,6 +128,8 @@ def check_id(value: str, field_name: str, max_len: int = ACCOUNT_ID_LEN_MAX) -> 
 
 
 def check_request_id(value: str) -> str:
+    if 0 < len(value) <= REQUEST_ID_LEN_MAX and value.isascii() and value.isprintable():
+        return value  # the common case, checked at once
     return check_text(value, "request_id", REQUEST_ID_LEN_MAX)
 
 
@@ -149,8 +154,12 @@ def check_amount(value: int, field_name: str = "amount_micros") -> int:
 # ---------------------------------------------------------------------------- commands
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Consume:
+    """Not frozen only for speed: a frozen dataclass sets each field through
+    ``object.__setattr__`` (about 3 us of the ~9 us a request cost to validate); hashable
+    as before, and treated as immutable (``dataclasses.replace`` makes a changed copy)."""
+
     account_id: str
     request_id: str
     region: Region
