@@ -85,9 +85,12 @@ BILLABLE_STEPS: dict[tuple[Architecture, CaptchaType], frozenset[Step]] = {
 }
 
 
+_BILLABLE = frozenset((a, t, s) for (a, t), steps in BILLABLE_STEPS.items() for s in steps)
+
+
 def is_billable(arch: Architecture, ctype: CaptchaType, step: Step) -> bool:
     """R3 (R4: the outcome of the verification is not an input at all)."""
-    return step in BILLABLE_STEPS.get((arch, ctype), frozenset())
+    return (arch, ctype, step) in _BILLABLE
 
 
 # ---------------------------------------------------------------------------- input checks
@@ -327,4 +330,8 @@ class AccountState:
     live_plans: list[PlanState] = field(default_factory=list)
 
     def units_remaining_at(self, t_us: int) -> int:
-        return sum(p.units_remaining for p in self.live_plans if p.can_offset_at(t_us))
+        """The units of the plans that can offset at t (``PlanState.can_offset_at``, spelt
+        out: the engine asks once per request)."""
+        return sum([p.units_remaining for p in self.live_plans
+                    if p.refunded_at is None and p.units_remaining > 0
+                    and p.purchased_at <= t_us < p.expires_at])
