@@ -50,12 +50,29 @@ def batch_outcomes(requests: Sequence[qpb.ConsumeRequest], answer: qpb.ConsumeBa
 
 
 def _compact(requests: Sequence[qpb.ConsumeRequest], c: qpb.CompactResults) -> list[Outcome]:
+    """Each response is a copy of one made for the batch (its billing_day and recorded_at),
+    then its own fields: far cheaper than building each from keyword arguments."""
     errors = {e.index: e.error for e in c.errors}
-    day = c.billing_day
-    at = c.recorded_at if c.HasField("recorded_at") else None
+    template = qpb.ConsumeResponse(billing_day=c.billing_day)
+    if c.HasField("recorded_at"):
+        template.recorded_at.CopyFrom(c.recorded_at)
+    out: list[Outcome] = []
     columns = zip(requests, c.codes, c.billable, c.replayed, c.payg_units,  # noqa: B905
                   c.payg_amount_micros)  # the shortest column bounds the answer
-    return [item_error(errors.get(i, pb.Error(code=code))) if code else qpb.ConsumeResponse(
-        request_id=r.request_id, billable=billable, replayed=replayed, payg_units=units,
-        payg_amount_micros=amount, billing_day=day, recorded_at=at)
-        for i, (r, code, billable, replayed, units, amount) in enumerate(columns)]
+    for i, (r, code, billable, replayed, units, amount) in enumerate(columns):
+        if code:
+            out.append(item_error(errors.get(i, pb.Error(code=code))))
+            continue
+        response = qpb.ConsumeResponse()
+        response.CopyFrom(template)
+        response.request_id = r.request_id
+        if billable:
+            response.billable = True
+        if replayed:
+            response.replayed = True
+        if units:
+            response.payg_units = units
+        if amount:
+            response.payg_amount_micros = amount
+        out.append(response)
+    return out
