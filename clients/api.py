@@ -24,6 +24,29 @@ from clients.wire import RETRYABLE, LedgerError, enum_value, new_request_id, tim
 SPOOLABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
+# Prebuilt ConsumeRequests holding only the four enums, by the names callers gave: a copy of
+# one and three fields set is far cheaper than resolving four names and building from keyword
+# arguments on every consume(). Only names are kept (valid ones), so this stays small.
+_CONSUME_TEMPLATES: dict[tuple[Any, ...], qpb.ConsumeRequest] = {}
+_TEMPLATES_MAX = 1_024
+
+
+def _consume_template(region: int | str, captcha_type: int | str, architecture: int | str,
+                      step: int | str) -> qpb.ConsumeRequest:
+    key = (region, captcha_type, architecture, step)
+    template = _CONSUME_TEMPLATES.get(key)  # only names are stored: a hit is all names
+    if template is not None:
+        return template
+    template = qpb.ConsumeRequest(
+        region=enum_value(pb.Region, region),
+        captcha_type=enum_value(pb.CaptchaType, captcha_type),
+        architecture=enum_value(pb.ClientArchitecture, architecture),
+        step=enum_value(pb.VerificationStep, step))
+    if all(type(v) is str for v in key) and len(_CONSUME_TEMPLATES) < _TEMPLATES_MAX:
+        _CONSUME_TEMPLATES[key] = template
+    return template
+
+
 class LedgerApi:
     """Request building and the retry and fail-open decisions shared by both clients;
     ``_call`` decides sync or async."""
@@ -72,12 +95,12 @@ class LedgerApi:
                         dry_run: bool = False,
                         client_observed_at: datetime | Timestamp | None = None
                         ) -> qpb.ConsumeRequest:
-        req = qpb.ConsumeRequest(
-            account_id=account_id, request_id=request_id or new_request_id(),
-            region=enum_value(pb.Region, region),
-            captcha_type=enum_value(pb.CaptchaType, captcha_type),
-            architecture=enum_value(pb.ClientArchitecture, architecture),
-            step=enum_value(pb.VerificationStep, step), quantity=quantity, dry_run=dry_run)
+        req = qpb.ConsumeRequest()
+        req.CopyFrom(_consume_template(region, captcha_type, architecture, step))
+        req.account_id, req.request_id = account_id, request_id or new_request_id()
+        req.quantity = quantity
+        if dry_run:
+            req.dry_run = dry_run
         if scenario_id is not None:
             req.scenario_id = scenario_id
         if client_observed_at is not None:
