@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,8 @@ class KeyIndex:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.memtable: dict[Key, tuple[int, int, int]] = {}  # key -> (seq, index, hash)
+        # key -> (hash, seq, index): in the order a run's rows are sorted and written
+        self.memtable: dict[Key, tuple[int, int, int]] = {}
         self.runs: list[int] = []
         self.through_seq = 0  # the runs cover every key at or before this seq
         self.filter = Filter()
@@ -112,8 +114,8 @@ class KeyIndex:
         """The memtable from (seq, index, account_id, request_id) of each consume after
         ``through_seq``, in journal order (runs written on the way if it fills up)."""
         for seq, idx, account_id, request_id in entries:
-            self.memtable[(account_id, request_id)] = (seq, idx, key_hash(account_id,
-                                                                          request_id))
+            self.memtable[(account_id, request_id)] = (key_hash(account_id, request_id), seq,
+                                                       idx)
             if len(self.memtable) >= MEMTABLE_KEYS_MAX:
                 self.flush()
 
@@ -129,10 +131,10 @@ class KeyIndex:
         for key in keys:
             hit = memtable.get(key)
             if hit is not None:
-                found[key] = [(hit[0], hit[1])]
+                found[key] = [(hit[1], hit[2])]
             elif self.runs:
                 unseen.append(key)
-        hashes = [key_hash(*key) for key in unseen]
+        hashes = [key_hash(a, r) for a, r in unseen]
         self._hashed = dict(zip(unseen, hashes, strict=True))  # for add(), after the commit
         for key, h, may in zip(unseen, hashes, self.filter.contains_many(hashes), strict=True):
             if may:
@@ -152,11 +154,12 @@ class KeyIndex:
 
     # ------------------------------------------------------------------ after a commit
 
-    def add(self, keys: Iterable[tuple[Key, int, int]]) -> None:
+    def add(self, claimed: Mapping[Key, tuple[Any, ...]]) -> None:
+        """The keys a group committed: key -> (seq, index in its block, ...)."""
         memtable, hashed = self.memtable, self._hashed
-        for key, seq, idx in keys:
+        for key, v in claimed.items():
             h = hashed.get(key)
-            memtable[key] = (seq, idx, key_hash(*key) if h is None else h)
+            memtable[key] = (key_hash(*key) if h is None else h, v[0], v[1])
         self._hashed = {}
 
     def flush_if_full(self) -> None:
@@ -169,7 +172,7 @@ class KeyIndex:
         (a full disk) the memtable stays and the next commit tries again."""
         if not self.memtable:
             return
-        rows = sorted((h, seq, idx) for seq, idx, h in self.memtable.values())
+        rows = sorted(self.memtable.values())  # (h, seq, idx)
         through = max(seq for _, seq, _ in rows)
         run = (self.runs[-1] + 1) if self.runs else 1
         self.filter.add_many([h for h, _, _ in rows])

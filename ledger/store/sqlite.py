@@ -267,7 +267,7 @@ class Store:
         self.commits += 1
         self.entries_committed += len(uow.rows)
         if uow.consumed:  # committed: the keys are durable in their block (R12)
-            self.keys.add((key, v[0], v[1]) for key, v in uow.consumed.items())
+            self.keys.add(uow.consumed)
             self.keys.flush_if_full()
 
     @staticmethod
