@@ -126,13 +126,13 @@ class AsyncCoalescer:
     def _expire_pending(self) -> None:
         """Waiting callers past their deadline: never sent. Then watch the next one."""
         loop = asyncio.get_running_loop()
-        now, error = loop.time(), None
+        now = loop.time()
         waiting = []
         for item in self._pending:
             if item.future.done():
                 continue
             if item.deadline <= now:
-                item.future.set_exception(error or (error := deadline_error(False)))
+                item.future.set_exception(deadline_error(False))
             else:
                 waiting.append(item)
         self._pending[:] = waiting
