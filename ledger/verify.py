@@ -12,7 +12,8 @@ from . import store as st
 from .rebuild import rebuild
 from .store import blocks
 
-TAIL_CHECK_ENTRIES = 100_000  # what the server re-hashes at start (a full replay is verify's)
+TAIL_CHECK_ENTRIES = 100_000  # rows the server re-hashes at start at most (a full replay is
+TAIL_CHECK_BYTES = 16 * 1024 * 1024  # verify's), and about this much payload at most
 
 
 @dataclass
@@ -31,8 +32,9 @@ class ChainBroken(RuntimeError):
         self.seq = seq
 
 
-def check_chain(conn: sqlite3.Connection, from_seq: int = 1):
-    """Yield (seq, at, kind, account_id, payload) while checking order and hashes."""
+def check_chain(conn: sqlite3.Connection, from_seq: int = 1, *, decode: bool = True):
+    """Yield (seq, at, kind, account_id, payload) while checking order and hashes (the
+    payload decoded, or None with ``decode=False``: the hashes alone cost far less)."""
     prev = st.hash_before(conn, from_seq)
     expected = from_seq
     for seq, at, kind, account_id, request_id, _fp, payload_json, digest in st.iter_journal(
@@ -42,20 +44,31 @@ def check_chain(conn: sqlite3.Connection, from_seq: int = 1):
         want = st.chain_hash(prev, seq, at, kind, account_id, request_id, payload_json)
         if bytes(digest) != want:
             raise ChainBroken(seq, f"hash mismatch ({kind} entry altered after it was written)")
-        try:
-            payload = (blocks.decode(payload_json) if kind == blocks.BLOCK_KIND
-                       else json.loads(payload_json))
-        except ValueError as exc:
-            raise ChainBroken(seq, f"payload cannot be read ({exc})") from None
+        payload = None
+        if decode:
+            try:
+                payload = (blocks.decode(payload_json) if kind == blocks.BLOCK_KIND
+                           else json.loads(payload_json))
+            except ValueError as exc:
+                raise ChainBroken(seq, f"payload cannot be read ({exc})") from None
         prev, expected = want, seq + 1
         yield seq, at, kind, account_id, payload
 
 
-def check_tail(conn: sqlite3.Connection, entries: int = TAIL_CHECK_ENTRIES) -> None:
-    """At server start: re-hash the newest entries; raises ChainBroken."""
-    last = conn.execute("SELECT coalesce(max(seq), 0) FROM journal").fetchone()[0]
-    for _ in check_chain(conn, max(1, last - entries + 1)):
-        pass
+def check_tail(conn: sqlite3.Connection, entries: int = TAIL_CHECK_ENTRIES,
+               bytes_max: int = TAIL_CHECK_BYTES) -> None:
+    """At server start: re-hash the newest rows, at most ``entries`` of them and about
+    ``bytes_max`` of payload (a consume block holds up to thousands of requests), without
+    decoding them; raises ChainBroken. A full replay is ``verify``'s."""
+    start, rows, size = 0, 0, 0
+    for seq, length in conn.execute(
+            "SELECT seq, length(payload) FROM journal ORDER BY seq DESC"):
+        start, rows, size = seq, rows + 1, size + length
+        if rows >= entries or size >= bytes_max:
+            break
+    if start:
+        for _ in check_chain(conn, start, decode=False):
+            pass
 
 
 def verify(path: str) -> Report:

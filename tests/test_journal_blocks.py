@@ -171,3 +171,34 @@ def test_migration_fixture_old_entries_verify_and_old_keys_replay(tmp_path):
     finally:
         srv.stop()
     assert verify(str(tmp_path / "ledger.db")).ok
+
+
+def test_r25_start_rehashes_a_bounded_tail_of_blocks(tmp_path):
+    """At start the newest rows are re-hashed, bounded in rows and payload bytes (a block
+    holds many requests): a change there is refused; an older one is verify's to find."""
+    from ledger.verify import ChainBroken, check_tail
+
+    led = Ledger(tmp_path / "l.db")
+    try:
+        led.call(m.CreateAccount("acme"))
+        for g in range(3):
+            led.writer.call(Batch([consume("acme", f"g{g}-{i}") for i in range(50)]))
+    finally:
+        led.close()
+    conn = sqlite3.connect(tmp_path / "l.db")
+    blocks_ = conn.execute("SELECT seq, length(payload) FROM journal"
+                           " WHERE kind = 'consume_block' ORDER BY seq").fetchall()
+    assert len(blocks_) == 3
+    conn.execute("DROP TRIGGER journal_no_update")
+    first, last = blocks_[0][0], blocks_[-1][0]
+    conn.execute("UPDATE journal SET at_us = at_us + 1 WHERE seq = ?", (first,))
+    conn.commit()
+    check_tail(conn, bytes_max=blocks_[-1][1])  # only the newest block: unchanged, passes
+    with pytest.raises(ChainBroken):
+        check_tail(conn)  # the whole (small) journal
+    conn.execute("UPDATE journal SET at_us = at_us + 1 WHERE seq = ?", (last,))
+    conn.commit()
+    with pytest.raises(ChainBroken):
+        check_tail(conn, bytes_max=blocks_[-1][1])
+    conn.close()
+    assert not verify(str(tmp_path / "l.db")).ok
