@@ -7,12 +7,14 @@ by itself (R17); a bill left unpaid there makes the account overdue from that in
 from __future__ import annotations
 
 import json
-from datetime import timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
+import grpc
 import pytest
 from quota_ledger.v1 import common_pb2 as pb
 
 from clients.client import LedgerError
+from clients.wire import timestamp
 
 from .conftest import T0, make_account
 from .test_rules_api import journal_rows
@@ -195,3 +197,30 @@ def test_r25_a_refund_written_before_the_clarification_keeps_its_meaning():
     assert (new["cash_micros"], new["outstanding_micros"], new["status"]) == (
         55 * USD, 0, pb.ACCOUNT_STATUS_ACTIVE)
     assert new["overdue_since_us"] is None and old["overdue_since_us"] == 3
+
+
+def test_r26_client_observed_at_is_kept_for_audit_and_never_decides_the_day(server, client):
+    """R26/R2: a spooled request arrives days after the caller saw it; it is billed on the
+    ledger's day of arrival, and its client_observed_at is kept in the journal entry."""
+    make_account(client, "late")
+    seen = datetime(2027, 3, 1, 9, 30, tzinfo=UTC)  # a settled day long before T0
+    req = client.consume_request("late", request_id="spooled-1")
+    req.client_observed_at.CopyFrom(timestamp(seen))
+    r = client.stubs["ledger"].Consume(req, timeout=10)
+    assert r.billing_day == DAY_D and not r.replayed
+    [entry] = [json.loads(row[4]) for row in journal_rows(
+        server, "WHERE request_id = ?", ("spooled-1",))]
+    assert entry["day"] == DAY_D and entry["client_ts_us"] == int(seen.timestamp()) * 1_000_000
+    # The older field name means the same instant: equal values are accepted (a replay) ...
+    req.client_timestamp.CopyFrom(timestamp(seen))
+    assert client.stubs["ledger"].Consume(req, timeout=10).replayed
+    # ... different ones are refused as malformed, and nothing is written.
+    before = server.journal_count()
+    other = client.consume_request("late", request_id="spooled-2")
+    other.client_observed_at.CopyFrom(timestamp(seen))
+    other.client_timestamp.CopyFrom(timestamp(datetime(2027, 3, 2, tzinfo=UTC)))
+    with pytest.raises(grpc.RpcError) as err:
+        client.stubs["ledger"].Consume(other, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "client_observed_at" in err.value.details()
+    assert server.journal_count() == before

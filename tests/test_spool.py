@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from click.testing import CliRunner
 from clients.client import LedgerClient, LedgerError
 from clients.ledgerctl import main as ledgerctl
 from clients.spool import Spool, SpoolLimits
+from ledger.store import consume_entries
 
 from .conftest import ROOT, T0, ServerProcess, make_account
 
@@ -92,14 +94,17 @@ def setup_account(target: str, account_id: str = "acme") -> None:
 
 def test_outage_spooled_then_recorded_exactly_once(srv: FixedPortServer, tmp_path: Path):
     """Server stopped: 20 consumes answer provisional; restarted: the replayer records each
-    exactly once (no replays, 20 pay-as-you-go units) and the spool ends empty."""
+    exactly once (no replays, 20 pay-as-you-go units), each entry keeping the instant the
+    client saw it (R26), and the spool ends empty."""
     setup_account(srv.target)
     path = tmp_path / "spool.db"
     with LedgerClient(srv.target, spool_path=path, **FAST) as c:
         first = c.consume("acme")
         assert not first.provisional and first.billable
         srv.stop()
+        seen_from = time.time_ns() // 1_000
         answers = [c.consume("acme", request_id=f"out-{i}") for i in range(20)]
+        seen_to = time.time_ns() // 1_000
         assert all(a.provisional and a.request_id == f"out-{i}" for i, a in enumerate(answers))
         assert Spool(path).status().pending == 20
         srv.start()
@@ -108,6 +113,12 @@ def test_outage_spooled_then_recorded_exactly_once(srv: FixedPortServer, tmp_pat
         assert c.replayer.state.totals.recorded == 20
         assert c.replayer.state.totals.replayed == 0
     assert payg_units_today(srv.target, "acme") == 21
+    # R26: each entry keeps when the client saw the request (its first send), not when the
+    # replay arrived on the ledger's (test) clock.
+    conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
+    observed = {e[3]: e[4].get("client_ts_us") for e in consume_entries(conn)}
+    conn.close()
+    assert all(seen_from <= observed[f"out-{i}"] <= seen_to for i in range(20)), observed
 
 
 ABRUPT_CHILD = textwrap.dedent("""

@@ -92,7 +92,7 @@ class KeyIndex:
         self.filter_through_run = 0
         self.filter_keys = 0
         self.failed_flushes = 0
-        self._hashed: dict[Key, int] = {}  # hashes computed by the last candidates()
+        self._hashed: dict[Key, int] = {}  # hashes computed by candidates() until add()
 
     # ------------------------------------------------------------------ start
 
@@ -135,7 +135,9 @@ class KeyIndex:
             elif self.runs:
                 unseen.append(key)
         hashes = [key_hash(a, r) for a, r in unseen]
-        self._hashed = dict(zip(unseen, hashes, strict=True))  # for add(), after the commit
+        if len(self._hashed) > MEMTABLE_KEYS_MAX:  # groups that committed no consume
+            self._hashed = {}
+        self._hashed.update(zip(unseen, hashes, strict=True))  # for add(), after the commit
         for key, h, may in zip(unseen, hashes, self.filter.contains_many(hashes), strict=True):
             if may:
                 maybe.setdefault(h, []).append(key)

@@ -27,8 +27,8 @@ from .queries import BUSY_TIMEOUT_MS, read_account, read_plans
 from .schema import MIGRATIONS, SCHEMA_VERSION, _statements
 
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
-KEYS_PER_LOOKUP_MAX = 300  # idempotency keys looked up in one statement (3 parameters each)
 BLOCK_CACHE_MAX = 64  # decoded blocks kept for replays (R12)
+RECOVER_ROWS_PER_READ = 10_000  # journal rows read at a time to rebuild the key memtable
 
 
 class DatabaseLocked(RuntimeError):
@@ -169,36 +169,24 @@ class Store:
             (account_id, kind, request_id)).fetchone()
         return (row[0], row[1], row[2], row[3]) if row else None
 
-    def find_keys(self, keys: list[tuple[str, str, str]]
-                  ) -> dict[tuple[str, str, str], tuple[int, str | None, str, int]]:
-        """R12 for a whole group at once: {key: (seq, fingerprint, payload_json, at_us)}."""
-        found = {}
-        for i in range(0, len(keys), KEYS_PER_LOOKUP_MAX):
-            chunk = keys[i:i + KEYS_PER_LOOKUP_MAX]
-            values = ",".join(["(?,?,?)"] * len(chunk))
-            params = [x for k in chunk for x in k]
-            for row in self.conn.execute(
-                    f"SELECT j.account_id, j.kind, j.request_id, j.seq, j.fingerprint, j.payload,"
-                    f" j.at_us FROM (VALUES {values}) v JOIN journal j ON j.account_id = v.column1"
-                    " AND j.kind = v.column2 AND j.request_id = v.column3"
-                    " AND j.request_id IS NOT NULL", params):
-                found[(row[0], row[1], row[2])] = (row[3], row[4], row[5], row[6])
-        return found
-
     # ------------------------------------------------------------------ consume keys (R12)
 
     def _consumes_after(self, seq: int) -> Iterator[tuple[int, int, str, str]]:
-        """(seq, index, account_id, request_id) of every consume after seq, in order."""
-        for row_seq, kind, account_id, request_id, payload in self.conn.execute(
+        """(seq, index, account_id, request_id) of every consume after seq, in order, read
+        RECOVER_ROWS_PER_READ journal rows at a time (a migrated journal of one row per
+        consume may hold millions; the key index writes runs between the reads)."""
+        while rows := self.conn.execute(
                 "SELECT seq, kind, account_id, request_id, payload FROM journal"
-                " WHERE seq > ? AND kind IN ('consume', ?) ORDER BY seq",
-                (seq, blocks.BLOCK_KIND)).fetchall():
-            if kind == "consume":
-                yield row_seq, -1, account_id, request_id
-            else:
-                _, items = blocks.decode(payload)
-                for idx, item in enumerate(items):
-                    yield row_seq, idx, item[blocks.ACCOUNT], item[blocks.REQUEST]
+                " WHERE seq > ? AND kind IN ('consume', ?) ORDER BY seq LIMIT ?",
+                (seq, blocks.BLOCK_KIND, RECOVER_ROWS_PER_READ)).fetchall():
+            for row_seq, kind, account_id, request_id, payload in rows:
+                if kind == "consume":
+                    yield row_seq, -1, account_id, request_id
+                else:
+                    _, items = blocks.decode(payload)
+                    for idx, item in enumerate(items):
+                        yield row_seq, idx, item[blocks.ACCOUNT], item[blocks.REQUEST]
+            seq = rows[-1][0]
 
     def find_consume_keys(self, keys: list[tuple[str, str]]
                           ) -> dict[tuple[str, str], blocks.Prior]:
@@ -266,8 +254,10 @@ class Store:
             raise Unavailable(f"the journal could not be written: {exc}") from exc
         self.commits += 1
         self.entries_committed += len(uow.rows)
-        if uow.consumed:  # committed: the keys are durable in their block (R12)
-            self.keys.add(uow.consumed)
+        # Committed: the keys are durable in their block (R12). Called for every group, so
+        # the hashes the group's lookups computed never outlive it.
+        self.keys.add(uow.consumed)
+        if uow.consumed:
             self.keys.flush_if_full()
 
     @staticmethod
