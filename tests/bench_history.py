@@ -13,7 +13,7 @@ What it does, in one run:
    at most 1,000,000 per day, each day settled by the engine as the server would). Both are
    settled through yesterday, so a server on either finds nothing due at start.
    The consumes are written as the engine writes them: journal blocks of 1,000 items
-   (``history_item``, checked against consumes the engine wrote itself) with random UUID
+   (``tests.bench_sqlite.write_consumes``, items checked against the engine's own) with random UUID
    request_ids, the derived rows (plans, offsets_daily, usage_daily) the engine would write,
    through ``Store.commit`` of a ``UnitOfWork``, 100,000 requests per transaction, which
    also indexes their keys (memtable, runs, filter) exactly as a server does. Through the
@@ -44,7 +44,6 @@ import sqlite3
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,11 +61,10 @@ from ledger import catalog
 from ledger import model as m
 from ledger.clock import TestClock
 from ledger.engine import Engine
-from ledger.money import Region, payg_cost_micros
-from ledger.store import Store, UnitOfWork, blocks, consume_entries
+from ledger.money import Region
+from ledger.store import Store, consume_entries
 from ledger.verify import TAIL_CHECK_ENTRIES
 from ledger.verify import verify as verify_db
-from ledger.writer import GROUP_REQUESTS_MAX
 
 from .bench import (
     MEASURES,
@@ -77,6 +75,7 @@ from .bench import (
     median,
     ratio,
 )
+from .bench_sqlite import check_items, run_group, write_consumes
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROWS = 10_000_000
@@ -125,17 +124,6 @@ def history_days(rows: int, now_us: int) -> list[str]:
     return cal.days_between(first, last)
 
 
-def run_group(engine: Engine, cmds: list[Any]) -> None:
-    """Commands through the engine, committed together as the writer would."""
-    for i in range(0, len(cmds), GROUP_REQUESTS_MAX):
-        engine.begin()
-        part = cmds[i:i + GROUP_REQUESTS_MAX]
-        engine.prefetch_keys(part)
-        for c in part:
-            engine.execute(c)
-        engine.commit()
-
-
 def build_base(path: Path, t_us: int) -> None:
     """Accounts, top-ups and plan purchases through the engine, at t_us."""
     store = Store(path)
@@ -165,61 +153,11 @@ def settle_through(engine: Engine, clock: TestClock, day: str) -> None:
 def write_day(store: Store, ids: list[str], day: str, n: int, offset: int,
               remaining: dict[str, int], plan_of: dict[str, Any]) -> None:
     """n consumes on ``day`` (01:00 to 23:00 UTC+8) with random UUID request_ids, as journal
-    blocks of BUILD_BLOCK_ITEMS (what a busy server's commit groups write) with their derived
-    rows, BUILD_TXN_ROWS per transaction; ``Store.commit`` indexes the keys as the server's
-    does. ``offset`` continues the round robin over accounts."""
-    seq, last_hash, _ = store.journal_tail()
-    t0_us = cal.day_start(day) + cal.US_PER_HOUR
-    span_us = 22 * cal.US_PER_HOUR
-    payg_micros = {r: payg_cost_micros(Region(r), 1) for r in (1, 2)}
-    n_ids = len(ids)
-    next_seq = seq + 1
-    for start in range(0, n, BUILD_TXN_ROWS):
-        uow = UnitOfWork(last_hash=last_hash, next_seq=next_seq)
-        touched: set[str] = set()
-        for j in range(start, min(n, start + BUILD_TXN_ROWS)):
-            g = offset + j
-            account_id = ids[g % n_ids]
-            region = 1 + (g // n_ids) % 2
-            at = t0_us + (j - j % BUILD_BLOCK_ITEMS) * span_us // n  # one instant a block
-            plan = plan_of.get(account_id)
-            if plan is not None:
-                remaining[account_id] -= 1
-                key = (account_id, day, plan.plan_id)
-                uow.offsets[key] = uow.offsets.get(key, 0) + 1
-                uow.add_consume(at, day, history_item(account_id, region, plan.plan_id, 0,
-                                                      remaining[account_id]))
-                touched.add(account_id)
-            else:
-                acc = uow.usage.setdefault((account_id, day, region), [0, 0])
-                acc[0] += 1
-                acc[1] += payg_micros[region]
-                uow.add_consume(at, day, history_item(account_id, region, None,
-                                                      payg_micros[region], 0))
-        for account_id in touched:
-            plan = plan_of[account_id]
-            plan.units_remaining = remaining[account_id]
-            uow.plans[plan.plan_id] = plan
-        store.commit(uow)
-        last_hash, next_seq = uow.last_hash, uow.next_seq
-
-
-def history_item(account_id: str, region: int, plan_id: str | None, payg_micros: int,
-                 remaining: int) -> list[Any]:
-    """A quantity-1 slider/v2/step-3 consume as the engine records it in a block."""
-    return [account_id, str(uuid.uuid4()), region, 1, 1, 1, None, 1, None,
-            [[plan_id, 1]] if plan_id else [], 0 if plan_id else 1, payg_micros, remaining]
-
-
-def check_items(store: Store) -> None:
-    """history_item() lays an item out exactly as the engine did for its own consumes."""
-    found = 0
-    for _, _, account_id, _request_id, p in consume_entries(store.conn):
-        plan_id = p["alloc"][0][0] if p["alloc"] else None
-        mine = history_item(account_id, p["region"], plan_id, p["payg_micros"], p["remaining"])
-        assert blocks.entry_payload(p["day"], mine) == p, (mine, p)
-        found += 1
-    assert found == ENGINE_CONSUMES, found
+    blocks of BUILD_BLOCK_ITEMS (what a busy server's commit groups write), BUILD_TXN_ROWS
+    per transaction. ``offset`` continues the round robin over accounts."""
+    write_consumes(store, ids, day, n, offset=offset, plans=plan_of, remaining=remaining,
+                   t0_us=cal.day_start(day) + cal.US_PER_HOUR, span_us=22 * cal.US_PER_HOUR,
+                   txn_items=BUILD_TXN_ROWS, block_items=BUILD_BLOCK_ITEMS)
 
 
 def build_history(path: Path, days: list[str], rows: int, build: Build,
@@ -237,7 +175,7 @@ def build_history(path: Path, days: list[str], rows: int, build: Build,
         run_group(engine, [m.Consume(a, f"engine-{a}", Region(1 + k % 2), m.CaptchaType.SLIDER,
                                      m.Architecture.V2, m.Step.STEP_3)
                            for k, a in enumerate(ids[:ENGINE_CONSUMES])])
-        check_items(store)
+        assert check_items(store) == ENGINE_CONSUMES
         plan_of = {p.account_id: p for p in store.load_plans("WHERE units_remaining > 0")}
         remaining = {a: p.units_remaining for a, p in plan_of.items()}
         bulk = rows - ENGINE_CONSUMES

@@ -175,56 +175,24 @@ def build_settlement_journal(path: Path, sizes: Sizes, console: Console) -> dict
     engine = Engine(store, clock, catalog.builtin())
     ids = [f"settle-{i:05d}" for i in range(sizes.settle_accounts)]
 
-    def group(cmds: list[Any]) -> None:
-        engine.begin()
-        engine.prefetch_keys(cmds)
-        for c in cmds:
-            engine.execute(c)
-        engine.commit()
-
     for i in range(0, len(ids), GROUP_REQUESTS_MAX):
         part = ids[i:i + GROUP_REQUESTS_MAX]
-        group([m.CreateAccount(a) for a in part])
-        group([m.TopUp(a, "bench-top-up", m.FundsKind.CASH, 1_000_000_000) for a in part])
-        group([m.PurchasePlan(a, "bench-plan", "year-1m") for a in part[::2]])
+        run_group(engine, [m.CreateAccount(a) for a in part])
+        run_group(engine, [m.TopUp(a, "bench-top-up", m.FundsKind.CASH, 1_000_000_000)
+                           for a in part])
+        run_group(engine, [m.PurchasePlan(a, "bench-plan", "year-1m") for a in part[::2]])
     # A few consumes through the engine itself: the reference for check_items.
-    group([m.Consume(a, f"engine-{a}", Region(1 + k % 2), m.CaptchaType.SLIDER,
-                     m.Architecture.V2, m.Step.STEP_3) for k, a in enumerate(ids[:20])])
-    check_items(store)
+    run_group(engine, [m.Consume(a, f"engine-{a}", Region(1 + k % 2), m.CaptchaType.SLIDER,
+                                 m.Architecture.V2, m.Step.STEP_3)
+                       for k, a in enumerate(ids[:20])])
+    assert check_items(store) == 20
     plans = {p.account_id: p for p in store.load_plans("WHERE units_remaining > 0")}
     remaining = {a: p.units_remaining for a, p in plans.items()}
-    seq, last_hash, _ = store.journal_tail()
-    n_total = sizes.settle_requests - 20
-    span_us = 20 * 3_600_000_000  # 02:00 .. 22:00 UTC+8
-    t_us0 = day0 + 2 * 3_600_000_000
-    n = 0
-    while n < n_total:
-        k = min(GROUP_REQUESTS_MAX, n_total - n)
-        uow = UnitOfWork(last_hash=last_hash, next_seq=seq + 1)
-        at = t_us0 + n * span_us // n_total  # one instant per commit group, as the engine's
-        for j in range(n, n + k):
-            account_id = ids[j % len(ids)]
-            region = 1 + (j // len(ids)) % 2
-            plan = plans.get(account_id)
-            if plan is not None:
-                remaining[account_id] -= 1
-                key = (account_id, SETTLE_DAY, plan.plan_id)
-                uow.offsets[key] = uow.offsets.get(key, 0) + 1
-                uow.add_consume(at, SETTLE_DAY, settle_item(account_id, region, plan.plan_id, 0,
-                                                            remaining[account_id]))
-            else:
-                micros = payg_cost_micros(Region(region), 1)
-                acc = uow.usage.setdefault((account_id, SETTLE_DAY, region), [0, 0])
-                acc[0] += 1
-                acc[1] += micros
-                uow.add_consume(at, SETTLE_DAY, settle_item(account_id, region, None, micros, 0))
-        for account_id in {ids[j % len(ids)] for j in range(n, n + k)} & plans.keys():
-            plan = plans[account_id]
-            plan.units_remaining = remaining[account_id]
-            uow.plans[plan.plan_id] = plan
-        store.commit(uow)
-        seq, last_hash = uow.next_seq - 1, uow.last_hash
-        n += k
+    # 02:00 .. 22:00 UTC+8, one instant and one transaction per commit group, as the engine's
+    write_consumes(store, ids, SETTLE_DAY, sizes.settle_requests - 20, offset=0, plans=plans,
+                   remaining=remaining, t0_us=day0 + 2 * 3_600_000_000,
+                   span_us=20 * 3_600_000_000, txn_items=GROUP_REQUESTS_MAX,
+                   block_items=GROUP_REQUESTS_MAX)
     consumes = sum(1 for _ in consume_entries(store.conn))
     store.close()  # checkpoints (TRUNCATE): the copies below need only the main file
     built_s = time.perf_counter() - t_start
@@ -233,22 +201,77 @@ def build_settlement_journal(path: Path, sizes: Sizes, console: Console) -> dict
     return {"consume_entries": consumes, "accounts": len(ids), "built_s": built_s}
 
 
-def settle_item(account_id: str, region: int, plan_id: str | None, payg_micros: int,
-                remaining: int) -> list[Any]:
-    """A quantity-1 slider/v2/step-3 consume as the engine records it in a block."""
-    return [account_id, f"bench-{uuid.uuid4()}", region, 1, 1, 1, None, 1, None,
+def run_group(engine: Engine, cmds: list[Any]) -> None:
+    """Commands through the engine, committed together as the writer would."""
+    for i in range(0, len(cmds), GROUP_REQUESTS_MAX):
+        engine.begin()
+        part = cmds[i:i + GROUP_REQUESTS_MAX]
+        engine.prefetch_keys(part)
+        for c in part:
+            engine.execute(c)
+        engine.commit()
+
+
+def bench_item(account_id: str, region: int, plan_id: str | None, payg_micros: int,
+               remaining: int) -> list[Any]:
+    """A quantity-1 slider/v2/step-3 consume with a random UUID request_id, as the engine
+    records it in a block."""
+    return [account_id, str(uuid.uuid4()), region, 1, 1, 1, None, 1, None,
             [[plan_id, 1]] if plan_id else [], 0 if plan_id else 1, payg_micros, remaining]
 
 
-def check_items(store: Store) -> None:
-    """settle_item() lays an item out exactly as the engine did for its own consumes."""
+def check_items(store: Store) -> int:
+    """bench_item() lays an item out exactly as the engine did for its own consumes (the
+    only consumes in the journal so far); returns how many were compared."""
     found = 0
     for _, _, account_id, _request_id, p in consume_entries(store.conn):
         plan_id = p["alloc"][0][0] if p["alloc"] else None
-        mine = settle_item(account_id, p["region"], plan_id, p["payg_micros"], p["remaining"])
+        mine = bench_item(account_id, p["region"], plan_id, p["payg_micros"], p["remaining"])
         assert blocks.entry_payload(p["day"], mine) == p, (mine, p)
         found += 1
     assert found, "no consume written by the engine to compare with"
+    return found
+
+
+def write_consumes(store: Store, ids: list[str], day: str, n: int, *, offset: int,
+                   plans: dict[str, Any], remaining: dict[str, int], t0_us: int, span_us: int,
+                   txn_items: int, block_items: int) -> None:
+    """n quantity-1 consumes on ``day``, round robin over ``ids`` from ``offset`` (regions
+    alternating by round), spread over ``[t0_us, t0_us + span_us)``: journal blocks of
+    ``block_items`` (one instant each) with the derived rows the engine would write, one
+    transaction of ``txn_items`` through ``Store.commit``, which indexes the keys as the
+    server's does. A plan covers its account's consumes; the other accounts pay as they go."""
+    seq, last_hash, _ = store.journal_tail()
+    next_seq = seq + 1
+    payg_micros = {r: payg_cost_micros(Region(r), 1) for r in (1, 2)}
+    for start in range(0, n, txn_items):
+        uow = UnitOfWork(last_hash=last_hash, next_seq=next_seq)
+        touched: set[str] = set()
+        for j in range(start, min(n, start + txn_items)):
+            g = offset + j
+            account_id = ids[g % len(ids)]
+            region = 1 + (g // len(ids)) % 2
+            at = t0_us + (j - j % block_items) * span_us // n
+            plan = plans.get(account_id)
+            if plan is not None:
+                remaining[account_id] -= 1
+                key = (account_id, day, plan.plan_id)
+                uow.offsets[key] = uow.offsets.get(key, 0) + 1
+                uow.add_consume(at, day, bench_item(account_id, region, plan.plan_id, 0,
+                                                    remaining[account_id]))
+                touched.add(account_id)
+            else:
+                acc = uow.usage.setdefault((account_id, day, region), [0, 0])
+                acc[0] += 1
+                acc[1] += payg_micros[region]
+                uow.add_consume(at, day, bench_item(account_id, region, None,
+                                                    payg_micros[region], 0))
+        for account_id in touched:
+            plan = plans[account_id]
+            plan.units_remaining = remaining[account_id]
+            uow.plans[plan.plan_id] = plan
+        store.commit(uow)
+        last_hash, next_seq = uow.last_hash, uow.next_seq
 
 
 def journal_scan(conn: sqlite3.Connection) -> dict[str, int]:
