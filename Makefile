@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/quota_ledger/v1/*.proto)
 
-.PHONY: install run test console protos protos-check docs lint bench soak crash browse clean
+.PHONY: install run test test-postgres console protos protos-check docs lint bench soak crash browse clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ run: $(STAMP)
 ## (the console's browser tests need Debian's chromium at /usr/bin/chromium; .ci/run installs it)
 test: $(STAMP) protos-check
 	@test -x /usr/bin/chromium || echo "!!! BROWSER TESTS SKIPPED: no /usr/bin/chromium (apt-get install chromium) !!!"
+	@$(BIN)/python -c 'import sys, tests.pg_cluster as p; sys.exit(p.find_bindir() is None)' || echo "!!! POSTGRESQL SUITE SKIPPED: no PostgreSQL server binaries (apt-get install postgresql) !!!"
 	$(BIN)/python -m pytest -q -m "not slow"
+
+## test-postgres: the PostgreSQL tests alone, in a throwaway cluster; fails (not skips)
+## when no PostgreSQL server binaries are found (tests/pg_cluster.py)
+test-postgres: $(STAMP)
+	QUOTA_LEDGER_REQUIRE_PG=1 $(BIN)/python -m pytest -q -m "not slow" -k postgres
 
 ## console: the read-only web console on 127.0.0.1:8080 for the ledger on 127.0.0.1:50051
 ## (make run in another terminal; LEDGER_TOKEN is sent when the ledger has --tokens)
