@@ -146,35 +146,43 @@ class AccountCommands:
         acct.voucher_micros -= from_voucher
         acct.cash_micros -= from_cash
         seq = self._uow.next_seq
+        # R8 ties go to the plan bought first: its entry's seq, or on a shared store a
+        # number drawn under the account's lock (nodes' seqs are not comparable).
+        order = self.store.purchase_order(seq)
         plan = PlanState(
-            plan_id=f"plan-{seq}", account_id=acct.account_id, spec_id=spec.spec_id,
+            plan_id=f"plan-{order}", account_id=acct.account_id, spec_id=spec.spec_id,
             units_total=spec.units, units_remaining=spec.units, price_micros=spec.price_micros,
             validity=spec.validity, purchased_at=now,
-            expires_at=cal.add_months(now, spec.validity.months), purchase_seq=seq,
+            expires_at=cal.add_months(now, spec.validity.months), purchase_seq=order,
             paid_voucher_micros=from_voucher, paid_cash_micros=from_cash)
         acct.live_plans.append(plan)
         self.plan_index[plan.plan_id] = plan
         self._uow.new_plans[plan.plan_id] = plan
         acct.live_plans.sort(key=lambda p: p.order_key)
-        heapq.heappush(self.expiries, (plan.expires_at, seq, plan.plan_id, acct.account_id))
+        heapq.heappush(self.expiries, (plan.expires_at, order, plan.plan_id, acct.account_id))
         self._uow.plans[plan.plan_id] = plan
         self._touch(acct)
-        self._append(now, "purchase", acct.account_id,
-                     {"plan_id": plan.plan_id, "spec_id": spec.spec_id, "units": spec.units,
-                      "validity": int(spec.validity), "price_micros": spec.price_micros,
-                      "paid_voucher_micros": from_voucher, "paid_cash_micros": from_cash,
-                      "expires_at_us": plan.expires_at}, c.request_id, c.fingerprint())
+        payload = {"plan_id": plan.plan_id, "spec_id": spec.spec_id, "units": spec.units,
+                   "validity": int(spec.validity), "price_micros": spec.price_micros,
+                   "paid_voucher_micros": from_voucher, "paid_cash_micros": from_cash,
+                   "expires_at_us": plan.expires_at}
+        if order != seq:
+            payload["purchase_seq"] = order
+        self._append(now, "purchase", acct.account_id, payload, c.request_id, c.fingerprint())
         return plan
 
     def plan(self, plan_id: str) -> PlanState:
-        held = self.plan_index.get(plan_id)
+        held = None if self.shared else self.plan_index.get(plan_id)
         if held is not None:
             return held
         found = self.store.load_plans("WHERE plan_id = ?", (plan_id,))
         if not found:
             raise NotFound(f"no plan {plan_id!r}", reason="PLAN_NOT_FOUND", plan_id=plan_id)
         # One object per plan: loading its account may already hold it among the live plans.
-        self.account(found[0].account_id)
+        acct = self.account(found[0].account_id)
+        if self.shared:  # the plan as this group holds it, read under the account's lock
+            live = next((p for p in acct.live_plans if p.plan_id == plan_id), None)
+            return live or self.store.load_plans("WHERE plan_id = ?", (plan_id,))[0]
         return self.plan_index.setdefault(plan_id, found[0])
 
     # ------------------------------------------------------------------ refunds (R21)

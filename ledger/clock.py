@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from .errors import InvalidArgument
 
@@ -54,3 +55,19 @@ class TestClock:
                 raise InvalidArgument(
                     f"the ledger's time never goes backwards: {t_us} is before {self._t} (R2)")
             self._t = t_us
+
+
+class SharedTestClock(TestClock):
+    """The test clock of several nodes on one database (CONTRACT: with ``--test-clock`` the
+    clock lives in the database and every node sees it): each reading first catches up
+    with the time the database holds, which ``read_db_us`` returns (or None)."""
+
+    def __init__(self, read_db_us: Callable[[], int | None]) -> None:
+        super().__init__()
+        self._read_db_us = read_db_us
+
+    def now_us(self) -> int:
+        db_us = self._read_db_us()
+        if db_us is not None:
+            self.floor(db_us)
+        return self._t

@@ -15,6 +15,7 @@ import logging
 from typing import Any, NamedTuple
 
 from . import calendar as cal
+from . import shared
 from .account_commands import REFUND_WINDOW_US, AccountCommands, Replayed, suspended
 from .allocation import take_in_order
 from .errors import InvalidArgument, NotFound, key_reused
@@ -43,6 +44,8 @@ from .money import Region, payg_cost_micros
 from .store import Entry, Store, UnitOfWork
 from .store.blocks import Prior, prior_of_item
 
+DUE_HORIZON_ALL = 2**62  # every live plan's expiry
+
 log = logging.getLogger("quota_ledger.engine")
 
 
@@ -67,6 +70,7 @@ class Engine(AccountCommands, Lifecycle):
 
     def __init__(self, store: Store, clock: Any, catalog: dict[str, PlanSpec]) -> None:
         self.store = store
+        self.shared: bool = store.shared
         self.clock = clock
         self.catalog = catalog
         self.uow: UnitOfWork | None = None
@@ -78,16 +82,21 @@ class Engine(AccountCommands, Lifecycle):
         """(Re)build in-memory state from the committed database; no journal replay."""
         self.accounts: dict[str, AccountState] = {}
         self.plan_index: dict[str, PlanState] = {}  # every plan object held in memory
+        self.versions: dict[str, int] = {}  # shared store: the version each cached account is
+        self._stale = False
         seq, last_hash, last_at = self.store.journal_tail()
         self.next_seq, self.last_hash = seq + 1, last_hash
         self.clock.floor(last_at)
         saved = self.store.meta_get(CLOCK_META_KEY)
         if saved is not None:
             self.clock.floor(int(saved))
-        self.expiries: list[tuple[int, int, str, str]] = [
-            (p.expires_at, p.purchase_seq, p.plan_id, p.account_id)
-            for p in self.store.load_plans("WHERE refunded_at_us IS NULL AND units_remaining > 0")
-        ]
+        self._load_due(DUE_HORIZON_ALL)
+
+    def _load_due(self, horizon_us: int) -> None:
+        """The due-work queues from committed state: plans expiring by the horizon (R9),
+        overdue accounts (R23) and the next day to settle (R17)."""
+        self.expiries: list[tuple[int, int, str, str]] = self.store.live_plans_expiring_by(
+            horizon_us)
         heapq.heapify(self.expiries)
         self.suspensions: list[tuple[int, str, int]] = [
             (since + OVERDUE_SUSPEND_AFTER_US + 1, acct, since)
@@ -104,7 +113,22 @@ class Engine(AccountCommands, Lifecycle):
         self._now: int | None = None
         self._looked_up: set[tuple[str, str]] = set()
         self._found: dict[tuple[str, str], Prior] = {}
+        self._held: set[str] = set()
+        self._exclusive = False
         return self.uow
+
+    def open(self, cmds: list[Any]) -> None:
+        """Before a group's commands run. On a shared store (PostgreSQL, several nodes):
+        open the transaction and hold the group's accounts, reloading any that another
+        node changed (:mod:`.shared`). Then look up the group's idempotency keys."""
+        if self.shared:
+            shared.open_group(self, cmds)
+        self.prefetch_keys(cmds)
+
+    def open_due(self) -> bool:
+        """A shared store's due-work group (expiries, settlements, suspensions): False when
+        another node is doing it now."""
+        return shared.open_group(self, [], exclusive=True, try_only=True)
 
     def prefetch_keys(self, cmds: list[Any]) -> None:
         """Look up the idempotency keys of a group's consumes at once, not one each; keys
@@ -116,20 +140,40 @@ class Engine(AccountCommands, Lifecycle):
     def commit(self) -> None:
         """Commit the open group; on failure reload state and re-raise (Unavailable)."""
         uow = self._uow
-        if uow:
+        if uow or self.shared:  # a shared store's group always ends its transaction
             try:
-                self.store.commit(uow)
+                versions = self.store.commit(uow)
             except Exception:
-                self.uow = None
-                self.reload()
+                self.abort()
                 raise
+            if self.shared:
+                self.versions.update(versions)
         self.last_hash, self.next_seq = uow.last_hash, uow.next_seq
         self.uow = None
 
+    def abort(self) -> None:
+        """Throw the open group away: nothing of it was written. The cached state may hold
+        its changes, so it is reloaded (a shared store's, lazily: the database may be away)."""
+        if self.uow is None:
+            return
+        self.uow = None
+        if self.shared:
+            self.store.rollback()
+            self._stale = True
+        else:
+            self.reload()
+
     def flush(self) -> None:
-        """Commit what the open group holds so far (settlement reads committed figures)."""
-        self.commit()
-        self.begin()
+        """Write what the open group holds so far (settlement reads committed figures):
+        committed with SQLite; within the still-open transaction on a shared store."""
+        if not self.shared:
+            self.commit()
+            self.begin()
+            return
+        uow = self._uow
+        self.versions.update(self.store.write(uow))
+        self.last_hash, self.next_seq = uow.last_hash, uow.next_seq
+        self.uow = UnitOfWork(last_hash=self.last_hash, next_seq=self.next_seq)
 
     @property
     def _uow(self) -> UnitOfWork:
@@ -164,6 +208,8 @@ class Engine(AccountCommands, Lifecycle):
     # ------------------------------------------------------------------ helpers
 
     def account(self, account_id: str) -> AccountState:
+        if self.shared and account_id not in self._held:
+            shared.hold(self, [account_id])
         acct = self.accounts.get(account_id)
         if acct is None:
             acct = self.store.load_account(account_id)
@@ -173,6 +219,11 @@ class Engine(AccountCommands, Lifecycle):
             self.accounts[account_id] = acct
             self.plan_index.update((p.plan_id, p) for p in acct.live_plans)
         return acct
+
+    def _hold(self, account_ids: list[str]) -> None:
+        """A shared store: lock these accounts now, in one order (e.g. settlement's)."""
+        if self.shared:
+            shared.hold(self, account_ids)
 
     def _claimed(self, account_id: str, kind: str, request_id: str, fingerprint: str
                  ) -> tuple[int, dict[str, Any], int] | None:

@@ -106,6 +106,7 @@ class Lifecycle:
         started = time.perf_counter()
         now = self.now()
         figures = day_figures(self.store.conn, day)
+        self._hold(sorted(figures))
         for account_id in sorted(figures):
             acct = self.account(account_id)
             bill = make_bill(account_id, day, figures[account_id], acct.voucher_micros,

@@ -87,7 +87,7 @@ def _purchase(d: Derived, seq: int, at: int, a: str, p: dict[str, Any]) -> None:
         "account_id": a, "spec_id": p["spec_id"], "units_total": p["units"],
         "units_remaining": p["units"], "units_forfeited": 0, "price_micros": p["price_micros"],
         "validity": p["validity"], "purchased_at_us": at, "expires_at_us": p["expires_at_us"],
-        "purchase_seq": seq, "paid_voucher_micros": p["paid_voucher_micros"],
+        "purchase_seq": p.get("purchase_seq", seq), "paid_voucher_micros": p["paid_voucher_micros"],
         "paid_cash_micros": p["paid_cash_micros"], "refunded_at_us": None}
 
 

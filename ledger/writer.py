@@ -138,7 +138,7 @@ class Writer:
         if not self._engine_lock.acquire(blocking=False):
             return False
         try:
-            due = engine.next_due_us()
+            due = None if engine.shared else engine.next_due_us()
             if due is not None and due <= engine.clock.now_us():  # settlements run threaded
                 return False
             self._process([item], direct=True)
@@ -175,7 +175,7 @@ class Writer:
         with self._engine_lock:
             due = self.engine.next_due_us()
         wait = IDLE_WAKE_S
-        if due is not None and not self.engine.clock.is_test_clock:
+        if due is not None and not self.engine.clock.is_test_clock and not self.engine.shared:
             wait = max(0.0, min(wait, (due - self.engine.clock.now_us()) / 1e6))
         try:
             first = self._q.get(timeout=wait)
@@ -217,12 +217,39 @@ class Writer:
             group, stop = self._take_group()
             try:
                 with self._engine_lock:
-                    self._process(group)
+                    if group or not self.engine.shared:
+                        self._process(group)
+                    self._due_shared()
             except Exception:  # never let the writer die: answer and go on
                 log.exception("writer group failed")
             finally:
                 self._last_done_s = time.perf_counter()
         self._drain_after_stop()
+
+    def _due_shared(self) -> None:
+        """A shared store (several nodes): expiries, settlements and suspensions run in a
+        group of their own, at most every IDLE_WAKE_S, by whichever node gets there first
+        (the others find the settlement lock taken and go on)."""
+        engine = self.engine
+        if (not engine.shared or engine.clock.is_test_clock
+                or time.perf_counter() - self._last_due_s < IDLE_WAKE_S):
+            return
+        self._last_due_s = time.perf_counter()
+        engine.begin()
+        try:
+            if engine.open_due():
+                engine.run_due(engine.now())
+                engine.commit()
+            else:
+                engine.uow = None
+        except LedgerError as exc:
+            engine.abort()
+            log.warning("due work failed", extra={"event": "due_failed", "error": str(exc)})
+        except BaseException:
+            engine.abort()
+            raise
+
+    _last_due_s = 0.0
 
     def _drain_after_stop(self) -> None:
         while True:
@@ -240,10 +267,10 @@ class Writer:
         engine.begin()
         outcomes: list[Any] = []
         try:
-            if not engine.clock.is_test_clock:
+            engine.open([c for i in group
+                         for c in (i.cmd if isinstance(i.cmd, Batch) else (i.cmd,))])
+            if not engine.clock.is_test_clock and not engine.shared:  # shared: _due_shared
                 engine.run_due(engine.now())
-            engine.prefetch_keys([c for i in group
-                                  for c in (i.cmd if isinstance(i.cmd, Batch) else (i.cmd,))])
             for item in group:
                 if isinstance(item.cmd, Batch):
                     done = BatchOutcomes([self._one(c) for c in item.cmd])
@@ -255,12 +282,12 @@ class Writer:
             engine.commit()
             elapsed = time.perf_counter() - t0
         except LedgerError as exc:  # the commit failed: nothing of this group is written
+            engine.abort()
             failed = Outcome(error=exc)
             self._deliver(group, [_failed_all(i, failed) for i in group], direct)
             return
         except BaseException as exc:
-            engine.uow = None
-            engine.reload()
+            engine.abort()
             failed = Outcome(error=Unavailable(f"internal error: {exc!r}", reason="INTERNAL"))
             self._deliver(group, [_failed_all(i, failed) for i in group], direct)
             raise

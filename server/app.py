@@ -20,10 +20,12 @@ from quota_ledger.v1 import (
 )
 
 from ledger import catalog as catalog_mod
-from ledger.clock import SystemClock, TestClock
-from ledger.engine import Engine
-from ledger.store import Store
-from ledger.verify import ChainBroken, check_tail
+from ledger.clock import SharedTestClock, SystemClock, TestClock
+from ledger.engine import CLOCK_META_KEY, Engine
+from ledger.errors import Unavailable
+from ledger.store import open_store
+from ledger.store.urls import is_pg_url, mask_url
+from ledger.verify import ChainBroken, check_node_tail, check_tail
 from ledger.writer import Writer
 
 from .auth import Authorizer, is_loopback
@@ -73,14 +75,23 @@ class LedgerServer:
             raise StartupError("TLS needs both --tls-cert and --tls-key (and they are needed "
                                "for --tls-client-ca)")
         self.catalog = catalog_mod.load(cfg.catalog)
-        self.store = Store(Path(cfg.db))  # raises DatabaseLocked for a second server
+        # SQLite: raises DatabaseLocked for a second server; PostgreSQL: claims a node number
+        try:
+            self.store = open_store(cfg.db)
+        except Unavailable as exc:  # PostgreSQL away: one clear line, the password masked
+            raise StartupError(exc.message) from None
         try:
             try:
-                check_tail(self.store.conn)
+                if self.store.shared:
+                    check_node_tail(self.store.conn, self.store.node)
+                else:
+                    check_tail(self.store.conn)
             except ChainBroken as exc:
                 raise StartupError(f"refusing to serve a corrupted journal: {exc}; run "
                                    f"'quota-ledger verify --db {cfg.db}'") from exc
-            self.clock = TestClock() if cfg.test_clock else SystemClock()
+            self.clock = (SystemClock() if not cfg.test_clock
+                          else SharedTestClock(self._db_clock_us) if self.store.shared
+                          else TestClock())
             self.engine = Engine(self.store, self.clock, self.catalog)
             self.writer = Writer(self.engine, on_commit=self._on_commit,
                                  queue_depth_max=cfg.queue_depth_max,
@@ -131,7 +142,9 @@ class LedgerServer:
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"event": "start", "listen": cfg.listen, "port": self.port,
-                                   "db": cfg.db, "test_clock": cfg.test_clock,
+                                   "db": mask_url(cfg.db) if is_pg_url(cfg.db) else cfg.db,
+                                   "node": getattr(self.store, "node", 0),
+                                   "test_clock": cfg.test_clock,
                                    "auth": self.auth.enabled, "tls": bool(cfg.tls_cert)})
 
     def _state_query(self, sql: str, params: tuple) -> list:
@@ -140,6 +153,12 @@ class LedgerServer:
         if params and params[0] is None:
             params = (self.clock.now_us(), *params[1:])
         return self.store.reader().execute(sql, params).fetchall()
+
+    def _db_clock_us(self) -> int | None:
+        """The shared test clock as the database holds it (several nodes, --test-clock)."""
+        rows = self.store.reader().execute("SELECT value FROM meta WHERE key = ?",
+                                           (CLOCK_META_KEY,)).fetchall()
+        return int(rows[0][0]) if rows else None
 
     def _on_commit(self, requests: int, seconds: float) -> None:
         self.metrics.on_commit(requests, seconds)

@@ -13,13 +13,14 @@ import click
 
 from ledger.errors import InvalidArgument, LedgerError
 from ledger.store import DatabaseLocked, backup_to
+from ledger.store.urls import is_pg_url
 from ledger.verify import verify as check_db
 
 from . import config as config_mod
 from . import logs
 from .app import DEFAULT_DB, LedgerServer, ServerConfig, StartupError
 from .auth import ROLES, create_token
-from .config import check_db_path
+from .config import check_db_path, shown_db
 from .console.command import console
 
 
@@ -104,7 +105,7 @@ async def _run(config: ServerConfig, port_file: str | None) -> None:
         with open(tmp, "w") as f:
             json.dump({"grpc": srv.port, "metrics": srv.metrics_port, "pid": os.getpid()}, f)
         os.replace(tmp, port_file)
-    click.echo(f"quota-ledger serving on {config.listen} (db {config.db}"
+    click.echo(f"quota-ledger serving on {config.listen} (db {shown_db(config.db)}"
                f"{', test clock' if config.test_clock else ''})", err=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -123,15 +124,16 @@ def _db_path_or_exit(db: str) -> None:
 
 
 @main.command()
-@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH",
-              help="The journal database to check (opened read-only).")
+@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH|URL",
+              help="The journal database to check (opened read-only): an SQLite file or a "
+                   "postgresql:// URL.")
 def verify(db: str) -> None:
     """Check SQLite integrity, the journal's hash chain, and that every derived figure
     (balances, plans, usage, bills) equals a rebuild from the journal alone (R25).
 
     Exits 0 when clean, 1 with the first divergence otherwise."""
     _db_path_or_exit(db)
-    if not os.path.exists(db):
+    if not is_pg_url(db) and not os.path.exists(db):
         click.echo(f"quota-ledger: no database at {db}", err=True)
         sys.exit(2)
     report = check_db(db)
@@ -150,11 +152,53 @@ def verify(db: str) -> None:
 def backup(db: str, to: str) -> None:
     """Take an online backup (SQLite backup API) while the server keeps writing."""
     _db_path_or_exit(db)
+    if is_pg_url(db):
+        click.echo("quota-ledger: a PostgreSQL ledger is backed up with PostgreSQL's own tools "
+                   "(pg_dump, pg_basebackup, a standby); see docs/scaling.md", err=True)
+        sys.exit(2)
     if os.path.exists(to):
         click.echo(f"quota-ledger: {to} exists; refusing to overwrite it", err=True)
         sys.exit(2)
     backup_to(db, to)
     click.echo(f"backed up {db} to {to}")
+
+
+@main.command()
+@click.option("--from", "src", required=True, metavar="PATH.db",
+              help="The SQLite ledger to copy (no server may be running on it).")
+@click.option("--to", "dst", required=True, metavar="URL",
+              help="An empty PostgreSQL database: postgresql://USER@HOST:PORT/DBNAME.")
+def migrate(src: str, dst: str) -> None:
+    """Copy a whole SQLite ledger into an empty PostgreSQL database, then verify both sides
+    (chains and derived figures, R25). Refuses a target that already holds a ledger.
+
+    Every old request_id still replays its original result on PostgreSQL (R12)."""
+    from rich.progress import Progress
+
+    from ledger.store.moving import TargetNotEmpty, copy_ledger
+    _db_path_or_exit(src)
+    if is_pg_url(src) or not os.path.exists(src):
+        click.echo(f"quota-ledger: --from must be an existing SQLite file; got {src}", err=True)
+        sys.exit(2)
+    if not is_pg_url(dst):
+        click.echo("quota-ledger: --to must be a postgresql:// URL", err=True)
+        sys.exit(2)
+    try:
+        with Progress(transient=True) as bar:
+            task = bar.add_task("copying the journal", total=None)
+            rows = copy_ledger(src, dst, lambda done, total: bar.update(
+                task, completed=done, total=total))
+    except (TargetNotEmpty, DatabaseLocked, LedgerError) as exc:
+        click.echo(f"quota-ledger: {getattr(exc, 'message', exc)}", err=True)
+        sys.exit(2)
+    for side in (src, dst):
+        report = check_db(side)
+        if not report.ok:
+            for problem in report.problems:
+                click.echo(f"FAILED ({shown_db(side)}): {problem}", err=True)
+            sys.exit(1)
+    click.echo(f"copied {rows:,} journal rows from {src} to {shown_db(dst)}; "
+               f"both verify: chains and derived figures agree")
 
 
 @main.group()

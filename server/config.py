@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ledger.errors import InvalidArgument
+from ledger.store.urls import URL_SCHEMES, is_pg_url, mask_url
 
 ENV_PREFIX = "QUOTA_LEDGER_"
 CONFIG_ENV = "QUOTA_LEDGER_CONFIG"
@@ -53,7 +54,9 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", "HOST:PORT", "Address to serve gRPC on (port 0: any free port)."),
-    Setting("db", "path", "SQLite journal file; created with its folder if missing."),
+    Setting("db", "path or URL", "SQLite journal file (created with its folder if missing), "
+            "or postgresql://USER@HOST:PORT/DBNAME shared by several nodes (PG* environment "
+            "variables fill in what the URL leaves out)."),
     Setting("catalog", "path", "TOML plan catalog replacing the built-in one."),
     Setting("test_clock", "flag", "Serve the TestClock service; time moves only when told to."),
     Setting("metrics_listen", "HOST:PORT", "Serve Prometheus metrics over HTTP (off if unset)."),
@@ -82,19 +85,27 @@ _URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
 def check_db_path(value: str, source: str = "--db") -> str:
-    """--db is an SQLite file path. Anything shaped like a URL is refused with a reason,
-    never opened: sqlite3 would create a file named after it (see TRAPS)."""
+    """--db is an SQLite file path or a ``postgresql://`` URL (issue 11). Anything else
+    shaped like a URL is refused with a reason, never opened: sqlite3 would create a file
+    named after it (see TRAPS)."""
     if not value:
-        raise InvalidArgument(f"{source}: db must be a file path")
+        raise InvalidArgument(f"{source}: db must be a file path or a postgresql:// URL")
     if _URL_LIKE.match(value):
         scheme = value.split(":", 1)[0].lower()
-        if scheme in ("postgres", "postgresql"):
-            raise InvalidArgument(
-                f"{source}: this build keeps its journal in SQLite only; PostgreSQL storage "
-                "is not available yet. Give a file path, for example data/ledger.db")
+        if scheme in URL_SCHEMES:
+            if not value.lower().startswith(f"{scheme}://"):
+                raise InvalidArgument(f"{source}: a PostgreSQL URL starts with {scheme}://, "
+                                      "for example postgresql://ledger@127.0.0.1:5432/ledger")
+            return value
         raise InvalidArgument(f"{source}: {scheme!r} is not a storage this server knows; "
-                              "give an SQLite file path, for example data/ledger.db")
+                              "give an SQLite file path (data/ledger.db) or a "
+                              "postgresql://USER@HOST:PORT/DBNAME URL")
     return value
+
+
+def shown_db(value: str) -> str:
+    """The db setting as logs and ``config show`` print it: a URL's password masked."""
+    return mask_url(value) if is_pg_url(value) else value
 
 
 def default(name: str) -> Any:
@@ -174,5 +185,5 @@ def to_toml(cfg: ServerConfig) -> str:
         elif isinstance(value, (int, float)):
             lines.append(f"{s.name} = {value}")
         else:
-            lines.append(f'{s.name} = "{value}"')
+            lines.append(f'{s.name} = "{shown_db(value) if s.name == "db" else value}"')
     return "\n".join(lines) + "\n"

@@ -5,6 +5,8 @@
 - :mod:`.schema`: the SQLite schema and its migrations.
 - :mod:`.sqlite`: :class:`Store`, the SQLite backend (the lock file, the writer connection,
   readers, the group commit).
+- :mod:`.postgres` and :mod:`.pg_schema`: :class:`~.postgres.PgStore`, the PostgreSQL
+  backend that several nodes share (issue 11); :mod:`.base`: the reads both share.
 - :mod:`.queries`: read queries on committed state (the servicers, settlement, verify).
 
 Tables:
@@ -37,9 +39,21 @@ from .queries import (
 )
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .sqlite import DatabaseLocked, Store
+from .urls import is_pg_url, mask_url
+
+
+def open_store(db: str, *, lock: bool = True):  # noqa: ANN201
+    """The store a ``--db`` value names: :class:`Store` (SQLite) for a path, or
+    :class:`~.postgres.PgStore` for a ``postgresql://`` URL (psycopg imported only then)."""
+    if is_pg_url(db):
+        from .postgres import PgStore
+        return PgStore(db, lock=lock)
+    return Store(db, lock=lock)
+
 
 __all__ = [
     "GENESIS_HASH", "MIGRATIONS", "SCHEMA_VERSION", "DatabaseLocked", "Entry", "Store",
+    "is_pg_url", "mask_url", "open_store",
     "UnitOfWork", "backup_to", "bill_row", "canonical_json",
     "consume_entries", "chain_hash", "day_figures",
     "dump_derived", "hash_before", "iter_journal", "journal_count", "read_account",

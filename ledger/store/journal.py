@@ -116,6 +116,26 @@ class UnitOfWork:
                           payload, self.last_hash))
         self.block_items = []
 
+    # The derived rows as both stores write them (the column order of their tables).
+
+    def account_rows(self) -> list[tuple]:
+        return [(a.account_id, a.display_name, a.created_at, int(a.status), a.cash_micros,
+                 a.voucher_micros, a.outstanding_micros, a.overdue_since, a.suspended_at,
+                 json.dumps(list(a.scenario_ids)), int(a.custom_policy_enabled))
+                for a in self.accounts.values()]
+
+    def new_plan_rows(self) -> list[tuple]:
+        return [(p.plan_id, p.account_id, p.spec_id, p.units_total, p.units_remaining,
+                 p.units_forfeited, p.price_micros, int(p.validity), p.purchased_at,
+                 p.expires_at, p.purchase_seq, p.paid_voucher_micros, p.paid_cash_micros,
+                 p.refunded_at) for p in self.new_plans.values()]
+
+    def changed_plan_rows(self) -> list[tuple]:
+        """(units_remaining, units_forfeited, refunded_at, plan_id): only these columns of a
+        plan ever change (an UPDATE leaves the indexes alone)."""
+        return [(p.units_remaining, p.units_forfeited, p.refunded_at, p.plan_id)
+                for plan_id, p in self.plans.items() if plan_id not in self.new_plans]
+
     def __bool__(self) -> bool:
         return bool(self.rows or self.meta or self.block_items)
 

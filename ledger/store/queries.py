@@ -93,7 +93,8 @@ def day_figures(conn: sqlite3.Connection, day: str) -> dict[str, DayFigures]:
     features: dict[str, tuple[int, int]] = {}
     for acct, scen, custom in conn.execute(
             "SELECT account_id, json_array_length(scenario_ids), custom_policy FROM accounts"
-            " WHERE (json_array_length(scenario_ids) > 0 OR custom_policy) AND created_at_us < ?",
+            " WHERE (json_array_length(scenario_ids) > 0 OR custom_policy != 0)"
+            " AND created_at_us < ?",
             (day_end(day),)):
         features[acct] = (scen, custom)
     for acct, scen, custom in conn.execute(

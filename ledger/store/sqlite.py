@@ -19,11 +19,11 @@ import sqlite_utils
 
 from ..errors import Unavailable
 from ..faults import fault
-from ..model import AccountState, AccountStatus, PlanState
 from . import blocks
+from .base import StoreReads
 from .journal import GENESIS_HASH, UnitOfWork
 from .keyindex import KeyIndex
-from .queries import BUSY_TIMEOUT_MS, read_account, read_plans
+from .queries import BUSY_TIMEOUT_MS
 from .schema import MIGRATIONS, SCHEMA_VERSION, _statements
 
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
@@ -49,8 +49,10 @@ def _connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-class Store:
+class Store(StoreReads):
     """Owns the database file: the lock, the schema, the writer connection and readers."""
+
+    shared = False  # one writer: its cached state is the truth
 
     def __init__(self, path: str | os.PathLike[str], *, lock: bool = True) -> None:
         self.path = str(path)
@@ -139,36 +141,6 @@ class Store:
         row = self.conn.execute("SELECT at_us FROM journal ORDER BY seq LIMIT 1").fetchone()
         return row[0] if row else None
 
-    def overdue_accounts(self) -> list[tuple[str, int]]:
-        return [tuple(r) for r in self.conn.execute(  # type: ignore[misc]
-            "SELECT account_id, overdue_since_us FROM accounts"
-            " WHERE overdue_since_us IS NOT NULL AND status != ?",
-            (int(AccountStatus.SUSPENDED),))]
-
-    def meta_get(self, key: str) -> str | None:
-        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
-    def load_account(self, account_id: str) -> AccountState | None:
-        acct = read_account(self.conn, account_id)
-        if acct is not None:
-            acct.live_plans = self.load_plans(
-                "WHERE account_id = ? AND refunded_at_us IS NULL AND units_remaining > 0",
-                (account_id,))
-        return acct
-
-    def load_plans(self, where: str, params: tuple = ()) -> list[PlanState]:
-        return read_plans(self.conn, where, params)
-
-    def find_key(self, account_id: str, kind: str, request_id: str
-                 ) -> tuple[int, str | None, str, int] | None:
-        """R12: the entry that already claimed this key: (seq, fingerprint, payload, at_us)."""
-        row = self.conn.execute(
-            "SELECT seq, fingerprint, payload, at_us FROM journal"
-            " WHERE account_id = ? AND kind = ? AND request_id = ?",
-            (account_id, kind, request_id)).fetchone()
-        return (row[0], row[1], row[2], row[3]) if row else None
-
     # ------------------------------------------------------------------ consume keys (R12)
 
     def _consumes_after(self, seq: int) -> Iterator[tuple[int, int, str, str]]:
@@ -227,13 +199,11 @@ class Store:
             return None  # another key with the same 64-bit hash
         return blocks.prior_of_item(seq, at_us, day, item)
 
-    def feature_day(self, account_id: str, day: str) -> tuple[int, int, int, int] | None:
-        row = self.conn.execute(
-            "SELECT start_scenarios, start_custom, max_scenarios, custom_any FROM features_daily"
-            " WHERE account_id = ? AND day = ?", (account_id, day)).fetchone()
-        return tuple(row) if row else None  # type: ignore[return-value]
-
     # ------------------------------------------------------------------ the group commit
+
+    def purchase_order(self, seq: int) -> int:
+        """A plan's place among its account's purchases (R8 ties): its entry's seq."""
+        return seq
 
     def commit(self, uow: UnitOfWork) -> None:
         """Write one group in one transaction. Raises Unavailable; then nothing was written."""
@@ -264,21 +234,12 @@ class Store:
     def _write(c: sqlite3.Connection, uow: UnitOfWork) -> None:
         c.executemany("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", uow.rows)
         if uow.accounts:
-            c.executemany(
-                "INSERT OR REPLACE INTO accounts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [(a.account_id, a.display_name, a.created_at, int(a.status), a.cash_micros,
-                  a.voucher_micros, a.outstanding_micros, a.overdue_since, a.suspended_at,
-                  json.dumps(list(a.scenario_ids)), int(a.custom_policy_enabled))
-                 for a in uow.accounts.values()])
+            c.executemany("INSERT OR REPLACE INTO accounts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                          uow.account_rows())
         if uow.new_plans:
-            c.executemany(
-                "INSERT INTO plans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(p.plan_id, p.account_id, p.spec_id, p.units_total, p.units_remaining,
-                  p.units_forfeited, p.price_micros, int(p.validity), p.purchased_at,
-                  p.expires_at, p.purchase_seq, p.paid_voucher_micros, p.paid_cash_micros,
-                  p.refunded_at) for p in uow.new_plans.values()])
-        changed = [(p.units_remaining, p.units_forfeited, p.refunded_at, p.plan_id)
-                   for plan_id, p in uow.plans.items() if plan_id not in uow.new_plans]
+            c.executemany("INSERT INTO plans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                          uow.new_plan_rows())
+        changed = uow.changed_plan_rows()
         if changed:
             # Only these three columns of a plan ever change; an UPDATE leaves the indexes
             # alone, where INSERT OR REPLACE would delete and re-insert the row.
