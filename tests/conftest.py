@@ -27,9 +27,10 @@ T0 = datetime(2027, 3, 10, 10, 0, tzinfo=UTC)
 class ServerProcess:
     """`python -m server serve` in a subprocess, so tests can SIGKILL and restart it."""
 
-    def __init__(self, tmp: Path, *, test_clock: bool = True, extra: list[str] | None = None):
+    def __init__(self, tmp: Path, *, test_clock: bool = True, extra: list[str] | None = None,
+                 db: str | None = None):
         self.tmp = tmp
-        self.db = tmp / "ledger.db"
+        self.db: Path | str = db or tmp / "ledger.db"  # a path, or a postgresql:// URL
         self.test_clock = test_clock
         self.extra = extra or []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -86,10 +87,26 @@ class ServerProcess:
     def client(self, **kwargs) -> LedgerClient:
         return LedgerClient(self.target, **kwargs)
 
+    @property
+    def backend(self) -> str:
+        return "postgres" if str(self.db).startswith("postgresql://") else "sqlite"
+
+    def read_conn(self):  # noqa: ANN201
+        """A read connection to the server's database with sqlite3's face (``?``
+        parameters), whichever the backend; close it after use."""
+        if self.backend == "postgres":
+            import psycopg
+
+            from ledger.store.postgres import PgConn
+            conn = PgConn(psycopg.connect(str(self.db), autocommit=True))
+            conn.close = conn.raw.close  # type: ignore[attr-defined]
+            return conn
+        import sqlite3
+        return sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+
     def journal_rows(self) -> int:
         """Rows of the journal table (a consume block is one row)."""
-        import sqlite3
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        conn = self.read_conn()
         try:
             return conn.execute("SELECT count(*) FROM journal").fetchone()[0]
         finally:
@@ -97,10 +114,8 @@ class ServerProcess:
 
     def journal_count(self) -> int:
         """Journal entries, each consume of a block (ledger/store/blocks.py) counted once."""
-        import sqlite3
-
         from ledger.store import consume_entries
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        conn = self.read_conn()
         try:
             others = conn.execute("SELECT count(*) FROM journal"
                                   " WHERE kind NOT IN ('consume', 'consume_block')").fetchone()[0]
@@ -109,9 +124,31 @@ class ServerProcess:
             conn.close()
 
 
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test marked ``sqlite_only`` (about the SQLite file itself: its lock, its backup,
+    its pages) runs on SQLite alone; everything else runs on both backends."""
+    dropped = [i for i in items
+               if i.get_closest_marker("sqlite_only") and "[postgres" in i.nodeid]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [i for i in items if i not in dropped]
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's ledger keeps its journal: every test that is not about one backend
+    runs on both (issue 11): an SQLite file, and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path).start()
+def server(tmp_path: Path, db: str) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp_path, db=db).start()
     try:
         yield srv
     finally:

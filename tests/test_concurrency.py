@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ LOAD_DEADLINE_S = 60.0
 
 
 def read_db(server, sql: str, params: tuple = ()) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
+    conn = server.read_conn()
     try:
         return conn.execute(sql, params).fetchall()
     finally:

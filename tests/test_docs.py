@@ -6,6 +6,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from server import apidoc
@@ -36,6 +37,7 @@ def _canned(name: str) -> str:
     return meta["databases"]["ledger"]["queries"][name]["sql"]
 
 
+@pytest.mark.sqlite_only  # Datasette reads the SQLite file
 def test_canned_queries_agree_with_the_api(server, client):
     """The Datasette canned queries give the figures GetRemaining, GetUsage and GetBill give."""
     make_account(client, cash_micros=100_000_000)

@@ -149,28 +149,34 @@ def test_migration_fixture_old_entries_verify_and_old_keys_replay(tmp_path):
     """A database written by schema version 2 (one row per consume, committed as a fixture)
     migrates in place: it verifies, and its request_ids replay their original results."""
     shutil.copy(FIXTURES / "ledger-v2.db", tmp_path / "ledger.db")
-    recorded = json.loads((FIXTURES / "ledger-v2.json").read_text())
     srv = ServerProcess(tmp_path).start()
     try:
         with srv.client() as c:
-            for name, r in recorded.items():
-                account_id, request_id = name.split("/")
-                got = c.consume(account_id, request_id=request_id, quantity=r["qty"],
-                                region=r["region"], scenario_id=r["scenario"])
-                assert got.replayed, name
-                assert ([[a.plan_id, a.units] for a in got.allocations], got.payg_units,
-                        got.payg_amount_micros, got.billing_day, got.plan_units_remaining,
-                        got.journal_seq, got.recorded_at.ToMicroseconds()) == (
-                    r["alloc"], r["payg_units"], r["payg_micros"], r["day"], r["remaining"],
-                    r["seq"], r["at_us"]), name
-            with pytest.raises(LedgerError) as err:
-                c.consume("acme", request_id="c-3", quantity=21)
-            assert err.value.reason == "IDEMPOTENCY_KEY_REUSED"
-            fresh = c.consume("acme", request_id="c-new", quantity=2)
-            assert not fresh.replayed and fresh.payg_units == 2
+            check_fixture_replays(c)
     finally:
         srv.stop()
     assert verify(str(tmp_path / "ledger.db")).ok
+
+
+def check_fixture_replays(c) -> None:
+    """Every request recorded in the v2 fixture replays its original result exactly (R12);
+    its key reused for other content is refused; a new request applies."""
+    recorded = json.loads((FIXTURES / "ledger-v2.json").read_text())
+    for name, r in recorded.items():
+        account_id, request_id = name.split("/")
+        got = c.consume(account_id, request_id=request_id, quantity=r["qty"],
+                        region=r["region"], scenario_id=r["scenario"])
+        assert got.replayed, name
+        assert ([[a.plan_id, a.units] for a in got.allocations], got.payg_units,
+                got.payg_amount_micros, got.billing_day, got.plan_units_remaining,
+                got.journal_seq, got.recorded_at.ToMicroseconds()) == (
+            r["alloc"], r["payg_units"], r["payg_micros"], r["day"], r["remaining"],
+            r["seq"], r["at_us"]), name
+    with pytest.raises(LedgerError) as err:
+        c.consume("acme", request_id="c-3", quantity=21)
+    assert err.value.reason == "IDEMPOTENCY_KEY_REUSED"
+    fresh = c.consume("acme", request_id="c-new", quantity=2)
+    assert not fresh.replayed and fresh.payg_units == 2
 
 
 def test_r25_start_rehashes_a_bounded_tail_of_blocks(tmp_path):

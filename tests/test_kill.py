@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -34,7 +33,7 @@ def outcome(r) -> tuple:
 
 def consumes(server) -> list[tuple]:
     """(seq, at_us, account_id, request_id, payload) of every consume entry (read-only)."""
-    conn = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
+    conn = server.read_conn()
     try:
         return list(consume_entries(conn))
     finally:
@@ -42,7 +41,7 @@ def consumes(server) -> list[tuple]:
 
 
 def read_db(server, sql: str, params: tuple = ()) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
+    conn = server.read_conn()
     try:
         return conn.execute(sql, params).fetchall()
     finally:

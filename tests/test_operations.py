@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -50,6 +51,16 @@ def test_config_show_round_trips_through_a_file(tmp_path):
     again = config.load(str(tmp_path / "c.toml"), env={})
     assert again.grace_s == 7.25 and again.log_format == "json"
     assert again == config.load(None, env=env)
+
+
+def test_config_show_masks_a_postgresql_password(tmp_path):
+    """Issue 11: credentials never reach the output; the URL is shown with *** instead."""
+    env = {"QUOTA_LEDGER_DB": "postgresql://ledger:s3cret@db.internal:5432/ledger",
+           "PATH": "", "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-m", "server", "config", "show"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert 'db = "postgresql://ledger:***@db.internal:5432/ledger"' in out
+    assert "s3cret" not in out
 
 
 @pytest.fixture
@@ -177,6 +188,7 @@ def test_metrics_accounts_by_status_settlements_and_top_accounts(tmp_path):
         srv.stop()
 
 
+@pytest.mark.sqlite_only  # several nodes share a PostgreSQL database: tests/test_postgres_nodes.py
 def test_second_server_on_the_same_database_refuses_to_start(server):
     """One writer per database: a second `serve` on the same file exits 2 and says why."""
     done = subprocess.run(
@@ -240,13 +252,31 @@ def test_full_queue_fails_fast_with_resource_exhausted(tmp_path):
         srv.stop()
 
 
-@pytest.mark.parametrize("db", ["postgresql://postgres@127.0.0.1:5432/ledger",
-                                "postgres://u@h/d", "sqlite:///x.db", "file:/tmp/x.db"])
+@pytest.mark.parametrize("db", ["sqlite:///x.db", "file:/tmp/x.db", "mysql://u@h/d",
+                                "postgresql:/ledger"])
 @pytest.mark.parametrize("verb", ["serve", "verify"])
 def test_a_url_given_as_db_is_refused_and_creates_nothing(tmp_path, db, verb):
-    """TRAPS: sqlite3 would create a file named after a URL; the server refuses it instead."""
+    """TRAPS: sqlite3 would create a file named after a URL; a scheme the server does not
+    know, or a PostgreSQL URL missing its //, is refused instead."""
     out = subprocess.run([sys.executable, "-m", "server", verb, "--db", db], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
-    assert "--db" in out.stderr and "file path" in out.stderr
+    assert "--db" in out.stderr and ("file path" in out.stderr or "postgresql://" in out.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", ["serve", "verify"])
+def test_an_unreachable_postgresql_url_fails_in_one_clear_line_and_creates_nothing(
+        tmp_path, verb):
+    """Issue 11: --db postgresql://... is PostgreSQL, never a file; when nothing answers
+    there, the command says so (password masked), with no traceback."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = f"postgresql://ledger:s3cret@127.0.0.1:{port}/ledger"
+    out = subprocess.run([sys.executable, "-m", "server", verb, "--db", db], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode in (1, 2), out.stderr
+    assert "cannot connect" in out.stderr and "Traceback" not in out.stderr
+    assert "s3cret" not in out.stderr + out.stdout and "ledger:***@" in out.stderr
     assert list(tmp_path.iterdir()) == []

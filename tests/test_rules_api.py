@@ -36,19 +36,23 @@ def response_fields(r) -> tuple:
 
 def journal_rows(server, where: str = "", params: tuple = ()) -> list[tuple]:
     """Journal entries (seq, kind, account_id, request_id, payload JSON), the consumes of a
-    block (ledger/store/blocks.py) as one entry each; ``where`` filters those entries."""
-    conn = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
+    block (ledger/store/blocks.py) as one entry each; ``where`` filters those entries (SQL,
+    run on an in-memory copy, whichever backend the server has)."""
+    src, mem = server.read_conn(), sqlite3.connect(":memory:")
     try:
-        conn.execute("CREATE TEMP TABLE entries (seq, kind, account_id, request_id, payload)")
-        conn.executemany("INSERT INTO entries VALUES (?,?,?,?,?)", [
+        mem.execute("CREATE TABLE entries (seq, kind, account_id, request_id, payload)")
+        mem.executemany("INSERT INTO entries VALUES (?,?,?,?,?)", [
             (seq, "consume", account_id, request_id, canonical_json(payload))
-            for seq, _, account_id, request_id, payload in consume_entries(conn)])
-        conn.execute("INSERT INTO entries SELECT seq, kind, account_id, request_id, payload"
-                     " FROM journal WHERE kind NOT IN ('consume', 'consume_block')")
-        return conn.execute(f"SELECT seq, kind, account_id, request_id, payload FROM entries "
-                            f"{where} ORDER BY seq", params).fetchall()
+            for seq, _, account_id, request_id, payload in consume_entries(src)])
+        mem.executemany("INSERT INTO entries VALUES (?,?,?,?,?)", [
+            (*row[:4], bytes(row[4]).decode() if not isinstance(row[4], str) else row[4])
+            for row in src.execute("SELECT seq, kind, account_id, request_id, payload"
+                                   " FROM journal WHERE kind NOT IN ('consume', 'consume_block')")])
+        return mem.execute(f"SELECT seq, kind, account_id, request_id, payload FROM entries "
+                           f"{where} ORDER BY seq", params).fetchall()
     finally:
-        conn.close()
+        src.close()
+        mem.close()
 
 
 def test_r5_quantity_n_is_n_units_under_one_key(server, client):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from datetime import timedelta
 
+import pytest
+
 from ledger.verify import verify
 
 from .conftest import ROOT, T0, ServerProcess, make_account
@@ -39,16 +41,12 @@ def test_r25_rebuild_from_journal_equals_derived_tables(server, client):
     server.stop()
     report = verify(str(server.db))
     assert report.ok, report.problems
-    assert report.entries == server_entries(server.db)
+    assert report.entries == server.journal_rows()
     done = _run("verify", "--db", str(server.db))
     assert done.returncode == 0 and "ok:" in done.stdout
 
 
-def server_entries(db) -> int:
-    with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT count(*) FROM journal").fetchone()[0]
-
-
+@pytest.mark.sqlite_only  # PostgreSQL: tests/test_postgres_verify.py
 def test_r25_flipped_payload_byte_is_named_and_refused(server, client, tmp_path):
     """One byte changed in an entry's payload: verify names that entry; the server won't start."""
     _busy_ledger(client)
@@ -78,6 +76,7 @@ def test_r25_flipped_payload_byte_is_named_and_refused(server, client, tmp_path)
         raise AssertionError("the server started on a corrupted journal")
 
 
+@pytest.mark.sqlite_only  # PostgreSQL: tests/test_postgres_verify.py
 def test_r25_tampered_derived_table_is_reported(server, client, tmp_path):
     """A balance changed behind the journal's back is a divergence verify reports."""
     _busy_ledger(client)
@@ -89,6 +88,7 @@ def test_r25_tampered_derived_table_is_reported(server, client, tmp_path):
         report.problems[0])
 
 
+@pytest.mark.sqlite_only  # PostgreSQL: tests/test_postgres_verify.py
 def test_journal_refuses_update_and_delete(server, client):
     """R25: the database itself refuses to change or remove a journal entry."""
     make_account(client)
@@ -102,6 +102,7 @@ def test_journal_refuses_update_and_delete(server, client):
                 raise AssertionError(f"{sql} was allowed")
 
 
+@pytest.mark.sqlite_only  # PostgreSQL: tests/test_postgres_verify.py
 def test_online_backup_while_writing_verifies_clean(server, client, tmp_path):
     """A backup taken while the server writes is a consistent ledger that verifies clean."""
     make_account(client, cash_micros=100_000_000)
