@@ -18,6 +18,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/quota-ledger serve
 
+## run-postgres: a local PostgreSQL cluster under ./data/pg (port 55432) and two ledger nodes
+## on it, 127.0.0.1:50051 and 127.0.0.1:50052 (Ctrl-C stops both nodes; the cluster keeps
+## running: python -m tests.pg_cluster stop --dir data/pg)
+.PHONY: run-postgres
+run-postgres: $(STAMP)
+	@url=$$($(BIN)/python -m tests.pg_cluster start --dir data/pg --port $(or $(PGPORT),55432) --database ledger) || exit 1; \
+	echo "two ledger nodes on $$url"; \
+	$(BIN)/quota-ledger serve --listen 127.0.0.1:50052 --db "$$url" & node2=$$!; \
+	trap "kill $$node2 2>/dev/null" EXIT INT TERM; \
+	$(BIN)/quota-ledger serve --listen 127.0.0.1:50051 --db "$$url"
+
 ## test: install everything, check generated code, run the whole default suite
 ## (the console's browser tests need Debian's chromium at /usr/bin/chromium; .ci/run installs it)
 test: $(STAMP) protos-check
@@ -60,6 +71,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
 	$(BIN)/python -m tests.bench_client
+
+## bench-writer: the writer's own capacity, fed directly with no gRPC (issue 9)
+.PHONY: bench-writer
+bench-writer: $(STAMP)
+	$(BIN)/python -m tests.bench_writer
 
 ## bench-client: 256 concurrent consume() calls from one AsyncLedgerClient, with and without batching
 .PHONY: bench-client

@@ -48,6 +48,7 @@ from clients.wire import (
     LedgerError,
     auth_metadata,
     backoff_s,
+    channel_target,
     credentials,
     enum_value,
     new_request_id,
@@ -128,8 +129,9 @@ class LedgerClient(_Wired):
                  **options: Any) -> None:
         o = _Options(**options)
         self._wire(o, channel or (
-            grpc.secure_channel(target, o.creds, options=CHANNEL_OPTIONS) if o.creds
-            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)),
+            grpc.secure_channel(channel_target(target), o.creds, options=CHANNEL_OPTIONS)
+            if o.creds else grpc.insecure_channel(channel_target(target),
+                                                  options=CHANNEL_OPTIONS)),
             ThreadCoalescer, ThreadReplayer, lambda batch: batch.future)
 
     def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
@@ -192,8 +194,9 @@ class AsyncLedgerClient(_Wired):
                  channel: grpc.aio.Channel | None = None, **options: Any) -> None:
         o = _Options(**options)
         self._wire(o, channel or (
-            grpc.aio.secure_channel(target, o.creds, options=CHANNEL_OPTIONS) if o.creds
-            else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)),
+            grpc.aio.secure_channel(channel_target(target), o.creds, options=CHANNEL_OPTIONS)
+            if o.creds else grpc.aio.insecure_channel(channel_target(target),
+                                                      options=CHANNEL_OPTIONS)),
             AsyncCoalescer, TaskReplayer, lambda batch: batch)
 
     async def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:

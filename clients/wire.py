@@ -34,7 +34,27 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
                    ("grpc.max_send_message_length", 16 * 1024 * 1024),
                    ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MIN_MS),
                    ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MIN_MS),
-                   ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
+                   ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
+                   # Several ledger nodes (docs/scaling.md): spread calls over every address a
+                   # target resolves to (dns:///name:port, or a list: see channel_target).
+                   ("grpc.service_config",
+                    '{"loadBalancingConfig": [{"round_robin": {}}]}')]
+
+
+def channel_target(target: str) -> str:
+    """A gRPC target for one node or several: ``host:port``, any gRPC URI
+    (``dns:///ledger.internal:50051``), or a comma-separated list of IPv4 ``host:port``s,
+    which becomes gRPC's ``ipv4:`` list (one channel, round robin over the nodes)."""
+    if "," not in target:
+        return target
+    parts = [p.strip() for p in target.split(",") if p.strip()]
+    for p in parts:
+        host, _, port = p.rpartition(":")
+        if not (port.isdigit() and host.count(".") == 3
+                and all(x.isdigit() for x in host.split("."))):
+            raise ValueError(f"several targets must be IPv4 host:port each (got {p!r}); for "
+                             "names, use one dns:///NAME:PORT target that resolves to every node")
+    return "ipv4:" + ",".join(parts)
 
 _SHORT_NAMES: dict[Any, dict[str, int]] = {
     pb.Region: {"mainland": 1, "cn": 1, "chinese_mainland": 1,

@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("--dir", type=Path, required=True, help="e.g. ./data/pg")
     parser.add_argument("--port", type=int, help="default: a free port")
+    parser.add_argument("--database", help="start: also create this database if missing and "
+                                           "print its URL")
     args = parser.parse_args(argv)
     cluster = PgCluster(args.dir, args.port)
     if args.action == "stop":
@@ -242,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"already running in {cluster.base_dir}", file=sys.stderr)
     else:
         cluster.start()
+    if args.database:
+        with psycopg.connect(cluster.url("postgres"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                  (args.database,)).fetchone()
+        print(cluster.url(args.database) if exists else cluster.create_database(args.database))
+        return 0
     print(cluster.url(""))
     return 0
 
