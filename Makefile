@@ -71,6 +71,14 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
 	$(BIN)/python -m tests.bench_client
+	@if $(BIN)/python -c 'import sys, tests.pg_cluster as p; sys.exit(p.find_bindir() is None)'; then \
+	  $(BIN)/python -m tests.bench_postgres; \
+	else echo "!!! POSTGRESQL BENCH SKIPPED: no PostgreSQL server binaries (apt-get install postgresql) !!!"; fi
+
+## bench-postgres: the ledger on PostgreSQL, one node and two nodes, beside SQLite (issue 11)
+.PHONY: bench-postgres
+bench-postgres: $(STAMP)
+	$(BIN)/python -m tests.bench_postgres
 
 ## bench-writer: the writer's own capacity, fed directly with no gRPC (issue 9)
 .PHONY: bench-writer

@@ -90,6 +90,11 @@ def hold(engine: Engine, account_ids: list[str]) -> None:
         if version is not None:
             engine.versions[account_id] = version
     engine._held.update(want)
+    missing = [a for a in want if a in versions and a not in engine.accounts]
+    if len(missing) > 1:  # one at a time is Engine.account's own path
+        for account_id, acct in engine.store.load_accounts(missing).items():
+            engine.accounts[account_id] = acct
+            engine.plan_index.update((p.plan_id, p) for p in acct.live_plans)
 
 
 def evict(engine: Engine, account_id: str) -> None:

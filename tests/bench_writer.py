@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -42,8 +41,10 @@ from ledger import model as m
 from ledger.clock import SystemClock, TestClock
 from ledger.engine import Engine
 from ledger.money import Region
-from ledger.store import Store
+from ledger.store import open_store
 from ledger.writer import Batch, Writer
+
+from .bench_postgres import Units
 
 UNARY_IN_FLIGHT = 64
 SETUP_BATCH = 1_000  # administrative commands per Batch during set-up
@@ -151,15 +152,9 @@ def setup(writer: Writer, n: int) -> list[str]:
     return ids
 
 
-def recorded_units(db: Path) -> int:
+def recorded_units(db: Path | str) -> int:
     """Units the derived tables record: taken from plans plus paid as you go."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        plans = conn.execute("SELECT COALESCE(SUM(units), 0) FROM offsets_daily").fetchone()[0]
-        payg = conn.execute("SELECT COALESCE(SUM(payg_units), 0) FROM usage_daily").fetchone()[0]
-        return plans + payg
-    finally:
-        conn.close()
+    return Units(str(db)).total()
 
 
 ROWS = (("req/s", "req_s", "{:,.0f}"), ("mean group (requests)", "group", "{:,.1f}"),
@@ -199,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the gRPC front's measured cost per request per core, in µs")
     p.add_argument("--test-clock", action="store_true", help="a TestClock (no due work)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--db", default=None, help="a postgresql:// URL of an empty database "
+                   "(default: a fresh SQLite file)")
     p.add_argument("--phases", default="batch,unary", help="which phases to run (profiling)")
     args = p.parse_args(argv)
     if min(args.accounts, args.requests, args.batch, args.in_flight, args.rounds) < 1:
@@ -207,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     load0 = os.getloadavg()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="ledger-bench-writer-") as tmp:
-        db = Path(tmp) / "ledger.db"
-        store = Store(db)
+        db: Path | str = args.db or Path(tmp) / "ledger.db"
+        store = open_store(str(db))
         clock = TestClock() if args.test_clock else SystemClock()
         engine = Engine(store, clock, catalog.builtin())
         timing = Timing(engine)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..model import AccountState, AccountStatus, PlanState
-from .queries import read_account, read_plans
+from .queries import ACCOUNT_COLUMNS, account_of_row, read_account, read_plans
 
 
 class StoreReads:
@@ -31,6 +31,19 @@ class StoreReads:
                 "WHERE account_id = ? AND refunded_at_us IS NULL AND units_remaining > 0",
                 (account_id,))
         return acct
+
+    def load_accounts(self, account_ids: list[str]) -> dict[str, AccountState]:
+        """Many accounts with their live plans in two statements (PostgreSQL: a group's
+        accounts that another node changed are reloaded at once, not one by one)."""
+        found = {row[0]: account_of_row(row) for row in self.conn.execute(
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ANY(?)",
+            (account_ids,)).fetchall()}
+        for acct in found.values():
+            acct.live_plans = []
+        for plan in self.load_plans("WHERE account_id = ANY(?) AND refunded_at_us IS NULL"
+                                    " AND units_remaining > 0", (account_ids,)):
+            found[plan.account_id].live_plans.append(plan)  # in R8 order, as loaded
+        return found
 
     def load_plans(self, where: str, params: tuple = ()) -> list[PlanState]:
         return read_plans(self.conn, where, params)

@@ -25,13 +25,18 @@ _ACCOUNT_COLUMNS = (
 def read_account(conn: sqlite3.Connection, account_id: str) -> AccountState | None:
     row = conn.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ?",
                        (account_id,)).fetchone()
-    if row is None:
-        return None
+    return None if row is None else account_of_row(row)
+
+
+def account_of_row(row: Any) -> AccountState:
     return AccountState(
         account_id=row[0], display_name=row[1], created_at=row[2],
         status=AccountStatus(row[3]), cash_micros=row[4], voucher_micros=row[5],
         outstanding_micros=row[6], overdue_since=row[7], suspended_at=row[8],
         scenario_ids=tuple(json.loads(row[9])), custom_policy_enabled=bool(row[10]))
+
+
+ACCOUNT_COLUMNS = _ACCOUNT_COLUMNS
 
 
 def read_accounts(conn: sqlite3.Connection, prefix: str, after: str, limit: int

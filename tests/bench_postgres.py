@@ -1,0 +1,217 @@
+"""`make bench-postgres` (also the end of `make bench`): the ledger on PostgreSQL, one node
+and two nodes on one database, beside the same ledger on SQLite (issue 11).
+
+    python -m tests.bench_postgres [--runs 3] [--seconds 6] [--accounts 1000]
+
+A throwaway PostgreSQL cluster (tests/pg_cluster.py: the machine's PostgreSQL, 127.0.0.1,
+synchronous_commit=on; fsync off only in that throwaway cluster) holds one fresh database
+per configuration. Each configuration gets the same accounts (spread: --accounts accounts,
+each with a year-100m plan) and the same loads: unary Consume at 64 in flight, ConsumeStream
+(4 streams x 16), ConsumeBatch x1,000 in both views (4 calls in flight). With two nodes,
+the load is split in half and sent to both nodes at once, and the figure is their sum.
+After every load, requests acknowledged must equal units recorded (plans' offsets plus
+pay-as-you-go, from the database). Every load is bounded in count and time; each figure is
+the median of --runs rounds, the configurations taking turns within a round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from clients.loadgen import LoadConfig, LoadResult, prepare_accounts
+from ledger.store import is_pg_url
+
+from .bench import LOAD_REQUESTS_CAP, ROOT, Proc, drive, machine
+from .pg_cluster import PgCluster, find_bindir
+
+BATCH_TARGET_PER_S = 30_000  # issue 11: one node's ConsumeBatch, spread over 1,000 accounts
+LOADS = (
+    ("unary64", "Consume, 64 in flight", {"shape": "unary", "concurrency": 64}, "calls/s"),
+    ("stream", "ConsumeStream, 4 streams x 16", {"shape": "stream", "concurrency": 64,
+                                                  "streams": 4}, "messages/s"),
+    ("batch_full", "ConsumeBatch x1,000 FULL, 4 in flight",
+     {"batch_size": 1_000, "concurrency": 4, "view": "full"}, "req/s"),
+    ("batch_compact", "ConsumeBatch x1,000 COMPACT, 4 in flight",
+     {"batch_size": 1_000, "concurrency": 4, "view": "compact"}, "req/s"),
+)
+
+
+class Units:
+    """Units recorded so far: plans' offsets plus pay-as-you-go, from the derived tables
+    (``verify`` holds them equal to the journal), on either backend."""
+
+    def __init__(self, db: str) -> None:
+        self.db = db
+        self.mark = self.total()
+
+    def total(self) -> int:
+        sql = ("SELECT (SELECT coalesce(sum(units), 0) FROM offsets_daily)"
+               " + (SELECT coalesce(sum(payg_units), 0) FROM usage_daily)")
+        if is_pg_url(self.db):
+            import psycopg
+            with psycopg.connect(self.db) as conn:
+                return int(conn.execute(sql).fetchone()[0])
+        import sqlite3
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            return int(conn.execute(sql).fetchone()[0])
+        finally:
+            conn.close()
+
+    def check(self, results: list[LoadResult], label: str) -> int:
+        acked = sum(r.billable - r.replayed for r in results)
+        now = self.total()
+        recorded, self.mark = now - self.mark, now
+        exact = not any(r.error_total for r in results)
+        if recorded < acked or (exact and recorded != acked):
+            raise AssertionError(f"{label}: acknowledged {acked:,} but recorded {recorded:,}")
+        return acked
+
+
+def value(key: str, r: LoadResult) -> float:
+    if key == "unary64":
+        return r.calls_per_s
+    if key == "stream":
+        return r.rate_per_s
+    return r.billable / r.elapsed_s
+
+
+class Config:
+    """One ledger configuration: its nodes (subprocesses) and its database."""
+
+    def __init__(self, name: str, db: str, nodes: int, tmp: Path) -> None:
+        self.name, self.db = name, db
+        py = sys.executable
+        self.procs = []
+        for i in range(nodes):
+            d = tmp / f"{name}-{i}"
+            d.mkdir(parents=True)
+            self.procs.append(Proc(f"{name}-{i}", [
+                py, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--db", db,
+                "--port-file", str(d / "ports.json"), "--log-level", "warning"],
+                d / "ports.json", d / "server.log"))
+
+    def start(self) -> Config:
+        for p in self.procs:
+            p.start()
+        return self
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+    async def drive(self, accounts: list[str], load: dict[str, Any], seconds: float
+                    ) -> list[LoadResult]:
+        """The load split over the nodes, all at once."""
+        n = len(self.procs)
+        part = {**load, "concurrency": max(1, load["concurrency"] // n)}
+        if "streams" in load:
+            part["streams"] = max(1, load["streams"] // n)
+        return list(await asyncio.gather(*(drive(p.target, accounts, part, seconds)
+                                           for p in self.procs)))
+
+
+async def prepare(cfg: Config, accounts: int) -> list[str]:
+    lc = LoadConfig(target=cfg.procs[0].target, accounts=accounts, account_prefix="pgb-",
+                    plan="year-100m", top_up_micros=10_000_000)
+    await prepare_accounts(lc)
+    ids = lc.ids()
+    await cfg.drive(ids, {"batch_size": 1_000, "concurrency": 2, "view": "compact"}, 1.0)
+    return ids
+
+
+async def bench(configs: list[Config], runs: int, seconds: float, accounts: int,
+                console: Console) -> dict[str, dict[str, list[float]]]:
+    ids = {}
+    for cfg in configs:
+        t0 = time.perf_counter()
+        ids[cfg.name] = await prepare(cfg, accounts)
+        console.print(f"{cfg.name}: {accounts:,} accounts ready in "
+                      f"{time.perf_counter() - t0:.1f} s")
+    figures: dict[str, dict[str, list[float]]] = {c.name: {k: [] for k, *_ in LOADS}
+                                                  for c in configs}
+    units = {c.name: Units(c.db) for c in configs}
+    for run in range(runs):
+        for key, label, load, unit in LOADS:
+            order = configs if run % 2 == 0 else list(reversed(configs))
+            for cfg in order:
+                results = await cfg.drive(ids[cfg.name], load, seconds)
+                acked = units[cfg.name].check(results, f"{cfg.name} {label}")
+                v = sum(value(key, r) for r in results)
+                figures[cfg.name][key].append(v)
+                errors = {k: n for r in results for k, n in r.errors.items()}
+                console.print(f"  run {run + 1} {cfg.name:<16} {label:<42} {v:>10,.0f} {unit}"
+                              f"  (acknowledged {acked:,} = recorded)"
+                              + (f"  errors {errors}" if errors else ""))
+    return figures
+
+
+def report(figures: dict[str, dict[str, list[float]]], console: Console) -> None:
+    names = list(figures)
+    table = Table(title="quota-ledger on PostgreSQL beside SQLite (median)")
+    table.add_column("measure")
+    for name in names:
+        table.add_column(name, justify="right")
+    for key, label, _, unit in LOADS:
+        table.add_row(f"{label} ({unit})",
+                      *(f"{statistics.median(figures[n][key]):,.0f}" for n in names))
+    console.print(table)
+    one, two = figures.get("postgres 1 node"), figures.get("postgres 2 nodes")
+    if one:
+        batch = statistics.median(one["batch_compact"])
+        console.print(f"one node's ConsumeBatch x1,000 COMPACT over 1,000 accounts: {batch:,.0f}"
+                      f"/s; target >= {BATCH_TARGET_PER_S:,}/s: "
+                      f"{'MET' if batch >= BATCH_TARGET_PER_S else 'MISSED'}")
+    if one and two:
+        for key, label, _, _ in LOADS:
+            a, b = statistics.median(one[key]), statistics.median(two[key])
+            console.print(f"two nodes / one node, {label}: {b / a:.2f}x "
+                          f"({'not slower' if b >= a else 'SLOWER'})")
+
+
+@click.command()
+@click.option("--runs", default=3, show_default=True, help="Rounds; each figure is the median.")
+@click.option("--seconds", default=6.0, show_default=True, help="Length of each load.")
+@click.option("--accounts", default=1_000, show_default=True, help="Accounts the load spreads "
+              "over (each with a plan).")
+@click.option("--no-sqlite", is_flag=True, help="Only the PostgreSQL configurations.")
+def main(runs: int, seconds: float, accounts: int, no_sqlite: bool) -> None:
+    console = Console()
+    if find_bindir() is None:
+        console.print("[red]no PostgreSQL server binaries: apt-get install postgresql[/red]")
+        sys.exit(2)
+    info = machine()
+    console.print(f"machine: {info}; loads bounded at {LOAD_REQUESTS_CAP:,} requests")
+    base = Path(tempfile.mkdtemp(prefix="quota-ledger-benchpg-"))
+    base.chmod(0o755)  # the cluster runs as the postgres user (tests/pg_cluster.py)
+    cluster = PgCluster(base / "pg").start()
+    configs: list[Config] = []
+    try:
+        if not no_sqlite:
+            configs.append(Config("sqlite", str(base / "sqlite" / "ledger.db"), 1, base))
+        configs.append(Config("postgres 1 node", cluster.create_database("one"), 1, base))
+        configs.append(Config("postgres 2 nodes", cluster.create_database("two"), 2, base))
+        for cfg in configs:
+            cfg.start()
+        figures = asyncio.run(bench(configs, runs, seconds, accounts, console))
+        report(figures, console)
+    finally:
+        for cfg in configs:
+            cfg.stop()
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = ["ROOT"]
