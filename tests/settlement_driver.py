@@ -166,6 +166,11 @@ def drive(live: Live, model: Model, accounts: list[str], funds: list[tuple[int, 
     event(f"plan expiries: {len(model.expiry_log) > 0}")
 
 
+def payloads(live: Live, kind: str) -> list[dict]:
+    return [json.loads(p) for (p,) in live.query(
+        "SELECT payload FROM journal WHERE kind = ?", (kind,))]
+
+
 def check_money(live: Live, model: Model) -> None:
     """Every micro-dollar topped up is a balance, a plan, a bill payment (R15, R16, R22)."""
     balances = live.query("SELECT sum(cash_micros + voucher_micros) FROM accounts")[0][0]
@@ -176,14 +181,12 @@ def check_money(live: Live, model: Model) -> None:
         "SELECT coalesce(sum(amount_due_micros), 0),"
         " coalesce(sum(paid_voucher_micros + paid_cash_micros), 0),"
         " coalesce(sum(outstanding_micros), 0) FROM bills")[0]
-    topped_up, paid_later = live.query(
-        "SELECT coalesce(sum(json_extract(payload, '$.amount_micros')), 0),"
-        " coalesce(sum(json_extract(payload, '$.paid_outstanding_micros')), 0)"
-        " FROM journal WHERE kind = 'top_up'")[0]
-    refunds_paid = live.query(
-        "SELECT coalesce(sum(json_extract(payload, '$.paid_outstanding_voucher_micros')"
-        " + json_extract(payload, '$.paid_outstanding_cash_micros')), 0)"
-        " FROM journal WHERE kind = 'refund'")[0][0]
+    # The payloads summed here, not in SQL: json_extract is SQLite's alone (issue 11).
+    top_ups = payloads(live, "top_up")
+    topped_up = sum(p["amount_micros"] for p in top_ups)
+    paid_later = sum(p["paid_outstanding_micros"] for p in top_ups)
+    refunds_paid = sum(p["paid_outstanding_voucher_micros"] + p["paid_outstanding_cash_micros"]
+                       for p in payloads(live, "refund"))
     outstanding = live.query("SELECT sum(outstanding_micros) FROM accounts")[0][0]
     assert topped_up == model.topups_total
     assert (paid_later, refunds_paid) == (model.paid_outstanding_by_topups,
@@ -224,10 +227,11 @@ def check_journal(live: Live, model: Model, days: list[str]) -> None:
     assert expired == model.expiry_log
 
 
-def run_and_check(start_us: int, n_accounts: int, funds: list[tuple[int, int]],
+def run_and_check(db: str, start_us: int, n_accounts: int, funds: list[tuple[int, int]],
                   ops: list[object]) -> None:
+    """One example on a fresh ledger of ``db``'s backend (an SQLite path or a PostgreSQL URL)."""
     accounts = list(ACCOUNT_IDS[:n_accounts])
-    with ledger_at(start_us) as live:
+    with ledger_at(db, start_us) as live:
         model = Model(now=start_us)
         drive(live, model, accounts, funds[:n_accounts], ops)
         days = model.ended_days()

@@ -1,8 +1,10 @@
 """The real ledger for the settlement property tests: the engine in process, as the server runs it.
 
-Each hypothesis example opens a fresh SQLite journal in its own temporary directory and drives
-the engine in process through the single writer (``writer.call`` + ``unwrap``), exactly as the
-server does; :class:`Live` also reads the database back (read-only) for the checks.
+Each hypothesis example opens a fresh ledger and drives the engine in process through the single
+writer (``writer.call`` + ``unwrap``), exactly as the server does; :class:`Live` also reads the
+database back for the checks. Both backends (issue 11): the tests take ``module_db`` (hypothesis
+refuses function-scoped fixtures), and :func:`fresh_db` gives each example a new SQLite file in a
+temporary directory, or the module's PostgreSQL database emptied (``empty_pg_ledger``).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from ledger.engine import Engine
 from ledger.errors import LedgerError
 from ledger.model import Architecture, CaptchaType, Consume, Step
 from ledger.money import Region
-from ledger.store import Store
+from ledger.store import is_pg_url, open_store
 from ledger.writer import Writer, unwrap
 
+from .conftest import empty_pg_ledger
 from .settlement_model import BillTuple
 
 
@@ -40,14 +43,16 @@ def bill_tuple(b: Any) -> BillTuple:
 
 
 class Live:
-    """One store, test clock, engine and writer on a database file of a temp directory."""
+    """One store, test clock, engine and writer on one database (an SQLite path or a
+    PostgreSQL URL)."""
 
-    def __init__(self, db: Path, start_us: int) -> None:
+    def __init__(self, db: str, start_us: int) -> None:
         self.db = db
+        self.reads = Reader(db)
         self._open(start_us)
 
     def _open(self, start_us: int) -> None:
-        self.store = Store(self.db)
+        self.store = open_store(self.db)
         self.clock = TestClock(start_us)  # the engine floors it to the saved clock
         self.engine = Engine(self.store, self.clock, builtin())
         self.writer = Writer(self.engine)
@@ -56,9 +61,10 @@ class Live:
     def close(self) -> None:
         self.writer.stop()
         self.store.close()
+        self.reads.close()
 
     def restart(self) -> None:
-        """Stop and reopen from the database alone (state is reloaded, not replayed)."""
+        """Stop and reopen the same database (state is reloaded, not replayed)."""
         self.close()
         self._open(0)
 
@@ -75,11 +81,7 @@ class Live:
             return None, exc.reason
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+        return self.reads.query(sql, params)
 
     def account_rows(self) -> dict[str, tuple[Any, ...]]:
         return {r[0]: (r[1], r[2], r[3], r[4], r[5], r[6], sorted(json.loads(r[7])), r[8])
@@ -94,11 +96,60 @@ class Live:
                 self.query("SELECT count(*) FROM bills")[0][0])
 
 
+class Reader:
+    """Reads of a ledger's database with sqlite3's face (``?`` parameters) on either backend:
+    SQLite read-only, a connection per read; PostgreSQL through :class:`PgConn` on one
+    autocommit connection kept until :meth:`close` (a connect costs more than the query)."""
+
+    def __init__(self, db: str) -> None:
+        self.db = db
+        self._raw: Any = None
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        if is_pg_url(self.db):
+            import psycopg
+
+            from ledger.store.postgres import PgConn
+            if self._raw is None:
+                self._raw = psycopg.connect(self.db, autocommit=True)
+            yield PgConn(self._raw)
+            return
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self.connection() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+
 @contextmanager
-def ledger_at(start_us: int) -> Iterator[Live]:
-    """A fresh ledger per hypothesis example (pytest's tmp_path is per test, not example)."""
-    with tempfile.TemporaryDirectory(dir=RAM_DIR) as d:
-        live = Live(Path(d) / "l.db", start_us)
+def fresh_db(backend_db: str, tmp_dir: str | None = None) -> Iterator[str]:
+    """Where one hypothesis example keeps a new, empty ledger (pytest's fixtures are per
+    test or module, not per example): a new SQLite file in a temporary directory (under
+    ``tmp_dir``), or ``backend_db``, a PostgreSQL database, emptied. No store may be open on
+    it."""
+    if is_pg_url(backend_db):
+        empty_pg_ledger(backend_db)
+        yield backend_db
+        return
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as d:
+        yield str(Path(d) / "l.db")
+
+
+@contextmanager
+def ledger_at(backend_db: str, start_us: int) -> Iterator[Live]:
+    """A fresh ledger per hypothesis example on ``backend_db``'s backend (:func:`fresh_db`)."""
+    with fresh_db(backend_db, RAM_DIR) as db:
+        live = Live(db, start_us)
         try:
             yield live
         finally:

@@ -1,10 +1,15 @@
 """Property tests: the real engine, in process, against a small reference model.
 
-Each example opens a fresh SQLite journal in its own temporary directory, drives the engine
-through the single writer exactly as the server does (``writer.call`` + ``unwrap``), and
-compares every answer with :class:`Ref`, a few dozen lines that restate R6-R10 directly:
-plans as dicts, allocation by sorting on (expires_at, purchase order), pay-as-you-go for the
-rest. After the run the derived tables are read back with plain sqlite3 and checked again.
+Each example opens a fresh ledger, drives the engine through the single writer exactly as the
+server does (``writer.call`` + ``unwrap``), and compares every answer with :class:`Ref`, a few
+dozen lines that restate R6-R10 directly: plans as dicts, allocation by sorting on (expires_at,
+purchase order), pay-as-you-go for the rest. After the run the derived tables are read back
+with plain SQL and checked again.
+
+Every test with a ledger runs on both backends (issue 11) through the module-scoped
+``module_db`` fixture (hypothesis refuses function-scoped ones): each example gets a new SQLite
+file in a temporary directory, or the module's PostgreSQL database emptied
+(tests/settlement_live.py: :func:`fresh_db`, :class:`Reader`).
 """
 
 from __future__ import annotations
@@ -13,14 +18,11 @@ import calendar
 import dataclasses
 import json
 import os
-import sqlite3
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,10 +47,11 @@ from ledger.model import (
     TopUp,
 )
 from ledger.money import Region
-from ledger.store import Store, consume_entries
+from ledger.store import consume_entries, open_store
 from ledger.writer import Batch, Writer, unwrap
 
 from . import strategies as lst
+from .settlement_live import Reader, fresh_db
 
 ACCOUNT = "acme"
 CASH_MICROS = 10**14  # enough for any number of plans a short run can buy
@@ -133,14 +136,16 @@ class Ref:
 
 
 class Live:
-    """One engine + writer on one database file; can be closed and reopened (Restart)."""
+    """One engine + writer on one database (an SQLite path or a PostgreSQL URL); can be
+    closed and reopened on the same database (Restart)."""
 
-    def __init__(self, db: Path, start_us: int) -> None:
+    def __init__(self, db: str, start_us: int) -> None:
         self.db, self.start_us = db, start_us
+        self.reads = Reader(db)
         self._open()
 
     def _open(self) -> None:
-        self.store = Store(self.db)
+        self.store = open_store(self.db)
         self.clock = TestClock(self.start_us)  # the engine floors it to the journal's time
         self.writer = Writer(Engine(self.store, self.clock, builtin()))
         self.writer.start()
@@ -148,6 +153,7 @@ class Live:
     def close(self) -> None:
         self.writer.stop()
         self.store.close()
+        self.reads.close()
 
     def restart(self) -> None:
         self.close()
@@ -157,21 +163,14 @@ class Live:
         return unwrap(self.writer.call(cmd))
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+        return self.reads.query(sql, params)
 
     def consume_entries(self) -> list[tuple]:
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
-        try:
+        with self.reads.connection() as conn:
             return list(consume_entries(conn))
-        finally:
-            conn.close()
 
     def snapshot(self) -> tuple[Any, ...]:
-        """Everything a replay must leave alone."""
+        """Everything a replay must leave alone (``max(seq)``: one node, one chain)."""
         return (self.query("SELECT count(*), max(seq) FROM journal"),
                 self.query("SELECT * FROM plans ORDER BY plan_id"),
                 self.query("SELECT * FROM usage_daily ORDER BY 1, 2, 3"),
@@ -180,10 +179,11 @@ class Live:
 
 
 @contextmanager
-def ledger_at(start_us: int) -> Iterator[Live]:
-    """A fresh ledger per hypothesis example (pytest's tmp_path is per test, not example)."""
-    with tempfile.TemporaryDirectory() as d:
-        live = Live(Path(d) / "l.db", start_us)
+def ledger_at(backend_db: str, start_us: int) -> Iterator[Live]:
+    """A fresh ledger per hypothesis example on ``backend_db``'s backend (pytest's tmp_path
+    is per test, not example): a new SQLite file, or the PostgreSQL database emptied."""
+    with fresh_db(backend_db) as db:
+        live = Live(db, start_us)
         try:
             live.call(CreateAccount(ACCOUNT))
             live.call(TopUp(ACCOUNT, "funds", FundsKind.CASH, CASH_MICROS))
@@ -277,9 +277,9 @@ def test_r6_add_months_matches_reference(t_us, months):
 
 @RUN
 @given(start_us=lst.start_instants(), ops=lst.operations(restart=True))
-def test_r8_allocations_match_reference(start_us, ops):
+def test_r8_allocations_match_reference(module_db, start_us, ops):
     """Every consume's allocations, in order, and its payg figures equal the reference's."""
-    with ledger_at(start_us) as live:
+    with ledger_at(module_db, start_us) as live:
         ref = Ref(now=live.clock.now_us())
         run = drive(live, ref, ops)
     for plan, expected in run.purchases:
@@ -297,9 +297,9 @@ def test_r8_allocations_match_reference(start_us, ops):
 
 @RUN
 @given(start_us=lst.start_instants(), ops=lst.operations())
-def test_r8_dry_run_predicts_and_changes_nothing(start_us, ops):
+def test_r8_dry_run_predicts_and_changes_nothing(module_db, start_us, ops):
     """A dry run answers exactly what the real request then does, and writes nothing."""
-    with ledger_at(start_us) as live:
+    with ledger_at(module_db, start_us) as live:
         ref = Ref(now=live.clock.now_us())
         run = drive(live, ref, ops, dry_run=True)
         dry_keys = live.query("SELECT count(*) FROM journal WHERE request_id LIKE 'dry-%'")
@@ -316,9 +316,9 @@ def test_r8_dry_run_predicts_and_changes_nothing(start_us, ops):
 @given(start_us=lst.start_instants(),
        specs=st.lists(lst.plan_spec_ids, min_size=2, max_size=5),
        quantity=st.integers(1, QUANTITY_MAX))
-def test_r8_same_instant_purchases_drain_in_purchase_order(start_us, specs, quantity):
+def test_r8_same_instant_purchases_drain_in_purchase_order(module_db, start_us, specs, quantity):
     """Plans bought at one instant: shorter validity first, equal expiry by purchase order."""
-    with ledger_at(start_us) as live:
+    with ledger_at(module_db, start_us) as live:
         plans = [live.call(PurchasePlan(ACCOUNT, f"p-{i}", s)) for i, s in enumerate(specs)]
         out = live.call(consume_cmd(
             lst.Use(quantity, Region.OUTSIDE_CHINESE_MAINLAND, Architecture.V3,
@@ -339,9 +339,9 @@ def test_r8_same_instant_purchases_drain_in_purchase_order(start_us, specs, quan
 
 @RUN
 @given(start_us=lst.start_instants(), ops=lst.operations(replay=True, restart=True, max_size=16))
-def test_r11_units_are_conserved(start_us, ops):
+def test_r11_units_are_conserved(module_db, start_us, ops):
     """Plan units taken + payg units == billable quantity, in replies and in the tables."""
-    with ledger_at(start_us) as live:
+    with ledger_at(module_db, start_us) as live:
         ref = Ref(now=live.clock.now_us())
         run = drive(live, ref, ops)
         plans = live.query("SELECT plan_id, units_total, units_remaining, units_forfeited"
@@ -385,9 +385,9 @@ def test_r11_units_are_conserved(start_us, ops):
 
 @RUN
 @given(start_us=lst.start_instants(), ops=lst.operations(replay=True, restart=True, max_size=16))
-def test_r12_replay_returns_the_first_result_and_changes_nothing(start_us, ops):
+def test_r12_replay_returns_the_first_result_and_changes_nothing(module_db, start_us, ops):
     """A retry with the same key and content is a replay; other content is refused."""
-    with ledger_at(start_us) as live:
+    with ledger_at(module_db, start_us) as live:
         ref = Ref(now=live.clock.now_us())
         run = drive(live, ref, ops)
     for r in run.replays:
@@ -406,9 +406,9 @@ def test_r12_replay_returns_the_first_result_and_changes_nothing(start_us, ops):
 @RUN
 @given(start_us=lst.start_instants(), use=lst.uses(billable_only=True),
        spec=st.none() | lst.plan_spec_ids)
-def test_r12_replay_within_one_commit_group(start_us, use, spec):
+def test_r12_replay_within_one_commit_group(module_db, start_us, use, spec):
     """A retry queued in the same group as the original is still a replay of it."""
-    with ledger_at(start_us) as live:
+    with ledger_at(module_db, start_us) as live:
         if spec is not None:
             live.call(PurchasePlan(ACCOUNT, "p", spec))
         cmd = consume_cmd(use, "c")
@@ -429,9 +429,9 @@ def test_r12_replay_within_one_commit_group(start_us, use, spec):
 
 @RUN
 @given(start_us=lst.start_instants(), ops=lst.operations(restart=True))
-def test_r9_forfeits_match_reference(start_us, ops):
+def test_r9_forfeits_match_reference(module_db, start_us, ops):
     """Each expiry with units left is one plan_expired entry at expires_at with those units."""
-    with ledger_at(start_us) as live:
+    with ledger_at(module_db, start_us) as live:
         ref = Ref(now=live.clock.now_us())
         # A final month and a bit: every one-month plan expires with what it has left (not a
         # year: each day passed is also a daily settlement, and the run must stay short).
@@ -447,11 +447,11 @@ def test_r9_forfeits_match_reference(start_us, ops):
 @given(start_us=lst.start_instants(), used=st.integers(0, 99_999),
        backup=st.none() | st.sampled_from(["year-1m", "month-1m"]),
        late_us=st.integers(0, 3 * lst.US_PER_DAY), quantity=st.integers(1, QUANTITY_MAX))
-def test_r9_expiry_forfeits_and_later_consumes_go_elsewhere(start_us, used, backup, late_us,
-                                                             quantity):
+def test_r9_expiry_forfeits_and_later_consumes_go_elsewhere(module_db, start_us, used, backup,
+                                                             late_us, quantity):
     """Past expiry a plan's units are forfeited (journaled) and never offset again."""
     use = lst.Use(1, Region.CHINESE_MAINLAND, Architecture.V2, CaptchaType.SLIDER, Step.STEP_3)
-    with ledger_at(start_us) as live:
+    with ledger_at(module_db, start_us) as live:
         live.call(AdvanceClock(start_us + 1))
         plan = live.call(PurchasePlan(ACCOUNT, "p", "month-100k"))
         live.call(AdvanceClock(start_us + 2))  # a backup bought later expires later
@@ -485,14 +485,14 @@ def test_r9_expiry_forfeits_and_later_consumes_go_elsewhere(start_us, used, back
         assert after.allocations == () and after.payg_units == quantity
 
 
-def test_r9_one_year_plan_expires_at_the_clamped_instant():
+def test_r9_one_year_plan_expires_at_the_clamped_instant(module_db):
     """A year plan bought 29 Feb 2028 10:00 local pays until 28 Feb 2029 10:00 local, then
     forfeits what is left at exactly that instant."""
     bought = (datetime(2028, 2, 29, 2) - _NAIVE_EPOCH) // timedelta(microseconds=1)
     expires = (datetime(2029, 2, 28, 2) - _NAIVE_EPOCH) // timedelta(microseconds=1)
     use = lst.Use(10, Region.OUTSIDE_CHINESE_MAINLAND, Architecture.V3, CaptchaType.PUZZLE,
                   Step.STEP_3)
-    with ledger_at(bought) as live:
+    with ledger_at(module_db, bought) as live:
         plan = live.call(PurchasePlan(ACCOUNT, "p", "year-1m"))
         live.call(AdvanceClock(expires - 1))
         before = live.call(consume_cmd(use, "c-before"))

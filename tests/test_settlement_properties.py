@@ -1,12 +1,16 @@
 """Property tests of daily settlement (R13-R24): the real engine against a reference model.
 
-Each hypothesis example opens a fresh SQLite journal and drives the engine in process through the
-single writer, exactly as the server does (tests/settlement_live.py), over a random run of
+Each hypothesis example opens a fresh ledger and drives the engine in process through the single
+writer, exactly as the server does (tests/settlement_live.py), over a random run of
 purchases, consumes, feature changes, top-ups, refunds, reactivations, on-demand settlements and
 clock moves for one or two accounts (tests/settlement_strategies.py). :class:`Model`
 (tests/settlement_model.py) restates the rules directly. Every answer is compared as the run
 goes; at the end every ended day is settled on demand (twice) and the bills, balances, journal
 entries and money flows are compared (tests/settlement_driver.py).
+
+Every test runs on both backends (issue 11) through the module-scoped ``module_db`` fixture
+(hypothesis refuses function-scoped ones): each example gets a new SQLite file, or the module's
+PostgreSQL database emptied.
 """
 
 from __future__ import annotations
@@ -65,18 +69,18 @@ SMALL = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCh
 @given(start_us=start_instants, n_accounts=st.integers(1, 2),
        funds=st.lists(st.tuples(initial_cash, initial_vouchers), min_size=2, max_size=2),
        ops=st.lists(operation, min_size=10, max_size=25))
-def test_r13_r24_settlement_matches_reference_model(start_us, n_accounts, funds, ops):
+def test_r13_r24_settlement_matches_reference_model(module_db, start_us, n_accounts, funds, ops):
     """Bills, payments, overdue and suspension equal the model's; money is conserved; R19."""
-    run_and_check(start_us, n_accounts, funds, ops)
+    run_and_check(module_db, start_us, n_accounts, funds, ops)
 
 
 @SMALL
 @given(start_us=start_instants, n_accounts=st.integers(1, 2),
        ops=st.lists(lifecycle_operation, min_size=10, max_size=25))
-def test_r22_r24_overdue_suspension_lifecycle_matches_reference_model(start_us, n_accounts,
-                                                                       ops):
+def test_r22_r24_overdue_suspension_lifecycle_matches_reference_model(module_db, start_us,
+                                                                       n_accounts, ops):
     """Unpaid fees, suspension at +168 h + 1 µs, top-ups and reactivation as the model says."""
-    run_and_check(start_us, n_accounts, [(0, 0), (0, 0)], ops)
+    run_and_check(module_db, start_us, n_accounts, [(0, 0), (0, 0)], ops)
 
 
 @SMALL
@@ -84,25 +88,26 @@ def test_r22_r24_overdue_suspension_lifecycle_matches_reference_model(start_us, 
        funds=st.lists(st.sampled_from([(60 * USD, 0), (40 * USD, 20 * USD)]), min_size=2,
                       max_size=2),
        ops=st.lists(refund_lifecycle_operation, min_size=10, max_size=25))
-def test_r21_r22_refunds_pay_outstanding_as_the_model_says(start_us, n_accounts, funds, ops):
+def test_r21_r22_refunds_pay_outstanding_as_the_model_says(module_db, start_us, n_accounts,
+                                                            funds, ops):
     """Refunds to overdue and suspended accounts pay what is outstanding, vouchers then
     cash (R22 clarified); money is conserved and the journal rebuilds the same figures.
     Each run opens with a plan bought with everything the first account has and a fee that
     the day's bill cannot pay, so that a refund finds something outstanding."""
     owing = [Buy(0, "month-100k"), Configure(0, ("s1", "s2", "s3", "s4"), True),
              Advance("day_end", 0)]
-    run_and_check(start_us, n_accounts, funds, owing + ops)
+    run_and_check(module_db, start_us, n_accounts, funds, owing + ops)
 
 
 @SMALL
 @given(qty=st.integers(1, 300_000), region=st.sampled_from(sorted(PAYG_PRICE)),
        scenarios=st.integers(0, 6), custom=st.booleans(),
        voucher=st.integers(0, 400 * USD), cash=st.integers(0, 400 * USD))
-def test_r15_r16_one_day_bill_rounded_and_paid_vouchers_first(qty, region, scenarios, custom,
-                                                              voucher, cash):
+def test_r15_r16_one_day_bill_rounded_and_paid_vouchers_first(module_db, qty, region, scenarios,
+                                                              custom, voucher, cash):
     """One day's bill: exact lines, due = total rounded half up to the cent, vouchers first."""
     d0 = _us(2027, 3, 10, 16)  # 2027-03-11 00:00+08:00
-    with ledger_at(d0) as live:
+    with ledger_at(module_db, d0) as live:
         live.call(CreateAccount("acme"))
         for kind, amount in ((FundsKind.VOUCHER, voucher), (FundsKind.CASH, cash)):
             if amount:
@@ -126,10 +131,11 @@ def test_r15_r16_one_day_bill_rounded_and_paid_vouchers_first(qty, region, scena
 @SMALL
 @given(before=st.integers(0, 6), during=st.lists(st.integers(0, 6), max_size=3),
        custom_moments=st.lists(st.booleans(), min_size=1, max_size=3))
-def test_r13_r14_feature_fee_is_the_most_at_any_moment(before, during, custom_moments):
+def test_r13_r14_feature_fee_is_the_most_at_any_moment(module_db, before, during,
+                                                        custom_moments):
     """Day D pays for the most scenarios configured at any moment of D, custom if ever on."""
     d0 = _us(2027, 3, 10, 16)  # 2027-03-11 00:00+08:00
-    with ledger_at(d0 - US_PER_HOUR) as live:
+    with ledger_at(module_db, d0 - US_PER_HOUR) as live:
         live.call(CreateAccount("acme"))
         live.call(TopUp("acme", "t", FundsKind.CASH, 100 * USD))
         live.call(UpdateFeatures("acme", "f-before", tuple(SCENARIO_POOL[:before]),
@@ -152,10 +158,10 @@ def test_r13_r14_feature_fee_is_the_most_at_any_moment(before, during, custom_mo
         assert len(got) == (1 if want else 0), day
 
 
-def test_r22_r23_r24_suspension_exactly_after_168_hours():
+def test_r22_r23_r24_suspension_exactly_after_168_hours(module_db):
     """Overdue at the settlement; still served at +168 h, suspended 1 µs later; R24 order."""
     d0 = _us(2027, 3, 10, 16)
-    with ledger_at(d0 + US_PER_HOUR) as live:
+    with ledger_at(module_db, d0 + US_PER_HOUR) as live:
         live.call(CreateAccount("acme"))
         live.call(UpdateFeatures("acme", "f", SCENARIO_POOL[:5], True))
         live.call(AdvanceClock(d0 + US_PER_DAY))
@@ -186,10 +192,10 @@ def test_r22_r23_r24_suspension_exactly_after_168_hours():
 
 
 @pytest.mark.parametrize("late_us, reason", [(0, None), (1, "REFUND_WINDOW_PASSED")])
-def test_r21_refund_window_is_120_hours_inclusive(late_us, reason):
+def test_r21_refund_window_is_120_hours_inclusive(module_db, late_us, reason):
     """A plan refunds at exactly 120 h after purchase, not 1 µs later; money back as paid."""
     t0 = _us(2027, 3, 10, 2)
-    with ledger_at(t0) as live:
+    with ledger_at(module_db, t0) as live:
         live.call(CreateAccount("acme"))
         live.call(TopUp("acme", "v", FundsKind.VOUCHER, 20 * USD))
         live.call(TopUp("acme", "c", FundsKind.CASH, 50 * USD))
@@ -214,9 +220,9 @@ def _bought_then_restarted(live: Live) -> str:
     return plan_id
 
 
-def test_r21_a_plan_is_refunded_once_after_a_restart():
+def test_r21_a_plan_is_refunded_once_after_a_restart(module_db):
     """Refund after a restart, then again: PLAN_REFUNDED, and the price came back once."""
-    with ledger_at(_us(2027, 3, 10, 2)) as live:
+    with ledger_at(module_db, _us(2027, 3, 10, 2)) as live:
         plan_id = _bought_then_restarted(live)
         live.call(RefundPlan(plan_id, "r1"))
         second = live.attempt(RefundPlan(plan_id, "r2"))[1]
@@ -224,9 +230,9 @@ def test_r21_a_plan_is_refunded_once_after_a_restart():
     assert (second, cash) == ("PLAN_REFUNDED", 60 * USD)  # actual: (None, 120 USD)
 
 
-def test_r21_a_plan_refunded_after_a_restart_offsets_nothing():
+def test_r21_a_plan_refunded_after_a_restart_offsets_nothing(module_db):
     """Refund after a restart, then consume: pay-as-you-go, and the plan stays refunded."""
-    with ledger_at(_us(2027, 3, 10, 2)) as live:
+    with ledger_at(module_db, _us(2027, 3, 10, 2)) as live:
         plan_id = _bought_then_restarted(live)
         live.call(RefundPlan(plan_id, "r1"))
         out = live.call(consume_cmd("acme", "c", 10, 1))
