@@ -369,9 +369,10 @@ def run_ops(ops: Sequence[Op], srv: ServerProcess, start_us: int, label: str = "
     return sim.model
 
 
-def run_seed(tmp: Path, seed: int, steps: int) -> None:
-    """One seed on a fresh server; then R25: the journal rebuilds every figure."""
-    srv = ServerProcess(tmp).start()
+def run_seed(tmp: Path, seed: int, steps: int, db: str | None = None) -> None:
+    """One seed on a fresh server; then R25: the journal rebuilds every figure. ``db``: a
+    fresh ledger (an SQLite path or an empty PostgreSQL database), by default tmp's file."""
+    srv = ServerProcess(tmp, db=db).start()
     try:
         simulate(seed, steps, srv)
     finally:
