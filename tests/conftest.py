@@ -213,3 +213,31 @@ def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
         yield url
     finally:
         pg_cluster.drop_database(name)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The module-scoped ``db``: one SQLite file, or one PostgreSQL database, per module."""
+    if request.param == "sqlite":
+        return str(tmp_path_factory.mktemp("db") / "ledger.db")
+    cluster = request.getfixturevalue("pg_cluster")
+    name = f"m_{next(_pg_db_counter)}_{os.getpid()}"
+    url = cluster.create_database(name)
+    request.addfinalizer(lambda: cluster.drop_database(name))
+    return url
+
+
+LEDGER_TABLES = ("journal", "accounts", "plans", "usage_daily", "offsets_daily",
+                 "features_daily", "bills", "meta", "consume_keys")
+
+
+def empty_pg_ledger(url: str) -> None:
+    """Make a PostgreSQL ledger database empty again, schema kept (a fresh ledger per
+    hypothesis example costs a TRUNCATE, not a CREATE DATABASE). No node may be running."""
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('journal')").fetchone()[0] is None:
+            return
+        conn.execute(f"TRUNCATE {', '.join(LEDGER_TABLES)} RESTART IDENTITY")
+        conn.execute("ALTER SEQUENCE purchase_order RESTART")
+

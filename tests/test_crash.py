@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -101,7 +100,7 @@ def _iteration(srv: ServerProcess, seed: int, monkeypatch: pytest.MonkeyPatch) -
 
 
 def _check_conserved(srv: ServerProcess, acked: dict[str, tuple]) -> None:
-    conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
+    conn = srv.read_conn()
     try:
         entries = list(consume_entries(conn))
         keys = Counter(e[3] for e in entries)
@@ -124,8 +123,8 @@ def _check_conserved(srv: ServerProcess, acked: dict[str, tuple]) -> None:
         conn.close()
 
 
-def _campaign(tmp_path, monkeypatch, iterations: int) -> None:
-    srv = ServerProcess(tmp_path)
+def _campaign(tmp_path, monkeypatch, iterations: int, db: str) -> None:
+    srv = ServerProcess(tmp_path, db=db)
     srv.start()
     _fund(srv)
     srv.stop()
@@ -143,13 +142,102 @@ def _campaign(tmp_path, monkeypatch, iterations: int) -> None:
           f"{report.entries} journal entries, verify ok")
 
 
-def test_r11_crash_campaign_short(tmp_path, monkeypatch):
+def test_r11_crash_campaign_short(tmp_path, monkeypatch, db):
     """20 seeded SIGKILLs (timer and inside the commit path): nothing acknowledged is lost."""
-    _campaign(tmp_path, monkeypatch, CRASH_ITERATIONS_CI)
+    _campaign(tmp_path, monkeypatch, CRASH_ITERATIONS_CI, db)
 
 
 @pytest.mark.slow
-def test_r11_crash_campaign_full(tmp_path, monkeypatch):
+def test_r11_crash_campaign_full(tmp_path, monkeypatch, db):
     """`make crash`: the same campaign, 200 iterations."""
     _campaign(tmp_path, monkeypatch, int(os.environ.get("CRASH_ITERATIONS",
-                                                        CRASH_ITERATIONS_FULL)))
+                                                        CRASH_ITERATIONS_FULL)), db)
+
+
+# ------------------------------------------------ several nodes on PostgreSQL (issue 11)
+
+PG_CRASH_ITERATIONS_CI = 6
+PG_CRASH_ITERATIONS_FULL = 50
+PG_MODES = ("kill_node", "before_commit", "during_commit", "after_commit",
+            "restart_postgres")
+PG_AFTER_RESTART_S = 0.5  # load goes on this long after PostgreSQL came back
+
+
+def _pg_iteration(nodes: list[ServerProcess], cluster, seed: int,
+                  monkeypatch: pytest.MonkeyPatch) -> int:
+    """Two nodes under load; one node dies (at a random instant or inside its commit
+    path), or PostgreSQL restarts (-m immediate). Then every acknowledged request replays
+    exactly through the node that lived, and units and money are conserved."""
+    rng = random.Random(seed)
+    mode = PG_MODES[seed % len(PG_MODES)]
+    victim, other = nodes[seed % 2], nodes[1 - seed % 2]
+    for node in nodes:
+        if node is victim and mode not in ("kill_node", "restart_postgres"):
+            monkeypatch.setenv("QUOTA_LEDGER_FAULT", f"{mode}:{rng.uniform(0.01, 0.1)}:{seed}")
+        node.start()
+        monkeypatch.delenv("QUOTA_LEDGER_FAULT", raising=False)
+    acked: dict[str, tuple] = {}
+    stop = threading.Event()
+    workers = [threading.Thread(target=_load, args=(nodes[w % 2], seed * 100 + w, acked, stop))
+               for w in range(WORKERS)]
+    for w in workers:
+        w.start()
+    at_random = mode in ("kill_node", "restart_postgres")
+    deadline = time.monotonic() + (rng.uniform(0.05, 1.5) if at_random else LOAD_SECONDS_MAX)
+    while time.monotonic() < deadline and victim.proc.poll() is None:
+        time.sleep(0.01)
+    if mode == "restart_postgres":
+        cluster.restart(mode="immediate")
+        time.sleep(PG_AFTER_RESTART_S)
+    elif victim.proc.poll() is None:
+        victim.kill()
+    else:
+        victim.log.close()
+    stop.set()
+    for w in workers:
+        w.join(30)
+    with other.client(timeout_s=30) as c:  # retries UNAVAILABLE while it reconnects
+        for rid, (acct, qty, region, alloc, payg, seq) in acked.items():
+            again = c.consume(acct, quantity=qty, region=region, request_id=rid)
+            assert again.replayed, rid
+            assert [(a.plan_id, a.units) for a in again.allocations] == alloc, rid
+            assert (again.payg_units, again.journal_seq) == (payg, seq), rid
+    for node in nodes:
+        node.stop()
+    _check_conserved(other, acked)
+    return len(acked)
+
+
+def _pg_campaign(tmp_path, monkeypatch, pg_url, cluster, iterations: int) -> None:
+    nodes = []
+    for i in range(2):
+        (tmp_path / f"node{i}").mkdir()
+        nodes.append(ServerProcess(tmp_path / f"node{i}", db=pg_url))
+    nodes[0].start()
+    _fund(nodes[0])
+    nodes[0].stop()
+    acknowledged = 0
+    for seed in range(iterations):
+        try:
+            acknowledged += _pg_iteration(nodes, cluster, seed, monkeypatch)
+        except AssertionError as exc:
+            raise AssertionError(f"PostgreSQL crash campaign failed at seed {seed} "
+                                 f"(mode {PG_MODES[seed % len(PG_MODES)]}): {exc}") from exc
+    report = verify(pg_url)
+    assert report.ok, report.problems
+    assert acknowledged > iterations
+    print(f"PostgreSQL crash campaign: {iterations} iterations, {acknowledged} acknowledged "
+          f"requests, {report.entries} journal entries, verify ok")
+
+
+def test_postgres_crash_campaign_nodes_and_database_short(tmp_path, monkeypatch, pg_url,
+                                                          pg_cluster):
+    _pg_campaign(tmp_path, monkeypatch, pg_url, pg_cluster, PG_CRASH_ITERATIONS_CI)
+
+
+@pytest.mark.slow
+def test_postgres_crash_campaign_nodes_and_database_full(tmp_path, monkeypatch, pg_url,
+                                                         pg_cluster):
+    """`make crash`: 50 iterations killing nodes and restarting PostgreSQL."""
+    _pg_campaign(tmp_path, monkeypatch, pg_url, pg_cluster,
+                 int(os.environ.get("PG_CRASH_ITERATIONS", PG_CRASH_ITERATIONS_FULL)))
