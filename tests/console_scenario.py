@@ -49,10 +49,12 @@ BROWSER_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backgr
                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def start_ledger(tmp: Path, extra: list[str] | None = None) -> ServerProcess:
+def start_ledger(tmp: Path, extra: list[str] | None = None, db: str | None = None
+                 ) -> ServerProcess:
     catalog = tmp / "catalog.toml"
     catalog.write_text(CATALOG)
-    return ServerProcess(tmp, extra=["--catalog", str(catalog), *(extra or [])]).start()
+    return ServerProcess(tmp, extra=["--catalog", str(catalog), *(extra or [])],
+                         db=db).start()
 
 
 def seed_history(c: LedgerClient) -> None:

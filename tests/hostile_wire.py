@@ -7,7 +7,7 @@ generated stubs on one channel. For every call the harness checks:
   overload);
 - a non-OK status carries a ``google.rpc.ErrorInfo`` with an UPPER_SNAKE reason, except the
   RESOURCE_EXHAUSTED that grpc itself raises for a message over ``MESSAGE_BYTES_MAX``;
-- the journal (read with sqlite3, read-only) is unchanged by a refused request, and changed by
+- the journal (read-only, on either backend) is unchanged by a refused request, and changed by
   exactly what an accepted one accounts for (R11, R25).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,7 +176,7 @@ class Wire:
         self.bill = spb_grpc.SettlementStub(self.channel)
         self.clock = tpb_grpc.TestClockStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.db: sqlite3.Connection | None = None
+        self.db: Any = None
         self.sent: Counter[str] = Counter()  # generated requests, per RPC
         self.items = 0  # ConsumeBatch / ConsumeStream items inside those requests
         self.now_us = 0
@@ -189,10 +188,9 @@ class Wire:
         raise KeyError(name)
 
     def journal(self) -> int:
-        """The journal's entries (a block's consumes one each), read-only via sqlite3."""
-        if self.db is None:
-            self.db = sqlite3.connect(f"file:{self.srv.db}?mode=ro", uri=True,
-                                      isolation_level=None, check_same_thread=False)
+        """The journal's entries (a block's consumes one each), read-only."""
+        if self.db is None:  # either backend (ServerProcess.read_conn)
+            self.db = self.srv.read_conn()
         others = self.db.execute("SELECT count(*) FROM journal"
                                  " WHERE kind NOT IN ('consume', 'consume_block')").fetchone()[0]
         return others + sum(1 for _ in consume_entries(self.db))

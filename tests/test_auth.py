@@ -37,14 +37,14 @@ CALLS = [
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory):
+def secured(tmp_path_factory, module_db):
     """A server with tokens for each role, one reader limited to account 'acme'."""
     tmp = tmp_path_factory.mktemp("auth")
     tokens_file = str(tmp / "tokens.toml")
     tokens = {role: create_token(tokens_file, f"{role}-1", role, [])
               for role in ("consumer", "reader", "admin")}
     tokens["reader-acme"] = create_token(tokens_file, "reader-acme", "reader", ["acme"])
-    srv = ServerProcess(tmp, extra=["--tokens", tokens_file]).start()
+    srv = ServerProcess(tmp, extra=["--tokens", tokens_file], db=module_db).start()
     with LedgerClient(srv.target, token=tokens["admin"]) as admin:
         admin.set_time(T0)
         for acct in ("acme", "other"):

@@ -302,9 +302,9 @@ def assert_alive(target: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory) -> Iterator[ServerProcess]:
+def shared_server(tmp_path_factory, module_db) -> Iterator[ServerProcess]:
     """One server for the whole table: every case is refused, so none changes it."""
-    srv = ServerProcess(tmp_path_factory.mktemp("bad_input")).start()
+    srv = ServerProcess(tmp_path_factory.mktemp("bad_input"), db=module_db).start()
     try:
         with srv.client() as c:
             c.set_time(T0)

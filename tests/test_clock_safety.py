@@ -3,7 +3,6 @@ across restarts, with the test clock and with the system clock."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -67,10 +66,10 @@ def stubs(server: ServerProcess) -> Iterator[Stubs]:
         s.close()
 
 
-def newest_entry_us(db: Path) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+def newest_entry_us(srv: ServerProcess) -> int:
+    conn = srv.read_conn()
     try:
-        return conn.execute("SELECT at_us FROM journal ORDER BY seq DESC LIMIT 1").fetchone()[0]
+        return conn.execute("SELECT max(at_us) FROM journal").fetchone()[0]
     finally:
         conn.close()
 
@@ -146,9 +145,9 @@ def test_r2_set_time_earlier_is_invalid_argument_and_time_stays(stubs: Stubs) ->
 
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
-def test_r2_test_clock_resumes_after_restart(tmp_path: Path, how: str) -> None:
+def test_r2_test_clock_resumes_after_restart(tmp_path: Path, how: str, db: str) -> None:
     """R2: a --test-clock server restarted (stopped or killed) resumes no earlier."""
-    srv = ServerProcess(tmp_path).start()
+    srv = ServerProcess(tmp_path, db=db).start()
     try:
         s = Stubs(srv)
         s.clock.SetTime(tpb.SetTimeRequest(now=ts(T0)), timeout=TIMEOUT_S)
@@ -173,9 +172,9 @@ def test_r2_test_clock_resumes_after_restart(tmp_path: Path, how: str) -> None:
         srv.stop()
 
 
-def test_r2_system_clock_floors_at_the_newest_journal_entry(tmp_path: Path) -> None:
+def test_r2_system_clock_floors_at_the_newest_journal_entry(tmp_path: Path, db: str) -> None:
     """R2: a system-clock server floors at the journal's newest (future) entry on restart."""
-    srv = ServerProcess(tmp_path).start()
+    srv = ServerProcess(tmp_path, db=db).start()
     try:
         s = Stubs(srv)
         s.clock.SetTime(tpb.SetTimeRequest(now=ts(T0)), timeout=TIMEOUT_S)
@@ -186,10 +185,10 @@ def test_r2_system_clock_floors_at_the_newest_journal_entry(tmp_path: Path) -> N
         assert srv.stop() == 0
     finally:
         srv.stop()
-    newest = newest_entry_us(srv.db)
+    newest = newest_entry_us(srv)
     assert newest >= int(FUTURE.timestamp()) * US, "the test clock did not stamp 2029"
 
-    wall = ServerProcess(tmp_path, test_clock=False).start()
+    wall = ServerProcess(tmp_path, test_clock=False, db=db).start()
     try:
         s = Stubs(wall)
         r = s.consume("on-the-system-clock")
@@ -204,9 +203,9 @@ def test_r2_system_clock_floors_at_the_newest_journal_entry(tmp_path: Path) -> N
         s.close()
     finally:
         wall.stop()
-    conn = sqlite3.connect(f"file:{wall.db}?mode=ro", uri=True)
+    conn = wall.read_conn()
     try:
-        ats = [a for (a,) in conn.execute("SELECT at_us FROM journal ORDER BY seq")]
+        ats = [a for (a,) in conn.execute("SELECT at_us FROM journal ORDER BY seq", ())]
     finally:
         conn.close()
     assert ats == sorted(ats), "journal time went backwards across the restart (R2, R25)"

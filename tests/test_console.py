@@ -31,11 +31,11 @@ from .test_auth import _start_tls, tls_material  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
-def history(tmp_path_factory):
+def history(tmp_path_factory, module_db):
     """A ledger with three days of history, and a console without a token in front of it."""
     tmp = tmp_path_factory.mktemp("console")
     with ExitStack() as stack:  # whatever started is stopped, even if a later step fails
-        ledger = start_ledger(tmp)
+        ledger = start_ledger(tmp, db=module_db)
         stack.callback(ledger.stop)
         with ledger.client() as c:
             seed_history(c)

@@ -73,8 +73,8 @@ HOSTILE = settings(
 
 
 @pytest.fixture(scope="module")
-def wire(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wire]:
-    srv = ServerProcess(tmp_path_factory.mktemp("hostile")).start()
+def wire(tmp_path_factory: pytest.TempPathFactory, module_db: str) -> Iterator[Wire]:
+    srv = ServerProcess(tmp_path_factory.mktemp("hostile"), db=module_db).start()
     w = Wire(srv)
     try:
         t0 = Timestamp()

@@ -120,9 +120,9 @@ def test_unreachable_server_is_reported_without_traceback():
     assert f"cannot reach the ledger at {target}" in result.stderr
 
 
-def test_time_without_test_clock_is_unimplemented_and_says_why(tmp_path):
+def test_time_without_test_clock_is_unimplemented_and_says_why(tmp_path, db):
     """Against a server run without --test-clock, `time show` exits 1 with UNIMPLEMENTED."""
-    srv = ServerProcess(tmp_path, test_clock=False).start()
+    srv = ServerProcess(tmp_path, test_clock=False, db=db).start()
     try:
         result = run(srv.target, "time", "show")
     finally:

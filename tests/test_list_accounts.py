@@ -16,12 +16,12 @@ IDS = ["acme", "acme-eu", "acme-us", "beta", "zeta"]
 
 
 @pytest.fixture(scope="module")
-def listed(tmp_path_factory):
+def listed(tmp_path_factory, module_db):
     tmp = tmp_path_factory.mktemp("list")
     tokens_file = str(tmp / "tokens.toml")
     admin = create_token(tokens_file, "admin-1", "admin", [])
     limited = create_token(tokens_file, "reader-acme", "reader", ["acme-us", "beta", "nobody"])
-    srv = ServerProcess(tmp, extra=["--tokens", tokens_file]).start()
+    srv = ServerProcess(tmp, extra=["--tokens", tokens_file], db=module_db).start()
     with LedgerClient(srv.target, token=admin) as c:
         c.set_time(T0)
         for account_id in reversed(IDS):

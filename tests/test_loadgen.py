@@ -36,8 +36,9 @@ RESULT_FIELDS = {"sent", "acknowledged", "errors", "elapsed_s", "rate_per_s", "p
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path_factory.mktemp("loadgen")).start()
+def server(tmp_path_factory: pytest.TempPathFactory, module_db: str
+           ) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp_path_factory.mktemp("loadgen"), db=module_db).start()
     try:
         yield srv
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -64,9 +63,9 @@ def test_config_show_masks_a_postgresql_password(tmp_path):
 
 
 @pytest.fixture
-def json_server(tmp_path):
+def json_server(tmp_path, db):
     srv = ServerProcess(tmp_path, extra=["--log-format", "json", "--log-level", "info",
-                                         "--grace-s", str(DRAIN_LIMIT_S)])
+                                         "--grace-s", str(DRAIN_LIMIT_S)], db=db)
     srv.start()
     yield srv
     srv.stop()
@@ -120,9 +119,9 @@ def test_metrics_after_load_show_requests_latency_and_batches(server, client):
     assert rows == [server.journal_rows()]
 
 
-def test_sigterm_during_load_keeps_every_reply_and_exits_zero(tmp_path):
+def test_sigterm_during_load_keeps_every_reply_and_exits_zero(tmp_path, db):
     """SIGTERM mid-load: each replied request is journaled whole; exit 0 within the limit."""
-    srv = ServerProcess(tmp_path, extra=["--grace-s", str(DRAIN_LIMIT_S)]).start()
+    srv = ServerProcess(tmp_path, extra=["--grace-s", str(DRAIN_LIMIT_S)], db=db).start()
     with srv.client() as c:
         c.set_time(T0)
         make_account(c, cash_micros=100_000_000)
@@ -154,18 +153,21 @@ def test_sigterm_during_load_keeps_every_reply_and_exits_zero(tmp_path):
         t.join(30)
     assert rc == 0 and took < DRAIN_LIMIT_S + 5
     assert len(acked) > 0
-    with sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True) as conn:
+    conn = srv.read_conn()
+    try:
         journaled = {e[3]: e[4] for e in consume_entries(conn)}
         offsets = conn.execute("SELECT sum(units) FROM offsets_daily").fetchone()[0]
+    finally:
+        conn.close()
     for rid, reply in acked.items():
         assert journaled[rid]["alloc"] == [[a.plan_id, a.units]
                                                       for a in reply.allocations]
     assert offsets == 3 * len(journaled)  # nothing half-done: every entry fully applied
 
 
-def test_metrics_accounts_by_status_settlements_and_top_accounts(tmp_path):
+def test_metrics_accounts_by_status_settlements_and_top_accounts(tmp_path, db):
     """Accounts by status, settlement runs and (opt-in) the top-N units remaining."""
-    srv = ServerProcess(tmp_path, extra=["--metrics-top-accounts", "1"]).start()
+    srv = ServerProcess(tmp_path, extra=["--metrics-top-accounts", "1"], db=db).start()
     try:
         with srv.client() as c:
             c.set_time(T0)
@@ -224,9 +226,9 @@ def test_default_serve_listens_on_50051_with_data_dir(tmp_path):
         assert proc.wait(20) == 0
 
 
-def test_full_queue_fails_fast_with_resource_exhausted(tmp_path):
+def test_full_queue_fails_fast_with_resource_exhausted(tmp_path, db):
     """A bounded writer queue: past it, calls get RESOURCE_EXHAUSTED at once, none is lost."""
-    srv = ServerProcess(tmp_path, extra=["--queue-depth-max", "1"]).start()
+    srv = ServerProcess(tmp_path, extra=["--queue-depth-max", "1"], db=db).start()
     try:
         with srv.client() as c:
             c.set_time(T0)

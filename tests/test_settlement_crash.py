@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import timedelta
 
 import pytest
@@ -29,19 +28,22 @@ def _prepare(srv: ServerProcess) -> None:
 
 
 def _bills_and_balances(srv: ServerProcess) -> tuple[list[tuple], dict[str, int]]:
-    with sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True) as conn:
+    conn = srv.read_conn()
+    try:
         bills = conn.execute("SELECT account_id, day, amount_due_micros, paid_cash_micros"
                              " FROM bills ORDER BY account_id").fetchall()
-        cash = dict(conn.execute("SELECT account_id, cash_micros FROM accounts"))
+        cash = dict(conn.execute("SELECT account_id, cash_micros FROM accounts").fetchall())
         entries = conn.execute("SELECT count(*) FROM journal WHERE kind = 'bill'").fetchone()[0]
+    finally:
+        conn.close()
     assert entries == len(bills)  # one journal entry per bill, no more
     return bills, cash
 
 
 @pytest.mark.parametrize("point", ["before_commit", "during_commit", "after_commit"])
-def test_r19_kill_during_settlement_bills_and_pays_once(tmp_path, monkeypatch, point):
+def test_r19_kill_during_settlement_bills_and_pays_once(tmp_path, monkeypatch, point, db):
     """SIGKILL inside the settlement's commit, restart, settle: one bill and one payment each."""
-    srv = ServerProcess(tmp_path).start()
+    srv = ServerProcess(tmp_path, db=db).start()
     _prepare(srv)
     srv.stop()
     monkeypatch.setenv("QUOTA_LEDGER_FAULT", f"{point}:1.0:1")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import socket
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -54,8 +53,8 @@ def free_port() -> int:
 class FixedPortServer(ServerProcess):
     """A server that comes back on the same port after a stop."""
 
-    def __init__(self, tmp: Path, port: int) -> None:
-        super().__init__(tmp, extra=["--listen", f"127.0.0.1:{port}"])
+    def __init__(self, tmp: Path, port: int, db: str | None = None) -> None:
+        super().__init__(tmp, extra=["--listen", f"127.0.0.1:{port}"], db=db)
         self.fixed = port
 
     @property
@@ -64,8 +63,8 @@ class FixedPortServer(ServerProcess):
 
 
 @pytest.fixture
-def srv(tmp_path: Path) -> Iterator[FixedPortServer]:
-    s = FixedPortServer(tmp_path, free_port()).start()
+def srv(tmp_path: Path, db: str) -> Iterator[FixedPortServer]:
+    s = FixedPortServer(tmp_path, free_port(), db).start()
     try:
         yield s
     finally:
@@ -115,7 +114,7 @@ def test_outage_spooled_then_recorded_exactly_once(srv: FixedPortServer, tmp_pat
     assert payg_units_today(srv.target, "acme") == 21
     # R26: each entry keeps when the client saw the request (its first send), not when the
     # replay arrived on the ledger's (test) clock.
-    conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
+    conn = srv.read_conn()
     observed = {e[3]: e[4].get("client_ts_us") for e in consume_entries(conn)}
     conn.close()
     assert all(seen_from <= observed[f"out-{i}"] <= seen_to for i in range(20)), observed

@@ -247,7 +247,10 @@ class PgStore(StoreReads):
             raise Unavailable(f"the journal database is unavailable: {_first_line(exc)}"
                               ) from exc
 
+    _written = False  # the open transaction has rows in it (PgStore.write)
+
     def rollback(self) -> None:
+        self._written = False
         try:
             if self.raw is not None and not self.raw.closed:
                 self.raw.execute("ROLLBACK")
@@ -257,6 +260,7 @@ class PgStore(StoreReads):
     def write(self, uow: UnitOfWork) -> dict[str, int]:
         """Write a group's rows inside the open transaction; returns the new versions."""
         uow.seal_block()
+        self._written = self._written or bool(uow)
         try:
             return _write(self.raw, self.node, uow)  # type: ignore[arg-type]
         except psycopg.Error as exc:
@@ -266,11 +270,15 @@ class PgStore(StoreReads):
 
     def commit(self, uow: UnitOfWork) -> dict[str, int]:
         """Write the group and COMMIT. Raises Unavailable; then nothing was written."""
-        if uow:  # the crash campaign's points, as SQLite's commit has them
+        # The crash campaign's points, as SQLite's commit has them, for a transaction that
+        # writes (a settlement may have written its part already, through flush).
+        writes = bool(uow) or self._written
+        if writes:
             fault("before_commit")
         versions = self.write(uow)
+        self._written = False
         try:
-            if uow:
+            if writes:
                 fault("during_commit")
             self.raw.execute("COMMIT")  # type: ignore[union-attr]
         except psycopg.Error as exc:
