@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from pathlib import Path
 
 import grpc
@@ -43,6 +45,7 @@ log = logging.getLogger("quota_ledger.server")
 
 DEFAULT_DB = ServerConfig.db
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
+DRAIN_REFUSE_S = 0.3  # SIGTERM: how long new calls are refused UNAVAILABLE before grpc stops
 SERVICE_NAMES = {
     "QuotaLedger": quota_ledger_pb2.DESCRIPTOR.services_by_name["QuotaLedger"].full_name,
     "Accounts": accounts_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
@@ -62,6 +65,7 @@ class LedgerServer:
         self.metrics_port = 0
         self.metrics = Metrics()
         self.server: grpc.aio.Server | None = None
+        self.ctx: Context | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -115,7 +119,7 @@ class LedgerServer:
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
         ])
-        ctx = Context(self.writer, self.clock, self.catalog, self.metrics, self.auth)
+        ctx = self.ctx = Context(self.writer, self.clock, self.catalog, self.metrics, self.auth)
         quota_ledger_pb2_grpc.add_QuotaLedgerServicer_to_server(QuotaLedgerService(ctx), server)
         accounts_pb2_grpc.add_AccountsServicer_to_server(AccountsService(ctx), server)
         settlement_pb2_grpc.add_SettlementServicer_to_server(SettlementService(ctx), server)
@@ -175,11 +179,18 @@ class LedgerServer:
                                            require_client_auth=ca is not None)
 
     async def stop(self) -> None:
-        """Drain: stop taking calls, let in-flight ones finish, commit, close."""
+        """Drain: health NOT_SERVING, new calls answered UNAVAILABLE (a client may retry on
+        another node) while in-flight ones finish, then stop, commit, close. grpc's own
+        shutdown answers CANCELLED to calls it has received but not yet handed over, which
+        a client does not retry: refusing first leaves few of those (issue 9)."""
         log.info("draining", extra={"event": "drain", "grace_s": self.config.grace_s})
         if self.server is not None:
+            deadline = time.monotonic() + self.config.grace_s
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(self.config.grace_s)
+            if self.ctx is not None:
+                self.ctx.draining = True
+                await asyncio.sleep(min(DRAIN_REFUSE_S, self.config.grace_s))
+            await self.server.stop(max(0.0, deadline - time.monotonic()))
             self.server = None
         self.writer.stop()
         self.store.close()

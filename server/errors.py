@@ -63,6 +63,9 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         t0 = time.perf_counter()
         code = "OK"
         try:
+            if self.ctx.draining:  # retry elsewhere: nothing was applied
+                raise e.Unavailable("this ledger node is shutting down; nothing was applied, "
+                                    "retry (on another node)", reason="SHUTTING_DOWN")
             auth = self.ctx.auth
             if auth.enabled:  # off: every caller is admin, nothing to look at (hot path)
                 principal = auth.authenticate(context.invocation_metadata())

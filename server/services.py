@@ -49,6 +49,7 @@ class Context:
         self.store = writer.engine.store
         self.clock = clock
         self.catalog = catalog
+        self.draining = False  # SIGTERM: every new call is answered UNAVAILABLE (server/app.py)
 
     async def write(self, cmd: Any) -> Any:
         return unwrap(await self.writer.submit_async(cmd))

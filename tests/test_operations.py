@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -10,11 +11,12 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients.client import LedgerClient, LedgerError
+from clients.client import AsyncLedgerClient, LedgerClient, LedgerError
 from ledger.errors import InvalidArgument
 from ledger.store import consume_entries
 from server import config
@@ -22,6 +24,7 @@ from server import config
 from .conftest import ROOT, T0, ServerProcess, make_account
 
 DRAIN_LIMIT_S = 5.0
+DRAIN_LOAD_PER_WORKER_MAX = 5_000  # bounded: each caller stops at its first refusal
 
 
 def test_config_precedence_defaults_file_env_flags(tmp_path):
@@ -163,6 +166,47 @@ def test_sigterm_during_load_keeps_every_reply_and_exits_zero(tmp_path, db):
         assert journaled[rid]["alloc"] == [[a.plan_id, a.units]
                                                       for a in reply.allocations]
     assert offsets == 3 * len(journaled)  # nothing half-done: every entry fully applied
+
+
+def test_sigterm_at_64_in_flight_answers_unavailable_never_cancelled(tmp_path, db):
+    """Issue 9: a call that arrives while a node drains, or that the drain cuts off, gets
+    UNAVAILABLE (retry elsewhere, nothing applied), never CANCELLED; every OK is in the
+    journal once."""
+    srv = ServerProcess(tmp_path, extra=["--grace-s", str(DRAIN_LIMIT_S)], db=db).start()
+    with srv.client() as c:
+        c.set_time(T0)
+        make_account(c, cash_micros=100_000_000)
+    codes: Counter[str] = Counter()
+    acked: set[str] = set()
+
+    async def run() -> None:
+        async with AsyncLedgerClient(srv.target, timeout_s=10, retries=0) as c:
+            async def worker(w: int) -> None:
+                for i in range(DRAIN_LOAD_PER_WORKER_MAX):
+                    try:
+                        await c.consume("acme", request_id=f"d{w}-{i}")
+                    except LedgerError as exc:
+                        codes[exc.code.name] += 1
+                        return
+                    acked.add(f"d{w}-{i}")
+                    codes["OK"] += 1
+            tasks = [asyncio.create_task(worker(w)) for w in range(64)]
+            await asyncio.sleep(1.0)
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(asyncio.gather(*tasks), DRAIN_LIMIT_S + 10)
+
+    asyncio.run(run())
+    assert srv.proc.wait(DRAIN_LIMIT_S + 10) == 0
+    srv.log.close()
+    assert codes["OK"] > 0 and codes["UNAVAILABLE"] == 64, codes
+    assert set(codes) == {"OK", "UNAVAILABLE"}, codes
+    conn = srv.read_conn()
+    try:
+        journaled = Counter(e[3] for e in consume_entries(conn))
+    finally:
+        conn.close()
+    assert all(journaled[rid] == 1 for rid in acked)
+    assert sum(journaled.values()) >= len(acked)
 
 
 def test_metrics_accounts_by_status_settlements_and_top_accounts(tmp_path, db):
