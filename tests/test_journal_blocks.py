@@ -208,3 +208,30 @@ def test_r25_start_rehashes_a_bounded_tail_of_blocks(tmp_path):
         check_tail(conn, bytes_max=blocks_[-1][1])
     conn.close()
     assert not verify(str(tmp_path / "l.db")).ok
+
+
+def test_key_filter_snapshot_is_written_and_read_back_in_chunks(tmp_path, monkeypatch):
+    """R12's key filter: its snapshot (written with every FILTER_SNAPSHOT_EVERY_RUNS-th run,
+    a MiB at a time through blob I/O, never as one 20 MB copy) comes back bit for bit, and
+    the keys of newer runs are added on top at start."""
+    import numpy as np
+
+    ki = keyindex
+    monkeypatch.setattr(ki, "MEMTABLE_KEYS_MAX", 1_000)
+    store = Store(tmp_path / "l.db")
+    index = store.keys
+    for run in range(ki.FILTER_SNAPSHOT_EVERY_RUNS + 1):
+        for i in range(1_000):
+            key = ("acme", f"r{run}-{i}")
+            index.memtable[key] = (ki.key_hash(*key), run + 1, i)
+        index.flush()
+    bits, through = index.filter.bits.copy(), index.filter_through_run
+    store.close()
+    assert through == ki.FILTER_SNAPSHOT_EVERY_RUNS
+    again = Store(tmp_path / "l.db")
+    try:
+        assert again.keys.filter_through_run == through
+        assert np.array_equal(again.keys.filter.bits, bits)
+        assert again.keys.filter.contains_many([ki.key_hash("acme", "r8-999")]) == [True]
+    finally:
+        again.close()

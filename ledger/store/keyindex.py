@@ -35,6 +35,7 @@ FILTER_KEYS = 16_000_000  # keys one filter holds at about 1% false positives
 FILTER_BITS_PER_KEY = 10
 FILTER_HASHES = 7
 FILTER_SNAPSHOT_EVERY_RUNS = 8
+FILTER_IO_CHUNK_BYTES = 1 << 20  # the snapshot is written and read a MiB at a time
 LOOKUP_HASHES_PER_STATEMENT = 500
 
 Key = tuple[str, str]  # (account_id, request_id)
@@ -51,9 +52,9 @@ class Filter:
     """A Bloom filter over 64-bit key hashes (double hashing on the hash's two halves),
     added to and asked a whole group of hashes at a time (numpy: no Python loop a key)."""
 
-    def __init__(self, bits: bytes | None = None, keys_max: int | None = None) -> None:
+    def __init__(self, bits: np.ndarray | None = None, keys_max: int | None = None) -> None:
         if bits is not None:
-            self.bits = np.frombuffer(bits, dtype=np.uint8).copy()
+            self.bits = bits
         else:
             self.bits = np.zeros((keys_max or FILTER_KEYS) * FILTER_BITS_PER_KEY // 8,
                                  dtype=np.uint8)
@@ -102,9 +103,11 @@ class KeyIndex:
         for run, through in c.execute("SELECT run, through_seq FROM key_runs ORDER BY run"):
             self.runs.append(run)
             self.through_seq = max(self.through_seq, through)
-        row = c.execute("SELECT through_run, keys, bits FROM key_filter WHERE id = 1").fetchone()
+        row = c.execute("SELECT through_run, keys, length(bits) FROM key_filter WHERE id = 1"
+                        ).fetchone()
         if row is not None:
-            self.filter, self.filter_through_run, self.filter_keys = Filter(row[2]), row[0], row[1]
+            self.filter = self._read_filter(row[2])
+            self.filter_through_run, self.filter_keys = row[0], row[1]
         newer = [h for (h,) in c.execute("SELECT h FROM consume_keys WHERE run > ?",
                                          (self.filter_through_run,))]
         self.filter.add_many(newer)
@@ -164,6 +167,27 @@ class KeyIndex:
             memtable[key] = (key_hash(*key) if h is None else h, v[0], v[1])
         self._hashed = {}
 
+    def _write_filter(self, run: int, keys: int) -> None:
+        """The filter's snapshot, written through incremental blob I/O a chunk at a time:
+        a whole-filter bytes copy (20 MB) on every snapshot made the server's resident
+        memory grow in steps (make soak)."""
+        bits = self.filter.bits
+        self.conn.execute("INSERT OR REPLACE INTO key_filter VALUES (1,?,?,zeroblob(?))",
+                          (run, keys, bits.nbytes))
+        view = memoryview(bits)
+        with self.conn.blobopen("key_filter", "bits", 1) as blob:
+            for off in range(0, len(view), FILTER_IO_CHUNK_BYTES):
+                blob.write(view[off:off + FILTER_IO_CHUNK_BYTES])
+
+    def _read_filter(self, size: int) -> Filter:
+        """The snapshot read back the same way, into one array (no intermediate copy)."""
+        bits = np.empty(size, dtype=np.uint8)
+        with self.conn.blobopen("key_filter", "bits", 1, readonly=True) as blob:
+            for off in range(0, size, FILTER_IO_CHUNK_BYTES):
+                chunk = blob.read(FILTER_IO_CHUNK_BYTES)
+                bits[off:off + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        return Filter(bits=bits)
+
     def flush_if_full(self) -> None:
         if len(self.memtable) >= MEMTABLE_KEYS_MAX:
             self.flush()
@@ -186,8 +210,7 @@ class KeyIndex:
                 c.executemany(f"INSERT INTO consume_keys VALUES ({run},?,?,?)", rows)
                 c.execute("INSERT INTO key_runs VALUES (?,?,?)", (run, through, len(rows)))
                 if snapshot:
-                    c.execute("INSERT OR REPLACE INTO key_filter VALUES (1,?,?,?)",
-                              (run, self.filter_keys + len(rows), self.filter.bits.tobytes()))
+                    self._write_filter(run, self.filter_keys + len(rows))
                 c.execute("COMMIT")
             except BaseException:
                 if c.in_transaction:
