@@ -91,7 +91,7 @@ bench-client: $(STAMP)
 	$(BIN)/python -m tests.bench_client
 
 soak: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow tests/test_soak.py
+	$(BIN)/python -m pytest -q -s -m slow tests/test_soak.py
 
 crash: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/test_crash.py
