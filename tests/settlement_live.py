@@ -47,13 +47,13 @@ class Live:
     PostgreSQL URL)."""
 
     def __init__(self, db: str, start_us: int) -> None:
-        self.db = db
+        self.db, self.start_us = db, start_us
         self.reads = Reader(db)
-        self._open(start_us)
+        self._open()
 
-    def _open(self, start_us: int) -> None:
+    def _open(self) -> None:
         self.store = open_store(self.db)
-        self.clock = TestClock(start_us)  # the engine floors it to the saved clock
+        self.clock = TestClock(self.start_us)  # the engine floors it to the saved clock
         self.engine = Engine(self.store, self.clock, builtin())
         self.writer = Writer(self.engine)
         self.writer.start()
@@ -66,7 +66,7 @@ class Live:
     def restart(self) -> None:
         """Stop and reopen the same database (state is reloaded, not replayed)."""
         self.close()
-        self._open(0)
+        self._open()
 
     def call(self, cmd: Any) -> Any:
         return unwrap(self.writer.call(cmd))

@@ -16,6 +16,7 @@ import random
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -88,15 +89,20 @@ def _iteration(srv: ServerProcess, seed: int, monkeypatch: pytest.MonkeyPatch) -
     for w in workers:
         w.join(30)
     srv.start()  # restart without faults
-    with srv.client() as c:
+    _replay_acked(srv, acked)
+    srv.stop()
+    _check_conserved(srv, acked)
+    return len(acked)
+
+
+def _replay_acked(srv: ServerProcess, acked: dict[str, tuple], **client: Any) -> None:
+    """R12: every acknowledged request, sent again, replays its original result."""
+    with srv.client(**client) as c:
         for rid, (acct, qty, region, alloc, payg, seq) in acked.items():
             again = c.consume(acct, quantity=qty, region=region, request_id=rid)
             assert again.replayed, rid
             assert [(a.plan_id, a.units) for a in again.allocations] == alloc, rid
             assert (again.payg_units, again.journal_seq) == (payg, seq), rid
-    srv.stop()
-    _check_conserved(srv, acked)
-    return len(acked)
 
 
 def _check_conserved(srv: ServerProcess, acked: dict[str, tuple]) -> None:
@@ -196,12 +202,7 @@ def _pg_iteration(nodes: list[ServerProcess], cluster, seed: int,
     stop.set()
     for w in workers:
         w.join(30)
-    with other.client(timeout_s=30) as c:  # retries UNAVAILABLE while it reconnects
-        for rid, (acct, qty, region, alloc, payg, seq) in acked.items():
-            again = c.consume(acct, quantity=qty, region=region, request_id=rid)
-            assert again.replayed, rid
-            assert [(a.plan_id, a.units) for a in again.allocations] == alloc, rid
-            assert (again.payg_units, again.journal_seq) == (payg, seq), rid
+    _replay_acked(other, acked, timeout_s=30)  # retries UNAVAILABLE while it reconnects
     for node in nodes:
         node.stop()
     _check_conserved(other, acked)

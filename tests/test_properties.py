@@ -30,9 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger import calendar as cal
-from ledger.catalog import builtin
-from ledger.clock import TestClock
-from ledger.engine import ConsumeOutcome, Engine
+from ledger.engine import ConsumeOutcome
 from ledger.errors import AlreadyExists
 from ledger.model import (
     QUANTITY_MAX,
@@ -47,11 +45,12 @@ from ledger.model import (
     TopUp,
 )
 from ledger.money import Region
-from ledger.store import consume_entries, open_store
-from ledger.writer import Batch, Writer, unwrap
+from ledger.store import consume_entries
+from ledger.writer import Batch, unwrap
 
+from . import settlement_live
 from . import strategies as lst
-from .settlement_live import Reader, fresh_db
+from .settlement_live import fresh_db
 
 ACCOUNT = "acme"
 CASH_MICROS = 10**14  # enough for any number of plans a short run can buy
@@ -135,35 +134,8 @@ class Ref:
 # ---------------------------------------------------------------------------- the real ledger
 
 
-class Live:
-    """One engine + writer on one database (an SQLite path or a PostgreSQL URL); can be
-    closed and reopened on the same database (Restart)."""
-
-    def __init__(self, db: str, start_us: int) -> None:
-        self.db, self.start_us = db, start_us
-        self.reads = Reader(db)
-        self._open()
-
-    def _open(self) -> None:
-        self.store = open_store(self.db)
-        self.clock = TestClock(self.start_us)  # the engine floors it to the journal's time
-        self.writer = Writer(Engine(self.store, self.clock, builtin()))
-        self.writer.start()
-
-    def close(self) -> None:
-        self.writer.stop()
-        self.store.close()
-        self.reads.close()
-
-    def restart(self) -> None:
-        self.close()
-        self._open()
-
-    def call(self, cmd: Any) -> Any:
-        return unwrap(self.writer.call(cmd))
-
-    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        return self.reads.query(sql, params)
+class Live(settlement_live.Live):
+    """The settlement tests' live ledger, read back the way these properties compare it."""
 
     def consume_entries(self) -> list[tuple]:
         with self.reads.connection() as conn:
