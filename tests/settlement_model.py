@@ -16,17 +16,16 @@ from ledger import calendar as cal
 from ledger.model import FundsKind
 from ledger.money import Region
 
-from .reference_money import money_in
+from .reference_money import day_bill, money_in
 
 US_PER_SECOND = 1_000_000
 US_PER_HOUR = 3_600 * US_PER_SECOND
 US_PER_DAY = 24 * US_PER_HOUR
 USD = 1_000_000
-CENT = 10_000
 
-# The rules' numbers, written out by hand (R10, R13, R14, R21, R23).
+# The rules' numbers, written out by hand (R10, R21, R23; the R13/R14 fees and the bill are
+# tests/reference_money.py's day_bill, shared with the simulation's model).
 PAYG_PRICE = {int(Region.CHINESE_MAINLAND): 700, int(Region.OUTSIDE_CHINESE_MAINLAND): 1_000}
-SCENARIOS_FREE, SCENARIO_FEE, CUSTOM_FEE = 3, 1 * USD, 5 * USD
 REFUND_WINDOW_US = 120 * US_PER_HOUR  # inclusive
 SUSPEND_AFTER_US = 168 * US_PER_HOUR  # strictly more than
 ACTIVE, OVERDUE, SUSPENDED = 1, 2, 3  # AccountStatus wire numbers
@@ -44,12 +43,6 @@ def _us(*args: int) -> int:
 
 def next_day(day: str) -> str:
     return (date.fromisoformat(day) + timedelta(days=1)).isoformat()
-
-
-def round_cent_half_up(micros: int) -> int:
-    """R15, restated: totals are never negative here."""
-    cents, rest = divmod(micros, CENT)
-    return (cents + (rest >= CENT // 2)) * CENT
 
 
 # ---------------------------------------------------------------------------- reference model
@@ -248,37 +241,10 @@ class Model:
         assert at == cal.day_end(day)
         bills = []
         for account_id in sorted(self.accounts):
-            a = self.accounts[account_id]
-            scen, custom = a.feature_days.get(day, (len(a.scenarios), a.custom))
-            payg = a.payg.get(day, {})
-            offs = a.offsets.get(day, {})
-            extra = max(0, scen - SCENARIOS_FREE)
-            if not (payg or offs or extra or custom):
-                continue
-            lines = [("verification", r, payg[r], PAYG_PRICE[r], payg[r] * PAYG_PRICE[r])
-                     for r in sorted(payg)]
-            if extra:
-                lines.append(("scenarios", 0, extra, SCENARIO_FEE, extra * SCENARIO_FEE))
-            if custom:
-                lines.append(("custom_policy", 0, 1, CUSTOM_FEE, CUSTOM_FEE))
-            by_id = {p.plan_id: p for p in self.plans}
-            offsets = tuple(sorted(offs.items(),
-                                   key=lambda kv: (by_id[kv[0]].expires, by_id[kv[0]].order)))
-            total = sum(ln[4] for ln in lines)
-            due = round_cent_half_up(total)
-            pv = min(due, a.voucher)
-            pc = min(due - pv, a.cash)
-            out = due - pv - pc
-            a.voucher -= pv
-            a.cash -= pc
-            if out:
-                a.outstanding += out
-                if a.overdue_since is None:
-                    a.overdue_since = at
-                if a.status == ACTIVE:
-                    a.status = OVERDUE
-            bills.append((account_id, day, next_day(day), tuple(lines), offsets, total, due,
-                          pv, pc, out, at))
+            bill = day_bill(self.accounts[account_id], account_id, day, next_day(day),
+                            self.plans, at)
+            if bill is not None:
+                bills.append(bill)
         self.bills[day] = bills
         self.next_settle = next_day(day)
 

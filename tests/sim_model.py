@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from .reference_money import money_in
+from .reference_money import day_bill, money_in
 from .sim_rules import (
     ACTIVE,
     ADVANCE_MAX_US,
@@ -20,9 +20,7 @@ from .sim_rules import (
     BILLABLE,
     CASH,
     CATALOG,
-    CUSTOM_FEE,
     MAINLAND,
-    OVERDUE,
     P_ACTIVE,
     P_EXHAUSTED,
     P_EXPIRED,
@@ -30,8 +28,6 @@ from .sim_rules import (
     PAYG_PRICE,
     QUANTITY_MAX,
     REFUND_WINDOW_US,
-    SCENARIO_FEE,
-    SCENARIOS_FREE,
     SLIDER,
     STEP_3,
     STEP_4_1,
@@ -42,7 +38,6 @@ from .sim_rules import (
     add_months,
     billing_day,
     day_end,
-    round_half_up_cent,
     shift_day,
 )
 
@@ -392,37 +387,10 @@ class RefLedger:
         at = self.now
         bills = []
         for account_id in sorted(self.accounts):
-            a = self.accounts[account_id]
-            scen, custom = a.feature_days.get(day, (len(a.scenarios), a.custom))
-            payg = {r: n for r, n in a.payg.get(day, {}).items() if n}
-            offs = a.offsets.get(day, {})
-            extra = max(0, scen - SCENARIOS_FREE)
-            if not (payg or offs or extra or custom):
-                continue
-            lines = [("verification", r, payg[r], PAYG_PRICE[r], payg[r] * PAYG_PRICE[r])
-                     for r in sorted(payg)]
-            if extra:
-                lines.append(("scenarios", 0, extra, SCENARIO_FEE, extra * SCENARIO_FEE))
-            if custom:
-                lines.append(("custom_policy", 0, 1, CUSTOM_FEE, CUSTOM_FEE))
-            by_id = {p.plan_id: p for p in self.plans}
-            offsets = tuple(sorted(offs.items(),
-                                   key=lambda kv: (by_id[kv[0]].expires, by_id[kv[0]].order)))
-            total = sum(ln[4] for ln in lines)
-            due = round_half_up_cent(total)  # R15
-            pv = min(due, a.voucher)  # R16
-            pc = min(due - pv, a.cash)
-            out = due - pv - pc
-            a.voucher -= pv
-            a.cash -= pc
-            if out:  # R22
-                a.outstanding += out
-                if a.overdue_since is None:
-                    a.overdue_since = at
-                if a.status == ACTIVE:
-                    a.status = OVERDUE
-            bills.append((account_id, day, shift_day(day, 1), tuple(lines), offsets, total, due,
-                          pv, pc, out, at))
+            bill = day_bill(self.accounts[account_id], account_id, day, shift_day(day, 1),
+                            self.plans, at)
+            if bill is not None:
+                bills.append(bill)
         self.bills[day] = bills
         self.settled.append(day)
         self.next_settle = shift_day(day, 1)
