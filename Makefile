@@ -33,6 +33,7 @@ run-postgres: $(STAMP)
 ## (the console's browser tests need Debian's chromium at /usr/bin/chromium; .ci/run installs it)
 test: $(STAMP) protos-check
 	@test -x /usr/bin/chromium || echo "!!! BROWSER TESTS SKIPPED: no /usr/bin/chromium (apt-get install chromium) !!!"
+	@command -v promtool >/dev/null || echo "!!! ALERTING RULE TESTS SKIPPED: no promtool (apt-get install prometheus) !!!"
 	@$(BIN)/python -c 'import sys, tests.pg_cluster as p; sys.exit(p.find_bindir() is None)' || echo "!!! POSTGRESQL SUITE SKIPPED: no PostgreSQL server binaries (apt-get install postgresql) !!!"
 	$(BIN)/python -m pytest -q -m "not slow"
 

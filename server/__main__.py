@@ -1,3 +1,3 @@
-from server.cli import main
+from server.entry import main
 
-main(prog_name="quota-ledger")
+main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -21,9 +22,10 @@ from quota_ledger.v1 import (
     test_clock_pb2_grpc,
 )
 
+from ledger import calendar as cal
 from ledger import catalog as catalog_mod
 from ledger.clock import SharedTestClock, SystemClock, TestClock
-from ledger.engine import CLOCK_META_KEY, Engine
+from ledger.engine import CLOCK_META_KEY, SETTLED_META_KEY, Engine
 from ledger.errors import Unavailable
 from ledger.store import open_store
 from ledger.store.urls import is_pg_url, mask_url
@@ -101,6 +103,8 @@ class LedgerServer:
                                  queue_depth_max=cfg.queue_depth_max,
                                  group_requests_max=cfg.group_requests_max)
             self.metrics.queue_depth.set_function(self.writer.depth)
+            self.metrics.queue_limit.set(cfg.queue_depth_max)
+            self.metrics.last_settled_end.set_function(self._last_settled_end_s)
             self.metrics.journal_rows.set_function(lambda: self.engine.next_seq - 1)
             self.engine.on_settled = self.metrics.on_settled
             self.metrics.watch_state(self._state_query, cfg.metrics_top_accounts)
@@ -145,6 +149,7 @@ class LedgerServer:
         self.server = server
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.ready.set(1)
         log.info("serving", extra={"event": "start", "listen": cfg.listen, "port": self.port,
                                    "db": mask_url(cfg.db) if is_pg_url(cfg.db) else cfg.db,
                                    "node": getattr(self.store, "node", 0),
@@ -157,6 +162,17 @@ class LedgerServer:
         if params and params[0] is None:
             params = (self.clock.now_us(), *params[1:])
         return self.store.reader().execute(sql, params).fetchall()
+
+    def _last_settled_end_s(self) -> float:
+        """For the metrics (their own thread): the end of the last settled billing day as
+        committed, unix seconds; before any settlement, the start of the ledger's first day
+        (nothing before it to settle); NaN while the ledger is empty."""
+        rows = self.store.reader().execute("SELECT value FROM meta WHERE key = ?",
+                                           (SETTLED_META_KEY,)).fetchall()
+        if rows:
+            return cal.day_end(rows[0][0]) / cal.US_PER_SECOND
+        first = self.engine.next_settle_day
+        return cal.day_start(first) / cal.US_PER_SECOND if first else math.nan
 
     def _db_clock_us(self) -> int | None:
         """The shared test clock as the database holds it (several nodes, --test-clock)."""
@@ -186,6 +202,7 @@ class LedgerServer:
         log.info("draining", extra={"event": "drain", "grace_s": self.config.grace_s})
         if self.server is not None:
             deadline = time.monotonic() + self.config.grace_s
+            self.metrics.ready.set(0)
             await self.health.enter_graceful_shutdown()
             if self.ctx is not None:
                 self.ctx.draining = True

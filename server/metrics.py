@@ -62,6 +62,15 @@ class Metrics:
                                         buckets=LATENCY_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("ledger_writer_queue_depth", "Submissions waiting for the writer",
                                  registry=r)
+        self.queue_limit = Gauge("ledger_writer_queue_limit", "Writer queue bound "
+                                 "(queue_depth_max): beyond it, RESOURCE_EXHAUSTED", registry=r)
+        self.ready = Gauge("ledger_ready", "1 while gRPC serves (health SERVING), 0 before and "
+                           "while draining", registry=r)
+        self.last_settled_end = Gauge(
+            "ledger_last_settled_day_end_timestamp_seconds",
+            "End of the last settled billing day (UTC+8), unix seconds, as committed; before "
+            "the first settlement the start of the ledger's first day; NaN while it is empty",
+            registry=r)
         self.journal_rows = Gauge("ledger_journal_entries", "Journal entries committed",
                                   registry=r)
         self.billable_units = Counter(

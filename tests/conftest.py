@@ -28,8 +28,10 @@ class ServerProcess:
     """`python -m server serve` in a subprocess, so tests can SIGKILL and restart it."""
 
     def __init__(self, tmp: Path, *, test_clock: bool = True, extra: list[str] | None = None,
-                 db: str | None = None):
+                 db: str | None = None, command: list[str] | None = None):
         self.tmp = tmp
+        # how to run `quota-ledger` (the wheel test runs an installed one, outside the tree)
+        self.command = command or [sys.executable, "-m", "server"]
         self.db: Path | str = db or tmp / "ledger.db"  # a path, or a postgresql:// URL
         self.test_clock = test_clock
         self.extra = extra or []
@@ -43,13 +45,14 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         port_file = self.tmp / "ports.json"
         port_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0",
+        cmd = [*self.command, "serve", "--listen", "127.0.0.1:0",
                "--db", str(self.db), "--port-file", str(port_file),
                "--metrics-listen", "127.0.0.1:0", "--log-level", "warning", *self.extra]
         if self.test_clock:
             cmd.append("--test-clock")
         self.log = open(self.tmp / "server.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT if command_is_ours(self.command) else self.tmp,
+                                     stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not port_file.exists():
             if self.proc.poll() is not None:
@@ -122,6 +125,11 @@ class ServerProcess:
             return others + sum(1 for _ in consume_entries(conn))
         finally:
             conn.close()
+
+
+def command_is_ours(command: list[str]) -> bool:
+    """The source tree's own `python -m server` (run from the tree), not an installed one."""
+    return command[0] == sys.executable
 
 
 BACKENDS = ("sqlite", "postgres")

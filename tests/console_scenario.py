@@ -26,7 +26,7 @@ from pathlib import Path
 
 from clients.client import LedgerClient
 
-from .conftest import ROOT, START_TIMEOUT_S, T0, ServerProcess
+from .conftest import ROOT, START_TIMEOUT_S, T0, ServerProcess, command_is_ours
 
 CATALOG = """
 [[spec]]
@@ -100,6 +100,7 @@ class ConsoleProcess:
     tmp: Path
     target: str
     extra: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "server"])
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
 
@@ -109,13 +110,14 @@ class ConsoleProcess:
 
     def start(self) -> ConsoleProcess:
         port_file = self.tmp / f"console-{id(self)}.json"
-        cmd = [sys.executable, "-m", "server", "console", "--listen", "127.0.0.1:0",
+        cmd = [*self.command, "console", "--listen", "127.0.0.1:0",
                "--target", self.target, "--port-file", str(port_file),
                "--log-level", "warning", *self.extra]
         self.log_path = self.tmp / f"console-{id(self)}.log"
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if k != "LEDGER_TOKEN"}  # only --token
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=self.log, env=env)
+        cwd = ROOT if command_is_ours(self.command) else self.tmp
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self.log, stderr=self.log, env=env)
         try:
             return self._wait_ready(port_file)
         except BaseException:

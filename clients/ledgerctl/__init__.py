@@ -7,6 +7,7 @@ verbs, registered on ``main`` when imported here.
 
 from __future__ import annotations
 
+from clients.extras import run_guarded
 from clients.ledgerctl import (  # noqa: F401  (each registers its verbs on main)
     accounts,
     clock,
@@ -20,4 +21,11 @@ from clients.loadgen import loadtest
 
 main.add_command(loadtest)
 
-__all__ = ["CONTEXT_SETTINGS", "CliState", "fail", "main"]
+
+def run() -> None:
+    """The ``ledgerctl`` console script: a verb that needs an extra not installed (``loadtest``
+    needs ``[loadgen]``) ends with one line naming it (issue 17)."""
+    run_guarded("ledgerctl", lambda: main)
+
+
+__all__ = ["CONTEXT_SETTINGS", "CliState", "fail", "main", "run"]

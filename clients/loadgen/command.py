@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from clients.coalescer import DEFAULT_LINGER_MS
+from clients.extras import require
 from clients.loadgen.accounts import prepare_accounts
 from clients.loadgen.answers import VIEWS
 from clients.loadgen.config import (
@@ -170,6 +171,8 @@ def loadtest(ctx: click.Context, target: str | None, accounts: int, account_pref
         config.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if (hint := require("loadgen", "hdrh")) is not None:
+        raise click.ClickException(f"loadtest needs the loadgen extra: {hint}")
     from rich.console import Console
 
     err = Console(stderr=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from clients.extras import install_hint
 from clients.loadgen.recorder import LoadResult
 
-PLOT_EXTRA_HINT = "pip install -e '.[plot]'"
+PLOT_EXTRA_HINT = install_hint("plot")
 PARTIAL_SECOND_MIN_S = 0.05  # a last fraction shorter than this is too short to scale
 
 

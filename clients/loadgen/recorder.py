@@ -7,9 +7,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hdrh.histogram import HdrHistogram
+if TYPE_CHECKING:  # hdrhistogram is the loadgen extra's: imported when a run starts
+    from hdrh.histogram import HdrHistogram
 
 from clients.loadgen.config import LATENCY_MAX_US, LATENCY_MIN_US, PERCENTILES, SIGNIFICANT_DIGITS
 
@@ -49,6 +50,8 @@ class Recorder(_Outcomes):
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        from hdrh.histogram import HdrHistogram
+
         self.clock = clock
         self.hist = HdrHistogram(LATENCY_MIN_US, LATENCY_MAX_US, SIGNIFICANT_DIGITS)
         self.sent = 0
