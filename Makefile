@@ -86,6 +86,11 @@ bench-postgres: $(STAMP)
 bench-writer: $(STAMP)
 	$(BIN)/python -m tests.bench_writer
 
+## bench-outage: a CAPTCHA-like load through a killed, restarted, hung and resumed ledger (issue 21)
+.PHONY: bench-outage
+bench-outage: $(STAMP)
+	$(BIN)/python -m tests.bench_outage
+
 ## bench-client: 256 concurrent consume() calls from one AsyncLedgerClient, with and without batching
 .PHONY: bench-client
 bench-client: $(STAMP)

@@ -16,6 +16,8 @@ from quota_ledger.v1 import quota_ledger_pb2 as qpb
 from quota_ledger.v1 import settlement_pb2 as spb
 from quota_ledger.v1 import test_clock_pb2 as tpb
 
+from clients.breaker import CircuitBreaker
+from clients.failopen import UNREACHABLE, check_budget, is_gate, unreachable
 from clients.spool import Spool
 from clients.wire import RETRYABLE, LedgerError, enum_value, new_request_id, timestamp
 
@@ -54,6 +56,8 @@ class LedgerApi:
     timeout_s: float
     retries: int
     spool: Spool | None = None
+    breaker: CircuitBreaker | None = None
+    budget_s: float | None = None  # a consume()'s latency budget, with a spool (issue 21)
     _closing = False
 
     def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
@@ -66,6 +70,31 @@ class LedgerApi:
         code_ok = exc.code in RETRYABLE or self._cancelled_by_server(exc)
         return (retry and code_ok and attempt < self.retries
                 and time.monotonic() + pause < deadline)
+
+    def _gate(self) -> None:
+        """With the breaker open, no network attempt: UNAVAILABLE (LEDGER_UNREACHABLE) at
+        once; a consume() spools it (issue 21)."""
+        if self.breaker is not None and not self.breaker.allow():
+            raise unreachable(self.breaker)
+
+    def _deadline(self, method: str, budget_s: float | None) -> float:
+        """One deadline for every attempt: ``timeout_s``, or a consume()'s budget with a
+        spool when that is sooner."""
+        limit = self.timeout_s
+        if method == "Consume" and self.spool is not None:
+            budget = self.budget_s if budget_s is None else check_budget(budget_s)
+            limit = min(limit, budget) if budget is not None else limit
+        return time.monotonic() + limit
+
+    def _noted(self, exc: LedgerError | None) -> None:
+        """Tell the breaker how a call that reached the network ended: unreachable
+        (UNAVAILABLE, DEADLINE_EXCEEDED, the budget spent) or answered (anything else)."""
+        if self.breaker is None or (exc is not None and is_gate(exc)):
+            return
+        if exc is not None and (exc.code in UNREACHABLE or self._cancelled_by_server(exc)):
+            self.breaker.failed(exc.code.name)
+        else:
+            self.breaker.succeeded()
 
     def _spoolable(self, request: qpb.ConsumeRequest, exc: LedgerError) -> bool:
         """Fail open (R26): the ledger could not be reached, retries are spent, a spool is

@@ -12,6 +12,11 @@
 - ``spool_path=PATH``: fail open. A ``consume()`` that cannot reach the ledger once its
   retries are spent is written to a local spool and answered ``provisional``; the spool is
   sent in the background once the ledger answers (``clients/spool.py``, R26).
+- ``budget_s`` (default 0.25 s, with a spool): the longest a ``consume()`` waits for the
+  ledger before it spools and answers ``provisional``; a circuit breaker (on with a spool,
+  ``breaker=``) then skips the network altogether until a health probe sees the ledger back,
+  so an outage costs a caller the spool's fsync, not a deadline (``clients/failopen.py``,
+  issue 21). ``on_state_change(old, new)`` hears each of its transitions.
 - ``batching=True``: concurrent ``consume()`` calls share ``ConsumeBatch`` calls
   (``clients/coalescer.py``), each caller with its own result or error.
 
@@ -31,12 +36,14 @@ import grpc
 from quota_ledger.v1 import quota_ledger_pb2 as qpb
 
 from clients.api import LedgerApi
+from clients.breaker import FAILURES_TO_OPEN, CircuitBreaker, StateListener
 from clients.coalescer import (
     DEFAULT_BATCH_SIZE_MAX,
     DEFAULT_LINGER_MS,
     AsyncCoalescer,
     ThreadCoalescer,
 )
+from clients.failopen import DEFAULT_BUDGET_S, ReplayGate, TaskProbe, ThreadProbe, check_budget
 from clients.replay import REPLAY_CALL_TIMEOUT_S, TaskReplayer, ThreadReplayer
 from clients.spool import Spool, SpoolLimits
 from clients.wire import (
@@ -69,7 +76,10 @@ class _Options:
     first; ``token`` a bearer token; ``tls_ca``/``tls_cert``/``tls_key`` PEM paths for TLS
     and mutual TLS; ``spool_path`` the local spool file (fail open, R26) and
     ``spool_limits`` its :class:`SpoolLimits`; ``batching`` coalesce concurrent consume()
-    calls, ``linger_ms`` and ``batch_size_max`` how (``clients/coalescer.py``).
+    calls, ``linger_ms`` and ``batch_size_max`` how (``clients/coalescer.py``);
+    ``budget_s`` a consume()'s latency budget with a spool, ``breaker`` the circuit breaker
+    (None: on when there is a spool), ``failures_to_open`` and ``on_state_change`` its
+    threshold and listener (``clients/failopen.py``).
     """
 
     def __init__(self, *, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = RETRIES_MAX,
@@ -78,22 +88,31 @@ class _Options:
                  spool_path: str | os.PathLike[str] | None = None,
                  spool_limits: SpoolLimits | None = None, batching: bool = False,
                  linger_ms: float = DEFAULT_LINGER_MS,
-                 batch_size_max: int = DEFAULT_BATCH_SIZE_MAX) -> None:
+                 batch_size_max: int = DEFAULT_BATCH_SIZE_MAX,
+                 budget_s: float | None = DEFAULT_BUDGET_S, breaker: bool | None = None,
+                 failures_to_open: int = FAILURES_TO_OPEN,
+                 on_state_change: StateListener | None = None) -> None:
         self.timeout_s, self.retries = timeout_s, retries
         self.metadata = auth_metadata(token)
         self.creds = credentials(tls_ca, tls_cert, tls_key)
         self.spool = Spool(spool_path, spool_limits) if spool_path is not None else None
         self.batching = {"linger_ms": linger_ms, "batch_size_max": batch_size_max
                          } if batching else None
+        self.budget_s = check_budget(budget_s)
+        self.breaker = CircuitBreaker(failures_to_open=failures_to_open,
+                                      on_state_change=on_state_change) if (
+            self.spool is not None if breaker is None else breaker) else None
 
 
 class _Wired(LedgerApi):
     """The parts both clients assemble alike: stubs, coalescer, spool and replayer."""
 
-    def _wire(self, o: _Options, channel: Any, coalescer: Any, replayer: Any,
+    def _wire(self, o: _Options, channel: Any, coalescer: Any, replayer: Any, probe: Any,
               non_blocking: Callable[[Any], Any]) -> None:
         self.channel = channel
         self.timeout_s, self.retries, self.metadata = o.timeout_s, o.retries, o.metadata
+        self.budget_s, self.breaker = o.budget_s, o.breaker
+        self.probe = probe(o.breaker, channel, o.metadata) if o.breaker is not None else None
         self.stubs = stubs(channel)
         batch = self.stubs["ledger"].ConsumeBatch
         send = non_blocking(batch)  # sync: batch.future, so several batches are in flight
@@ -103,20 +122,34 @@ class _Wired(LedgerApi):
         self.spool, self.replayer = o.spool, None
         if self.spool is not None:
             self.replayer = replayer(self.spool, lambda request: batch(
-                request, timeout=REPLAY_CALL_TIMEOUT_S, metadata=self.metadata))
+                request, timeout=REPLAY_CALL_TIMEOUT_S, metadata=self.metadata),
+                ReplayGate(o.breaker, self._noted) if o.breaker is not None else None)
+            if o.breaker is not None:
+                o.breaker.listen(self._breaker_moved)
 
-    def _transport(self, stub: str, method: str) -> tuple[Any, float]:
+    def _breaker_moved(self, _old: str, new: str) -> None:
+        """Half-open or closed: replay the spool now (its batch may be the trial call); every
+        change is kept in the spool file for ``ledgerctl spool status``."""
+        assert self.spool is not None and self.replayer is not None
+        if new != "open":
+            self.replayer.wake()
+        self.spool.note_breaker(new)
+
+    def _transport(self, stub: str, method: str, budget_s: float | None
+                   ) -> tuple[Any, float]:
         """What a call goes through (Consume: the coalescer, when batching) and its
-        deadline: one budget for all attempts."""
+        deadline: one budget for all attempts. An open breaker lets nothing through."""
+        self._gate()
         fn = (self.coalescer if self.coalescer is not None and method == "Consume"
               else getattr(self.stubs[stub], method))
-        return fn, time.monotonic() + self.timeout_s
+        return fn, self._deadline(method, budget_s)
 
     def _pause_or_raise(self, err: grpc.RpcError | LedgerError, retry: bool, attempt: int,
                         deadline: float) -> float:
         exc = err if isinstance(err, LedgerError) else LedgerError.from_rpc_error(err)
         pause = backoff_s(attempt)
         if not self._may_retry(retry, attempt, exc, deadline, pause):
+            self._noted(exc)
             raise exc from None
         return pause
 
@@ -132,23 +165,29 @@ class LedgerClient(_Wired):
             grpc.secure_channel(channel_target(target), o.creds, options=CHANNEL_OPTIONS)
             if o.creds else grpc.insecure_channel(channel_target(target),
                                                   options=CHANNEL_OPTIONS)),
-            ThreadCoalescer, ThreadReplayer, lambda batch: batch.future)
+            ThreadCoalescer, ThreadReplayer, ThreadProbe, lambda batch: batch.future)
 
-    def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
-        fn, deadline = self._transport(stub, method)
+    def _call(self, stub: str, method: str, request: Any, *, retry: bool = True,
+              budget_s: float | None = None) -> Any:
+        fn, deadline = self._transport(stub, method, budget_s)
         for attempt in range(self.retries + 1):
             try:
-                return fn(request, timeout=max(0.001, deadline - time.monotonic()),
-                          metadata=self.metadata)
+                answer = fn(request, timeout=max(0.001, deadline - time.monotonic()),
+                            metadata=self.metadata)
             except (grpc.RpcError, LedgerError) as err:  # LedgerError: a coalesced caller's
                 time.sleep(self._pause_or_raise(err, retry, attempt, deadline))
+                continue
+            self._noted(None)
+            return answer
         raise AssertionError("unreachable: the last attempt raises")
 
-    def consume(self, account_id: str, **kwargs: Any) -> qpb.ConsumeResponse:
-        """Record one verification event (Consume); with a spool, fail open (R26)."""
+    def consume(self, account_id: str, *, budget_s: float | None = None,
+                **kwargs: Any) -> qpb.ConsumeResponse:
+        """Record one verification event (Consume); with a spool, fail open (R26) within
+        ``budget_s`` (default: the client's)."""
         request = self._observed(self.consume_request(account_id, **kwargs))
         try:
-            return self._call("ledger", "Consume", request)
+            return self._call("ledger", "Consume", request, budget_s=budget_s)
         except LedgerError as exc:
             if not self._spoolable(request, exc):
                 raise
@@ -171,6 +210,8 @@ class LedgerClient(_Wired):
         if self.coalescer is not None:
             self.coalescer.close()
         self._closing = True
+        if self.probe is not None:
+            self.probe.stop()
         if self.replayer is not None:
             self.replayer.stop()  # a replay call in flight ends with the channel
         self.channel.close()
@@ -197,25 +238,36 @@ class AsyncLedgerClient(_Wired):
             grpc.aio.secure_channel(channel_target(target), o.creds, options=CHANNEL_OPTIONS)
             if o.creds else grpc.aio.insecure_channel(channel_target(target),
                                                       options=CHANNEL_OPTIONS)),
-            AsyncCoalescer, TaskReplayer, lambda batch: batch)
+            AsyncCoalescer, TaskReplayer, TaskProbe, lambda batch: batch)
 
-    async def _call(self, stub: str, method: str, request: Any, *, retry: bool = True) -> Any:
+    def _ensure_started(self) -> None:
         if self.replayer is not None:
             self.replayer.ensure_started()
-        fn, deadline = self._transport(stub, method)
+        if self.probe is not None:
+            self.probe.ensure_started()
+
+    async def _call(self, stub: str, method: str, request: Any, *, retry: bool = True,
+                    budget_s: float | None = None) -> Any:
+        self._ensure_started()
+        fn, deadline = self._transport(stub, method, budget_s)
         for attempt in range(self.retries + 1):
             try:
-                return await fn(request, timeout=max(0.001, deadline - time.monotonic()),
-                                metadata=self.metadata)
+                answer = await fn(request, timeout=max(0.001, deadline - time.monotonic()),
+                                  metadata=self.metadata)
             except (grpc.RpcError, LedgerError) as err:  # LedgerError: a coalesced caller's
                 await asyncio.sleep(self._pause_or_raise(err, retry, attempt, deadline))
+                continue
+            self._noted(None)
+            return answer
         raise AssertionError("unreachable: the last attempt raises")
 
-    async def consume(self, account_id: str, **kwargs: Any) -> qpb.ConsumeResponse:
-        """Record one verification event (Consume); with a spool, fail open (R26)."""
+    async def consume(self, account_id: str, *, budget_s: float | None = None,
+                      **kwargs: Any) -> qpb.ConsumeResponse:
+        """Record one verification event (Consume); with a spool, fail open (R26) within
+        ``budget_s`` (default: the client's)."""
         request = self._observed(self.consume_request(account_id, **kwargs))
         try:
-            return await self._call("ledger", "Consume", request)
+            return await self._call("ledger", "Consume", request, budget_s=budget_s)
         except LedgerError as exc:
             if not self._spoolable(request, exc):
                 raise
@@ -238,6 +290,8 @@ class AsyncLedgerClient(_Wired):
         if self.coalescer is not None:
             await self.coalescer.close()
         self._closing = True
+        if self.probe is not None:
+            await self.probe.stop()
         if self.replayer is not None and self.spool is not None:
             await self.replayer.stop()
             await asyncio.to_thread(self.spool.release)
@@ -245,8 +299,7 @@ class AsyncLedgerClient(_Wired):
         await self.channel.close()
 
     async def __aenter__(self) -> AsyncLedgerClient:
-        if self.replayer is not None:
-            self.replayer.ensure_started()
+        self._ensure_started()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

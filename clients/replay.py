@@ -15,6 +15,7 @@ import contextlib
 import random
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import grpc
 from quota_ledger.v1 import quota_ledger_pb2 as qpb
@@ -33,11 +34,20 @@ REPLAY_STOP_TIMEOUT_S = 5.0
 Batch = tuple[list[SpoolRow], qpb.ConsumeBatchRequest]
 
 
+class Gate(Protocol):
+    """The client's circuit breaker as the replayer sees it (``clients/failopen.py``)."""
+
+    def allow(self) -> bool: ...
+
+    def noted(self, exc: LedgerError | None) -> None: ...
+
+
 class ReplayState:
     """What to send next and how long to pause after each step (seconds, 0: go on)."""
 
-    def __init__(self, spool: Spool, batch_max: int = REPLAY_BATCH_MAX) -> None:
-        self.spool, self.batch_max = spool, batch_max
+    def __init__(self, spool: Spool, batch_max: int = REPLAY_BATCH_MAX,
+                 gate: Gate | None = None) -> None:
+        self.spool, self.batch_max, self.gate = spool, batch_max, gate
         self.failures = 0
         self.totals = SettleReport()
         self.last_error: Exception | None = None
@@ -46,7 +56,16 @@ class ReplayState:
         rows = self.spool.take(self.batch_max)
         if not rows:  # None: another process holds the lease; []: nothing to send
             return REPLAY_IDLE_POLL_S
+        if self.gate is not None and not self.gate.allow():
+            return REPLAY_IDLE_POLL_S  # the client's breaker is open: woken when it moves
         return rows, batch_request([r.request for r in rows])
+
+    def _noted(self, exc: Exception | None) -> None:
+        """A sent batch tells the client's breaker how the call ended (it may be the
+        half-open breaker's trial call)."""
+        if self.gate is not None:
+            self.gate.noted(exc if not isinstance(exc, grpc.RpcError)
+                            else LedgerError.from_rpc_error(exc))
 
     def done(self, rows: list[SpoolRow], answer: qpb.ConsumeBatchResponse) -> float:
         report = self.spool.settle(rows, batch_outcomes([r.request for r in rows], answer))
@@ -68,7 +87,9 @@ class ReplayState:
         try:
             answer = send(got[1])
         except (grpc.RpcError, LedgerError) as exc:
+            self._noted(exc)
             return self.failed(exc)
+        self._noted(None)
         return self.done(got[0], answer)
 
     async def astep(self, send: Callable[[qpb.ConsumeBatchRequest],
@@ -79,7 +100,9 @@ class ReplayState:
         try:
             answer = await send(got[1])
         except (grpc.RpcError, LedgerError) as exc:
+            self._noted(exc)
             return self.failed(exc)
+        self._noted(None)
         return await asyncio.to_thread(self.done, got[0], answer)
 
 
@@ -87,8 +110,9 @@ class ThreadReplayer:
     """The sync client's replayer: a daemon thread from the client's start to its close."""
 
     def __init__(self, spool: Spool, send: Callable[[qpb.ConsumeBatchRequest],
-                                                   qpb.ConsumeBatchResponse]) -> None:
-        self.state, self._send = ReplayState(spool), send
+                                                   qpb.ConsumeBatchResponse],
+                 gate: Gate | None = None) -> None:
+        self.state, self._send = ReplayState(spool, gate=gate), send
         self._wake, self._stopped = threading.Event(), False
         self._thread = threading.Thread(target=self._run, name="ledger-spool-replay",
                                         daemon=True)
@@ -116,9 +140,9 @@ class TaskReplayer:
     """The async client's replayer: a task on the loop of the client's first call."""
 
     def __init__(self, spool: Spool, send: Callable[[qpb.ConsumeBatchRequest],
-                                                   Awaitable[qpb.ConsumeBatchResponse]]
-                 ) -> None:
-        self.state, self._send = ReplayState(spool), send
+                                                   Awaitable[qpb.ConsumeBatchResponse]],
+                 gate: Gate | None = None) -> None:
+        self.state, self._send = ReplayState(spool, gate=gate), send
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
 

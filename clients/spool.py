@@ -73,6 +73,8 @@ class SpoolStatus:
     refused: int
     bytes: int
     oldest_age_s: float | None
+    # the circuit breaker of each client process using the file (issue 21): its last state
+    breakers: tuple[dict[str, object], ...] = ()
 
 
 @dataclass
@@ -133,6 +135,8 @@ class Spool:
         for table in ("pending", "refused"):
             self.db[table].create_index(["account_id", "request_id"], unique=True,
                                         if_not_exists=True)
+        self.db["breakers"].create({"owner": str, "host": str, "pid": int, "state": str,
+                                    "since_us": int}, pk="owner", if_not_exists=True)
         self.db["replay_lease"].create({"id": int, "owner": str, "host": str, "pid": int,
                                         "until_us": int}, pk="id", if_not_exists=True)
         # Counts kept by triggers, so a limit check costs the same with 100,000 rows as with 1.
@@ -253,13 +257,28 @@ class Spool:
             "request_id, request, size_bytes, spooled_at_us, ?, ?, ?, ? FROM pending "
             "WHERE seq = ?", [now_us, error.code.name, error.reason, error.message, row.seq])
 
+    def note_breaker(self, state: str) -> None:
+        """Keep this client's breaker state where ``ledgerctl spool status`` reads it; a
+        process that is gone leaves its row, shown as not alive."""
+        with self._write():
+            self.db["breakers"].upsert({"owner": self.owner, "host": self._host,
+                                        "pid": os.getpid(), "state": state,
+                                        "since_us": self._now_us()}, pk="owner")
+
     # ------------------------------------------------------------------ reporting
     def status(self) -> SpoolStatus:
         with self._lock:
             pending, size, oldest_us = self._totals()
             refused = self.db.execute("SELECT count(*) FROM refused").fetchone()[0]
-        age = None if oldest_us is None else max(0.0, self.clock() - oldest_us / 1_000_000)
-        return SpoolStatus(pending=pending, refused=refused, bytes=size, oldest_age_s=age)
+            breakers = list(self.db.query("SELECT host, pid, state, since_us FROM breakers "
+                                          "ORDER BY since_us DESC"))
+        now = self.clock()
+        age = None if oldest_us is None else max(0.0, now - oldest_us / 1_000_000)
+        for b in breakers:
+            b["alive"] = b["host"] != self._host or _pid_alive(b["pid"])
+            b["for_s"] = round(max(0.0, now - b.pop("since_us") / 1_000_000), 3)
+        return SpoolStatus(pending=pending, refused=refused, bytes=size, oldest_age_s=age,
+                           breakers=tuple(breakers))
 
     def refused_examples(self, limit: int = REFUSED_EXAMPLES_MAX) -> list[dict[str, str]]:
         with self._lock:

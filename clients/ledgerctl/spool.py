@@ -40,7 +40,8 @@ def spool() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
 @click.pass_obj
 def spool_status(state: CliState, spool_path: str, as_json: bool) -> None:
-    """Show what a spool holds: pending and refused requests, the oldest one's age, bytes.
+    """Show what a spool holds: pending and refused requests, the oldest one's age, bytes,
+    and the circuit breaker state of each client process that uses it.
 
     Refused requests are those the ledger refused at replay (suspended or unknown account,
     key reused); they are never retried.
@@ -65,6 +66,11 @@ def spool_status(state: CliState, spool_path: str, as_json: bool) -> None:
     if refused:
         out.append(table("refused (first ones)", ("account", "request_id", "reason"),
                          ([r["account_id"], r["request_id"], r["reason"]] for r in refused)))
+    if status.breakers:
+        out.append(table("circuit breakers of the clients using it (issue 21)",
+                         ("host", "pid", "state", "for", "process"),
+                         ([b["host"], str(b["pid"]), b["state"], f"{b['for_s']:,.1f} s",
+                           "alive" if b["alive"] else "gone"] for b in status.breakers)))
     show(*out)
 
 
