@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -259,11 +260,19 @@ class Spool:
 
     def note_breaker(self, state: str) -> None:
         """Keep this client's breaker state where ``ledgerctl spool status`` reads it; a
-        process that is gone leaves its row, shown as not alive."""
+        process that is gone leaves its row, shown as not alive. Written by a thread of its
+        own, in order: a caller (or an event loop) never waits for this fsync."""
+        if self._notes is None:
+            self._notes = ThreadPoolExecutor(1, thread_name_prefix="ledger-spool-note")
+        self._notes.submit(self._note_breaker, state, self._now_us())
+
+    _notes: ThreadPoolExecutor | None = None
+
+    def _note_breaker(self, state: str, at_us: int) -> None:
         with self._write():
             self.db["breakers"].upsert({"owner": self.owner, "host": self._host,
                                         "pid": os.getpid(), "state": state,
-                                        "since_us": self._now_us()}, pk="owner")
+                                        "since_us": at_us}, pk="owner")
 
     # ------------------------------------------------------------------ reporting
     def status(self) -> SpoolStatus:
@@ -287,5 +296,7 @@ class Spool:
                 "ORDER BY seq LIMIT ?", [limit]))
 
     def close(self) -> None:
+        if self._notes is not None:
+            self._notes.shutdown(wait=True)
         with self._lock:
             self.db.conn.close()
