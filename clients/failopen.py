@@ -185,3 +185,4 @@ class ReplayGate:
     def __init__(self, breaker: CircuitBreaker,
                  noted: Callable[[LedgerError | None], None]) -> None:
         self.allow, self.noted = breaker.allow, noted
+        self.is_open = lambda: breaker.state == OPEN

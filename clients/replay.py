@@ -37,6 +37,8 @@ Batch = tuple[list[SpoolRow], qpb.ConsumeBatchRequest]
 class Gate(Protocol):
     """The client's circuit breaker as the replayer sees it (``clients/failopen.py``)."""
 
+    def is_open(self) -> bool: ...
+
     def allow(self) -> bool: ...
 
     def noted(self, exc: LedgerError | None) -> None: ...
@@ -53,6 +55,8 @@ class ReplayState:
         self.last_error: Exception | None = None
 
     def next_batch(self) -> Batch | float:
+        if self.gate is not None and self.gate.is_open():
+            return REPLAY_IDLE_POLL_S  # no spool write while the breaker is open
         rows = self.spool.take(self.batch_max)
         if not rows:  # None: another process holds the lease; []: nothing to send
             return REPLAY_IDLE_POLL_S
