@@ -86,6 +86,12 @@ bench-postgres: $(STAMP)
 bench-writer: $(STAMP)
 	$(BIN)/python -m tests.bench_writer
 
+## bench-batches: ConsumeBatch x1,000, 4 in flight, COMPACT and FULL, hot and spread, with
+## the commits over 100 ms read from the server's metrics (issue 19)
+.PHONY: bench-batches
+bench-batches: $(STAMP)
+	$(BIN)/python -m tests.bench_batches
+
 ## bench-outage: a CAPTCHA-like load through a killed, restarted, hung and resumed ledger (issue 21)
 .PHONY: bench-outage
 bench-outage: $(STAMP)

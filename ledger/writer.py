@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -44,7 +43,6 @@ LINGER_S_MAX = 0.001  # under load, how long a group waits at most for its calle
 # A submission this soon after the previous commit ended was waiting behind it (load): it
 # goes through the queue. One that comes later, to an idle writer, is committed inline.
 INLINE_GAP_S = 0.0002
-CHECKPOINT_EVERY_COMMITS = 2_000
 
 
 class Batch(list):
@@ -301,12 +299,6 @@ class Writer:
         self.stats.last_commit_s = elapsed
         if self.on_commit is not None:
             self.on_commit(n, elapsed)
-        if self.stats.commits % CHECKPOINT_EVERY_COMMITS == 0:
-            try:
-                engine.store.checkpoint()
-            except sqlite3.Error as exc:  # e.g. disk full: the WAL stays; retried next time
-                log.warning("checkpoint failed", extra={"event": "checkpoint_failed",
-                                                        "error": str(exc)})
 
     def _one(self, cmd: Any) -> Outcome:
         try:

@@ -66,12 +66,17 @@ def outcome(r) -> tuple:
             r.plan_units_remaining, r.journal_seq)
 
 
-@pytest.fixture
-def small_index(monkeypatch):
-    """Runs every 40 keys, a filter snapshot every 2 runs, a small filter."""
+@pytest.fixture(params=["whole", "sliced"])
+def small_index(monkeypatch, request):
+    """Runs every 40 keys, a filter snapshot every 2 runs, a small filter; "sliced": a run
+    written 7 rows and the snapshot 1,000 bytes per group commit (issue 19), so runs and
+    snapshots stay pending across several groups, restarts included."""
     monkeypatch.setattr(keyindex, "MEMTABLE_KEYS_MAX", 40)
     monkeypatch.setattr(keyindex, "FILTER_SNAPSHOT_EVERY_RUNS", 2)
     monkeypatch.setattr(keyindex, "FILTER_KEYS", 10_000)
+    if request.param == "sliced":
+        monkeypatch.setattr(keyindex, "RUN_ROWS_PER_COMMIT", 7)
+        monkeypatch.setattr(keyindex, "FILTER_BYTES_PER_COMMIT", 1_000)
 
 
 def test_r12_keys_replay_from_memtable_runs_and_after_restarts(tmp_path, small_index):

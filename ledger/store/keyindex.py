@@ -7,18 +7,28 @@ random is written when a group commits:
 
 - the **memtable**, a dict of the keys of the newest blocks: exact, in memory, bounded by
   ``MEMTABLE_KEYS_MAX``;
-- **runs**: when the memtable is full it is written, sorted by a 64-bit hash of the key, as
-  one run of ``consume_keys`` rows (``(run, h)`` leads the primary key, so a run is appended
-  in order, never scattered) in a transaction of its own after a commit;
+- **runs**: when the memtable is full it is frozen and written, sorted by a 64-bit hash of
+  the key, as one run of ``consume_keys`` rows (``(run, h)`` leads the primary key, so a run
+  is appended in order, never scattered), ``RUN_ROWS_PER_COMMIT`` rows at a time inside the
+  group commits that follow (no transaction and no pause of its own: issue 19); until its
+  ``key_runs`` row commits, the frozen memtable answers for it;
 - a **filter** (Bloom) over the keys of every run, in memory, so that a new key (nearly
   every key) is answered without reading a run; a key the filter may hold is looked up in
   the runs by its hash, and every hit is checked against the journal itself.
 
 Crash safety: a run and the filter's snapshot record how far they cover the journal; at
-start the memtable is rebuilt from the blocks after the newest run (at most
-``MEMTABLE_KEYS_MAX`` keys), and the keys of runs newer than the snapshot are added to the
-filter (at most ``FILTER_SNAPSHOT_EVERY_RUNS`` runs): start-up time does not grow with
-history. Consumes written one row each before blocks existed are indexed the same way.
+start the memtable is rebuilt from the blocks after the newest run (at most twice
+``MEMTABLE_KEYS_MAX`` keys), the rows of a run whose ``key_runs`` row never committed are
+deleted, and the keys of runs newer than the snapshot are added to the filter (at most
+``FILTER_SNAPSHOT_EVERY_RUNS`` runs): start-up time does not grow with history. The
+snapshot is also written a slice (``FILTER_BYTES_PER_COMMIT``) per group commit, in place:
+bits are only ever set, so a snapshot half old and half new still covers every run up to
+the ``through_run`` it records, which moves only with its last slice. Consumes written one
+row each before blocks existed are indexed the same way.
+
+The largest pause each piece adds to one group commit: a slice of a run (5,000 rows, a few
+milliseconds) or of the snapshot (1 MiB); the start of a snapshot, when the filter's row
+must be created or resized, preallocates it (``zeroblob``, no copy).
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ FILTER_KEYS = 16_000_000  # keys one filter holds at about 1% false positives
 FILTER_BITS_PER_KEY = 10
 FILTER_HASHES = 7
 FILTER_SNAPSHOT_EVERY_RUNS = 8
-FILTER_IO_CHUNK_BYTES = 1 << 20  # the snapshot is written and read a MiB at a time
+FILTER_IO_CHUNK_BYTES = 1 << 20  # the snapshot is read a MiB at a time
+FILTER_BYTES_PER_COMMIT = 1 << 20  # and written a MiB per group commit
+RUN_ROWS_PER_COMMIT = 5_000  # a frozen memtable's rows written per group commit
 LOOKUP_HASHES_PER_STATEMENT = 500
 
 Key = tuple[str, str]  # (account_id, request_id)
@@ -92,8 +104,14 @@ class KeyIndex:
         self.filter = Filter()
         self.filter_through_run = 0
         self.filter_keys = 0
-        self.failed_flushes = 0
         self._hashed: dict[Key, int] = {}  # hashes computed by candidates() until add()
+        # A full memtable being written as a run: its keys, its rows sorted by hash, how many
+        # are committed; and a filter snapshot under way (run, keys, bytes committed).
+        self.frozen: dict[Key, tuple[int, int, int]] = {}
+        self._run_rows: list[tuple[int, int, int]] = []
+        self._run_pos = 0
+        self._snapshot: tuple[int, int, int] | None = None
+        self._step: tuple[str, int] | None = None  # written in the open transaction
 
     # ------------------------------------------------------------------ start
 
@@ -103,6 +121,9 @@ class KeyIndex:
         for run, through in c.execute("SELECT run, through_seq FROM key_runs ORDER BY run"):
             self.runs.append(run)
             self.through_seq = max(self.through_seq, through)
+        last = self.runs[-1] if self.runs else 0
+        if c.execute("SELECT 1 FROM consume_keys WHERE run > ? LIMIT 1", (last,)).fetchone():
+            c.execute("DELETE FROM consume_keys WHERE run > ?", (last,))  # never completed
         row = c.execute("SELECT through_run, keys, length(bits) FROM key_filter WHERE id = 1"
                         ).fetchone()
         if row is not None:
@@ -116,11 +137,16 @@ class KeyIndex:
     def recover(self, entries: Iterable[tuple[int, int, str, str]]) -> None:
         """The memtable from (seq, index, account_id, request_id) of each consume after
         ``through_seq``, in journal order (runs written on the way if it fills up)."""
+        last_seq = 0
         for seq, idx, account_id, request_id in entries:
+            # A run ends between journal rows, never inside a block: a run's through_seq
+            # says every key at or before it is in the runs.
+            if seq != last_seq and len(self.memtable) >= MEMTABLE_KEYS_MAX:
+                self.flush()
+            last_seq = seq
             self.memtable[(account_id, request_id)] = (key_hash(account_id, request_id), seq,
                                                        idx)
-            if len(self.memtable) >= MEMTABLE_KEYS_MAX:
-                self.flush()
+        self.flush_pending()
 
     # ------------------------------------------------------------------ lookups
 
@@ -130,9 +156,9 @@ class KeyIndex:
         found: dict[Key, list[Location]] = {}
         maybe: dict[int, list[Key]] = {}
         unseen: list[Key] = []
-        memtable = self.memtable
+        memtable, frozen = self.memtable, self.frozen
         for key in keys:
-            hit = memtable.get(key)
+            hit = memtable.get(key) or (frozen.get(key) if frozen else None)
             if hit is not None:
                 found[key] = [(hit[1], hit[2])]
             elif self.runs:
@@ -160,24 +186,91 @@ class KeyIndex:
     # ------------------------------------------------------------------ after a commit
 
     def add(self, claimed: Mapping[Key, tuple[Any, ...]]) -> None:
-        """The keys a group committed: key -> (seq, index in its block, ...)."""
+        """The keys a group committed: key -> (seq, index in its block, ...). A full
+        memtable is frozen, to be written as a run by the next group commits."""
         memtable, hashed = self.memtable, self._hashed
         for key, v in claimed.items():
             h = hashed.get(key)
             memtable[key] = (key_hash(*key) if h is None else h, v[0], v[1])
         self._hashed = {}
+        if len(memtable) >= MEMTABLE_KEYS_MAX:
+            self._freeze()
 
-    def _write_filter(self, run: int, keys: int) -> None:
-        """The filter's snapshot, written through incremental blob I/O a chunk at a time:
-        a whole-filter bytes copy (20 MB) on every snapshot made the server's resident
-        memory grow in steps (make soak)."""
+    def _freeze(self) -> None:
+        if self.frozen:  # the previous run is not written yet (a very fast writer): finish it
+            self.flush_pending()
+        self.frozen, self.memtable = self.memtable, {}
+        self._run_rows, self._run_pos = sorted(self.frozen.values()), 0  # (h, seq, idx)
+
+    # ------------------------------------------------------------------ inside a group commit
+
+    def write_step(self, c: sqlite3.Connection) -> None:
+        """Inside a group's transaction: the next slice of a frozen run, else of a filter
+        snapshot under way. What was written counts once the transaction commits
+        (:meth:`committed`); if it rolls back, nothing moved (:meth:`rolled_back`)."""
+        self._step = None
+        if self._run_rows:
+            run = (self.runs[-1] + 1) if self.runs else 1
+            end = min(len(self._run_rows), self._run_pos + RUN_ROWS_PER_COMMIT)
+            c.executemany(f"INSERT INTO consume_keys VALUES ({run},?,?,?)",
+                          self._run_rows[self._run_pos:end])
+            if end == len(self._run_rows):
+                through = max(seq for _, seq, _ in self._run_rows)
+                c.execute("INSERT INTO key_runs VALUES (?,?,?)", (run, through, end))
+            self._step = ("run", end)
+        elif self._snapshot is not None:
+            self._step = ("filter", self._write_filter_slice(c))
+
+    def committed(self) -> None:
+        step, self._step = self._step, None
+        if step is None:
+            return
+        kind, upto = step
+        if kind == "filter":
+            run, keys, _ = self._snapshot  # type: ignore[misc]
+            if upto >= self.filter.bits.nbytes:
+                self._snapshot = None
+                self.filter_through_run, self.filter_keys = run, keys
+            else:
+                self._snapshot = (run, keys, upto)
+            return
+        self._run_pos = upto
+        if upto < len(self._run_rows):
+            return
+        rows, self._run_rows, self._run_pos = self._run_rows, [], 0
+        run = (self.runs[-1] + 1) if self.runs else 1
+        self.filter.add_many([h for h, _, _ in rows])
+        self.runs.append(run)
+        self.through_seq = max(self.through_seq, max(seq for _, seq, _ in rows))
+        keys = self.filter_keys + len(rows)
+        self.filter_keys = keys
+        self.frozen = {}
+        if self._snapshot is None and run - self.filter_through_run >= FILTER_SNAPSHOT_EVERY_RUNS:
+            self._snapshot = (run, keys, -1)  # -1: the row is to be created or checked first
+
+    def rolled_back(self) -> None:
+        self._step = None
+
+    def _write_filter_slice(self, c: sqlite3.Connection) -> int:
+        """The next FILTER_BYTES_PER_COMMIT of the snapshot, in place; its first step makes
+        sure the row exists at the right size (keeping the old through_run, so a torn
+        snapshot still reads as the old one, which the new bits cover). The last step
+        records the run it now covers. Returns the bytes written so far."""
+        run, keys, done = self._snapshot  # type: ignore[misc]
         bits = self.filter.bits
-        self.conn.execute("INSERT OR REPLACE INTO key_filter VALUES (1,?,?,zeroblob(?))",
-                          (run, keys, bits.nbytes))
-        view = memoryview(bits)
-        with self.conn.blobopen("key_filter", "bits", 1) as blob:
-            for off in range(0, len(view), FILTER_IO_CHUNK_BYTES):
-                blob.write(view[off:off + FILTER_IO_CHUNK_BYTES])
+        if done < 0:
+            row = c.execute("SELECT length(bits) FROM key_filter WHERE id = 1").fetchone()
+            if row is None or row[0] != bits.nbytes:
+                c.execute("INSERT OR REPLACE INTO key_filter VALUES (1,0,0,zeroblob(?))",
+                          (bits.nbytes,))
+            done = 0
+        end = min(bits.nbytes, done + FILTER_BYTES_PER_COMMIT)
+        with c.blobopen("key_filter", "bits", 1) as blob:
+            blob.seek(done)
+            blob.write(memoryview(bits)[done:end])
+        if end == bits.nbytes:
+            c.execute("UPDATE key_filter SET through_run = ?, keys = ? WHERE id = 1", (run, keys))
+        return end
 
     def _read_filter(self, size: int) -> Filter:
         """The snapshot read back the same way, into one array (no intermediate copy)."""
@@ -188,40 +281,25 @@ class KeyIndex:
                 bits[off:off + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
         return Filter(bits=bits)
 
-    def flush_if_full(self) -> None:
-        if len(self.memtable) >= MEMTABLE_KEYS_MAX:
-            self.flush()
-
     def flush(self) -> None:
-        """Write the memtable as one run, sorted by hash, in a transaction of its own; the
-        filter's snapshot goes with every FILTER_SNAPSHOT_EVERY_RUNS-th run. On failure
-        (a full disk) the memtable stays and the next commit tries again."""
-        if not self.memtable:
-            return
-        rows = sorted(self.memtable.values())  # (h, seq, idx)
-        through = max(seq for _, seq, _ in rows)
-        run = (self.runs[-1] + 1) if self.runs else 1
-        self.filter.add_many([h for h, _, _ in rows])
-        snapshot = (run - self.filter_through_run) >= FILTER_SNAPSHOT_EVERY_RUNS
+        """Freeze the memtable and write all of it, with any snapshot it makes due, at once
+        (start-up only: the memtable rebuilt from a long tail of the journal)."""
+        if self.memtable:
+            self._freeze()
+        self.flush_pending()
+
+    def flush_pending(self) -> None:
+        """Write every pending slice now, one transaction each (start-up, or a run not yet
+        written when the memtable fills again)."""
         c = self.conn
-        try:
+        while self._run_rows or self._snapshot is not None:
             c.execute("BEGIN IMMEDIATE")
             try:
-                c.executemany(f"INSERT INTO consume_keys VALUES ({run},?,?,?)", rows)
-                c.execute("INSERT INTO key_runs VALUES (?,?,?)", (run, through, len(rows)))
-                if snapshot:
-                    self._write_filter(run, self.filter_keys + len(rows))
+                self.write_step(c)
                 c.execute("COMMIT")
             except BaseException:
                 if c.in_transaction:
                     c.execute("ROLLBACK")
+                self.rolled_back()
                 raise
-        except sqlite3.Error:
-            self.failed_flushes += 1
-            return
-        self.runs.append(run)
-        self.through_seq = max(self.through_seq, through)
-        self.filter_keys += len(rows)
-        if snapshot:
-            self.filter_through_run = run
-        self.memtable.clear()
+            self.committed()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -26,7 +27,12 @@ from .keyindex import KeyIndex
 from .queries import BUSY_TIMEOUT_MS
 from .schema import MIGRATIONS, SCHEMA_VERSION, _statements
 
+log = logging.getLogger("quota_ledger.store")
+
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+# WAL checkpoints run on a thread of their own (PASSIVE: they never block the writer), never
+# inside a group commit (issue 19: SQLite's automatic checkpoint paused commits 100+ ms).
+CHECKPOINT_INTERVAL_S = 0.5
 BLOCK_CACHE_MAX = 64  # decoded blocks kept for replays (R12)
 RECOVER_ROWS_PER_READ = 10_000  # journal rows read at a time to rebuild the key memtable
 
@@ -68,6 +74,10 @@ class Store(StoreReads):
         self.keys = KeyIndex(self.conn)
         self.keys.load()
         self.keys.recover(self._consumes_after(self.keys.through_seq))
+        self._checkpointer: Checkpointer | None = None
+        if lock:  # the writer's store: its WAL is checkpointed off the commit path
+            self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+            self._checkpointer = Checkpointer(self.path)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -106,6 +116,8 @@ class Store(StoreReads):
                 raise
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         try:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
@@ -117,7 +129,8 @@ class Store(StoreReads):
             self._lock_fd = None
 
     def checkpoint(self) -> None:
-        """TRAPS: long-lived readers can starve the checkpoint; run this on a schedule."""
+        """A full checkpoint now, on the writer's connection (tools; the server's WAL is
+        checkpointed by :class:`Checkpointer`)."""
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def reader(self) -> sqlite3.Connection:
@@ -214,21 +227,23 @@ class Store(StoreReads):
             c.execute("BEGIN IMMEDIATE")
             try:
                 self._write(c, uow)
+                if uow:  # a slice of the key index's pending run or snapshot rides along
+                    self.keys.write_step(c)
                 fault("during_commit")
                 c.execute("COMMIT")
             except BaseException:
                 if c.in_transaction:
                     c.execute("ROLLBACK")
+                self.keys.rolled_back()
                 raise
         except (sqlite3.Error, OverflowError) as exc:
             raise Unavailable(f"the journal could not be written: {exc}") from exc
         self.commits += 1
         self.entries_committed += len(uow.rows)
+        self.keys.committed()
         # Committed: the keys are durable in their block (R12). Called for every group, so
         # the hashes the group's lookups computed never outlive it.
         self.keys.add(uow.consumed)
-        if uow.consumed:
-            self.keys.flush_if_full()
 
     @staticmethod
     def _write(c: sqlite3.Connection, uow: UnitOfWork) -> None:
@@ -265,3 +280,41 @@ class Store(StoreReads):
             c.executemany("INSERT INTO bills VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", uow.bills)
         if uow.meta:
             c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", list(uow.meta.items()))
+
+
+class Checkpointer:
+    """TRAPS: readers that never stop can starve the WAL checkpoint; and SQLite's automatic
+    checkpoint runs inside whichever commit crosses its threshold, copying megabytes while
+    the group waits. So the writer's connection has it off, and this thread checkpoints
+    every ``CHECKPOINT_INTERVAL_S`` on a connection of its own, PASSIVE: it copies what no
+    reader still needs, concurrently with the writer, which goes on appending to the WAL
+    (the WAL restarts from its start once a checkpoint caught up; ``journal_size_limit``
+    then trims the file). A failure (a full disk) is logged and tried again next time."""
+
+    def __init__(self, path: str, interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
+        self.path, self.interval_s = path, interval_s
+        self._stop = threading.Event()
+        self.runs = self.failures = 0
+        self._thread = threading.Thread(target=self._run, name="ledger-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = _connect(self.path)
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.runs += 1
+                    self.failures = 0
+                except sqlite3.Error as exc:  # e.g. disk full: the WAL stays; next time
+                    self.failures += 1
+                    if self.failures == 1:
+                        log.warning("checkpoint failed", extra={"event": "checkpoint_failed",
+                                                                "error": str(exc)})
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(max(5.0, self.interval_s * 4))
