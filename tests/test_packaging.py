@@ -157,12 +157,14 @@ def _server_only_distributions() -> set[str]:
 
 def test_the_client_alone_installs_only_what_the_client_needs(
         dist: dict[str, Path], wheel_server: ServerProcess,
-        tmp_path_factory: pytest.TempPathFactory):
+        tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]):
     """`pip install quota-ledger` (no extra): the client consumes against a server; no server
     dependency came along; `quota-ledger serve` names the extra in one line."""
     client = _fresh_env(tmp_path_factory.mktemp("venvs"), "client", dist["wheel"], "")
     installed = client.installed()
-    print("client-only install:", ", ".join(f"{n}=={v}" for n, v in sorted(installed.items())))
+    with capsys.disabled():  # shown in make test's output, pass or fail
+        print("\nclient-only install:",
+              ", ".join(f"{n}=={v}" for n, v in sorted(installed.items())))
     server_only = _server_only_distributions()
     assert {"numpy", "psycopg", "starlette", "uvicorn", "jinja2", "pygal",
             "prometheus-client", "msgpack", "hdrhistogram"} <= server_only
