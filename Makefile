@@ -81,7 +81,7 @@ bench: $(STAMP)
 bench-postgres: $(STAMP)
 	$(BIN)/python -m tests.bench_postgres
 
-## bench-writer: the writer's own capacity, fed directly with no gRPC (issue 9)
+## bench-writer: the writer's own capacity, fed directly with no gRPC (issue 9), in µs per request for each phase (issue 19)
 .PHONY: bench-writer
 bench-writer: $(STAMP)
 	$(BIN)/python -m tests.bench_writer

@@ -44,6 +44,7 @@ from ledger.money import Region
 from ledger.store import open_store
 from ledger.writer import Batch, Writer
 
+from .bench_phases import PHASES, Phases, validation_us
 from .bench_postgres import Units
 
 UNARY_IN_FLIGHT = 64
@@ -121,9 +122,11 @@ def count_one(o: Any) -> tuple[int, int]:
 
 
 def phase(writer: Writer, timing: Timing, items: list[Any], in_flight: int, seconds: float,
-          count: Callable[[Any], tuple[int, int]]) -> dict[str, float]:
+          count: Callable[[Any], tuple[int, int]], phases: Phases | None = None,
+          validation: float = 0.0) -> dict[str, float]:
     c0, r0 = writer.stats.commits, writer.stats.requests
     e0, k0 = timing.engine_s, timing.commit_s
+    p0 = phases.snapshot() if phases is not None else {}
     t0 = time.perf_counter()
     done, units = drive(writer, items, in_flight, t0 + seconds, count)
     wall = time.perf_counter() - t0
@@ -131,9 +134,13 @@ def phase(writer: Writer, timing: Timing, items: list[Any], in_flight: int, seco
     assert reqs == done, ("the writer's count and the answers differ", reqs, done)
     eng_us = (timing.engine_s - e0) / done * 1e6
     com_us = (timing.commit_s - k0) / done * 1e6
-    return {"req_s": done / wall, "requests": done, "units": units, "wall_s": wall,
-            "commits": commits, "group": reqs / max(commits, 1), "engine_us": eng_us,
-            "commit_us": com_us, "other_us": wall / done * 1e6 - eng_us - com_us}
+    out = {"req_s": done / wall, "requests": done, "units": units, "wall_s": wall,
+           "commits": commits, "group": reqs / max(commits, 1), "engine_us": eng_us,
+           "commit_us": com_us, "other_us": wall / done * 1e6 - eng_us - com_us}
+    if phases is not None:
+        out.update({f"phase {k}": v for k, v in phases.per_request_us(
+            p0, timing.engine_s - e0, timing.commit_s - k0, done, validation).items()})
+    return out
 
 
 def setup(writer: Writer, n: int) -> list[str]:
@@ -160,6 +167,7 @@ def recorded_units(db: Path | str) -> int:
 ROWS = (("req/s", "req_s", "{:,.0f}"), ("mean group (requests)", "group", "{:,.1f}"),
         ("commits", "commits", "{:,.0f}"), ("engine µs/request", "engine_us", "{:.2f}"),
         ("commit µs/request", "commit_us", "{:.2f}"),
+        *((f"  {p} µs/request", f"phase {p}", "{:.2f}") for p in PHASES),
         ("other µs/request (hop, answers, submitter)", "other_us", "{:.2f}"),
         ("requests answered", "requests", "{:,.0f}"))
 
@@ -209,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         clock = TestClock() if args.test_clock else SystemClock()
         engine = Engine(store, clock, catalog.builtin())
         timing = Timing(engine)
+        phases = Phases(engine)
         writer = Writer(engine, on_commit=timing.on_commit)
         writer.start()
         try:
@@ -228,10 +237,13 @@ def main(argv: list[str] | None = None) -> None:
                 cmds = build_consumes(ids, n_b, rng)
                 batches = [Batch(cmds[i:i + args.batch]) for i in range(0, n_b, args.batch)]
                 del cmds
-                b = phase(writer, timing, batches, args.in_flight, args.seconds, count_batch)
+                valid = validation_us(ids)
+                b = phase(writer, timing, batches, args.in_flight, args.seconds, count_batch,
+                          phases, valid)
                 del batches
                 cmds = build_consumes(ids, n_u, rng)
-                u = phase(writer, timing, cmds, UNARY_IN_FLIGHT, args.seconds, count_one)
+                u = phase(writer, timing, cmds, UNARY_IN_FLIGHT, args.seconds, count_one, phases,
+                          valid)
                 del cmds
                 units += b["units"] + u["units"]
                 got = recorded_units(db)
@@ -248,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             writer.stop()
             store.close()
+            phases.close()
     x = report(console, rounds, args)
     line = f"model: one writer sustains {x:,.0f} req/s in batches"
     if args.front_us:
