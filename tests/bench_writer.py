@@ -12,7 +12,9 @@ consumes, 64 outstanding, all through ``writer.submit``. Every command (random U
 request_ids, uniform over the accounts, billable: slider/v2/step 3) is built before its
 phase is timed. The engine's time per group (begin to commit) and the commit's (the
 writer's on_commit) are summed; the wall time left over is the queue hop, answering, and the
-submitting thread (one process: it shares the GIL with the writer).
+submitting thread (one process: it shares the GIL with the writer). Both are also split
+into phases (``tests/bench_phases.py``: validation, key lookups, engine, block, rows, keys,
+commit), each in µs per request.
 
 After every round the billable, new requests acknowledged so far must equal the units the
 derived tables record (offsets_daily + usage_daily, read-only), or the bench fails.
