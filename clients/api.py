@@ -17,12 +17,12 @@ from quota_ledger.v1 import settlement_pb2 as spb
 from quota_ledger.v1 import test_clock_pb2 as tpb
 
 from clients.breaker import CircuitBreaker
-from clients.failopen import UNREACHABLE, check_budget, is_gate, unreachable
+from clients.failopen import check_budget, is_gate, unreachable
 from clients.spool import Spool
 from clients.wire import RETRYABLE, LedgerError, enum_value, new_request_id, timestamp
 
 # Codes that mean "the ledger could not be reached" once retries are spent (and a CANCELLED
-# the caller did not cause, see _cancelled_by_server).
+# the caller did not cause, see _cancelled_by_server): spooled, and failures for the breaker.
 SPOOLABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
@@ -91,7 +91,7 @@ class LedgerApi:
         (UNAVAILABLE, DEADLINE_EXCEEDED, the budget spent) or answered (anything else)."""
         if self.breaker is None or (exc is not None and is_gate(exc)):
             return
-        if exc is not None and (exc.code in UNREACHABLE or self._cancelled_by_server(exc)):
+        if exc is not None and (exc.code in SPOOLABLE or self._cancelled_by_server(exc)):
             self.breaker.failed(exc.code.name)
         else:
             self.breaker.succeeded()

@@ -36,7 +36,7 @@ import grpc
 from quota_ledger.v1 import quota_ledger_pb2 as qpb
 
 from clients.api import LedgerApi
-from clients.breaker import FAILURES_TO_OPEN, CircuitBreaker, StateListener
+from clients.breaker import FAILURES_TO_OPEN, OPEN, CircuitBreaker, StateListener
 from clients.coalescer import (
     DEFAULT_BATCH_SIZE_MAX,
     DEFAULT_LINGER_MS,
@@ -131,7 +131,7 @@ class _Wired(LedgerApi):
         """Half-open or closed: replay the spool now (its batch may be the trial call); every
         change is kept in the spool file for ``ledgerctl spool status``."""
         assert self.spool is not None and self.replayer is not None
-        if new != "open":
+        if new != OPEN:
             self.replayer.wake()
         self.spool.note_breaker(new)
 

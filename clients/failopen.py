@@ -28,8 +28,6 @@ from clients.wire import LedgerError
 
 DEFAULT_BUDGET_S = 0.25  # a verification waits at most this long for billing (with a spool)
 BUDGET_MIN_S = 0.001
-# Codes that say "the ledger could not be reached": failures for the breaker.
-UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 UNREACHABLE_REASON = "LEDGER_UNREACHABLE"
 
 
@@ -185,4 +183,4 @@ class ReplayGate:
     def __init__(self, breaker: CircuitBreaker,
                  noted: Callable[[LedgerError | None], None]) -> None:
         self.allow, self.noted = breaker.allow, noted
-        self.is_open = lambda: breaker.state == OPEN
+        self.is_open = lambda: breaker.is_open

@@ -1,5 +1,6 @@
-"""Fail open fast (issue 21): the circuit breaker's state machine, the latency budget on a
-hung ledger, a request the ledger applied after its budget (replayed once, R12), queries
+"""Fail open fast (issue 21, R26: a CAPTCHA server keeps verifying while the ledger is down):
+the circuit breaker's state machine, the latency budget on a hung ledger, a request the
+ledger applied after its budget (replayed once, R12), queries
 failing fast, many threads sharing one breaker, and the async client with batching.
 
 Real servers on loopback (SQLite: the client's behaviour does not depend on the backend);

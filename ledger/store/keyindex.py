@@ -109,7 +109,7 @@ class KeyIndex:
         # are committed; and a filter snapshot under way (run, keys, bytes committed).
         self.frozen: dict[Key, tuple[int, int, int]] = {}
         self._run_rows: list[tuple[int, int, int]] = []
-        self._run_pos = 0
+        self._run_pos = self._run_id = self._run_through = 0
         self._snapshot: tuple[int, int, int] | None = None
         self._step: tuple[str, int] | None = None  # written in the open transaction
 
@@ -201,6 +201,8 @@ class KeyIndex:
             self.flush_pending()
         self.frozen, self.memtable = self.memtable, {}
         self._run_rows, self._run_pos = sorted(self.frozen.values()), 0  # (h, seq, idx)
+        self._run_id = (self.runs[-1] + 1) if self.runs else 1
+        self._run_through = max(seq for _, seq, _ in self._run_rows)
 
     # ------------------------------------------------------------------ inside a group commit
 
@@ -210,13 +212,12 @@ class KeyIndex:
         (:meth:`committed`); if it rolls back, nothing moved (:meth:`rolled_back`)."""
         self._step = None
         if self._run_rows:
-            run = (self.runs[-1] + 1) if self.runs else 1
+            run = self._run_id
             end = min(len(self._run_rows), self._run_pos + RUN_ROWS_PER_COMMIT)
             c.executemany(f"INSERT INTO consume_keys VALUES ({run},?,?,?)",
                           self._run_rows[self._run_pos:end])
             if end == len(self._run_rows):
-                through = max(seq for _, seq, _ in self._run_rows)
-                c.execute("INSERT INTO key_runs VALUES (?,?,?)", (run, through, end))
+                c.execute("INSERT INTO key_runs VALUES (?,?,?)", (run, self._run_through, end))
             self._step = ("run", end)
         elif self._snapshot is not None:
             self._step = ("filter", self._write_filter_slice(c))
@@ -230,7 +231,7 @@ class KeyIndex:
             run, keys, _ = self._snapshot  # type: ignore[misc]
             if upto >= self.filter.bits.nbytes:
                 self._snapshot = None
-                self.filter_through_run, self.filter_keys = run, keys
+                self.filter_through_run = run
             else:
                 self._snapshot = (run, keys, upto)
             return
@@ -238,15 +239,15 @@ class KeyIndex:
         if upto < len(self._run_rows):
             return
         rows, self._run_rows, self._run_pos = self._run_rows, [], 0
-        run = (self.runs[-1] + 1) if self.runs else 1
+        run = self._run_id
         self.filter.add_many([h for h, _, _ in rows])
         self.runs.append(run)
-        self.through_seq = max(self.through_seq, max(seq for _, seq, _ in rows))
-        keys = self.filter_keys + len(rows)
-        self.filter_keys = keys
+        self.through_seq = max(self.through_seq, self._run_through)
+        self.filter_keys += len(rows)
         self.frozen = {}
         if self._snapshot is None and run - self.filter_through_run >= FILTER_SNAPSHOT_EVERY_RUNS:
-            self._snapshot = (run, keys, -1)  # -1: the row is to be created or checked first
+            # -1: the row is to be created or checked first
+            self._snapshot = (run, self.filter_keys, -1)
 
     def rolled_back(self) -> None:
         self._step = None

@@ -227,8 +227,7 @@ class Store(StoreReads):
             c.execute("BEGIN IMMEDIATE")
             try:
                 self._write(c, uow)
-                if uow:  # a slice of the key index's pending run or snapshot rides along
-                    self.keys.write_step(c)
+                self.keys.write_step(c)  # a slice of a pending run or snapshot rides along
                 fault("during_commit")
                 c.execute("COMMIT")
             except BaseException:
