@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from . import calendar as cal
 from . import shared
 from .account_commands import REFUND_WINDOW_US, AccountCommands, Replayed, suspended
-from .allocation import take_in_order
+from .consume_group import GroupResult, run_group
 from .errors import InvalidArgument, NotFound, key_reused
 from .lifecycle import (
     CLOCK_META_KEY,
@@ -27,7 +27,6 @@ from .lifecycle import (
 )
 from .model import (
     AccountState,
-    AccountStatus,
     AdvanceClock,
     Consume,
     CreateAccount,
@@ -40,9 +39,9 @@ from .model import (
     TopUp,
     UpdateFeatures,
 )
-from .money import Region, payg_cost_micros
+from .money import Region
 from .store import Entry, Store, UnitOfWork
-from .store.blocks import Prior, prior_of_item
+from .store.blocks import Prior
 
 DUE_HORIZON_ALL = 2**62  # every live plan's expiry
 
@@ -117,23 +116,25 @@ class Engine(AccountCommands, Lifecycle):
         self._exclusive = False
         return self.uow
 
-    def open(self, cmds: list[Any]) -> None:
-        """Before a group's commands run. On a shared store (PostgreSQL, several nodes):
-        open the transaction and hold the group's accounts, reloading any that another
-        node changed (:mod:`.shared`). Then look up the group's idempotency keys."""
+    def open(self, cmds: list[Any], rows: list[tuple] = ()) -> None:  # type: ignore[assignment]
+        """Before a group's commands (and consume rows) run. On a shared store (PostgreSQL,
+        several nodes): open the transaction and hold the group's accounts, reloading any
+        that another node changed (:mod:`.shared`). Then look up the group's idempotency
+        keys."""
         if self.shared:
-            shared.open_group(self, cmds)
-        self.prefetch_keys(cmds)
+            shared.open_group(self, cmds, rows)
+        self.prefetch_keys(cmds, rows)
 
     def open_due(self) -> bool:
         """A shared store's due-work group (expiries, settlements, suspensions): False when
         another node is doing it now."""
         return shared.open_group(self, [], exclusive=True, try_only=True)
 
-    def prefetch_keys(self, cmds: list[Any]) -> None:
+    def prefetch_keys(self, cmds: list[Any], rows: list[tuple] = ()) -> None:  # type: ignore[assignment]
         """Look up the idempotency keys of a group's consumes at once, not one each; keys
         claimed later in the group are still seen through the UnitOfWork."""
         keys = [(c.account_id, c.request_id) for c in cmds if type(c) is Consume]
+        keys += [(r[0], r[1]) for r in rows]
         self._looked_up.update(keys)
         self._found.update(self.store.find_consume_keys(keys))
 
@@ -245,22 +246,6 @@ class Engine(AccountCommands, Lifecycle):
             raise key_reused(kind, request_id)
         return seq, json.loads(payload_json), at_us
 
-    def _consume_prior(self, c: Consume) -> Prior | None:
-        """R12 for a Consume: what its key recorded, if anything (this group, else the
-        index); refuses the key reused for other content."""
-        key = (c.account_id, c.request_id)
-        hit = self._uow.consumed.get(key)
-        if hit is not None:  # claimed earlier in this very group: not yet in the database
-            seq, _, at_us, day, item = hit
-            prior: Prior | None = prior_of_item(seq, at_us, day, item)
-        elif key in self._looked_up:
-            prior = self._found.get(key)
-        else:
-            prior = self.store.find_consume_keys([key]).get(key)
-        if prior is not None and prior.fingerprint != c.fingerprint():
-            raise key_reused("consume", c.request_id)
-        return prior
-
     def _append(self, at_us: int, kind: str, account_id: str | None, payload: dict[str, Any],
                 request_id: str | None = None, fingerprint: str | None = None) -> int:
         uow = self._uow
@@ -283,50 +268,20 @@ class Engine(AccountCommands, Lifecycle):
     # ------------------------------------------------------------------ Consume (R3-R11)
 
     def consume(self, c: Consume) -> ConsumeOutcome:
-        now = self.now()
-        acct = self.account(c.account_id)
-        day = self._billing_day(now)
-        prior = self._consume_prior(c)
-        if prior is not None:  # only a billable request claims a key, so this one is too
-            return ConsumeOutcome(c.request_id, True, prior.allocations, prior.payg_units,
-                                  prior.payg_micros, True, prior.day, prior.at_us,
-                                  prior.remaining, prior.seq)
-        if not c.billable:  # R3: acknowledged, nothing charged, no state changed, no key
-            if acct.status is AccountStatus.SUSPENDED:
-                raise suspended(c.account_id)
-            return ConsumeOutcome(c.request_id, False, (), 0, 0, False, day, now,
-                                  acct.units_remaining_at(now), 0)
-        if acct.status is AccountStatus.SUSPENDED:  # R23
-            raise suspended(c.account_id)
-        takes, payg_units = take_in_order(acct.live_plans, c.quantity, now)  # R8
-        payg_micros = payg_cost_micros(c.region, payg_units)
-        allocations = tuple([(p.plan_id, n) for p, n in takes])
-        if c.dry_run:
-            after = acct.units_remaining_at(now) - (c.quantity - payg_units)
-            return ConsumeOutcome(c.request_id, True, allocations, payg_units, payg_micros,
-                                  False, day, now, after, 0)
-        uow = self._uow
-        for plan, n in takes:
-            assert 0 < n <= plan.units_remaining, "no plan goes below zero (R11)"
-            plan.units_remaining -= n
-            uow.plans[plan.plan_id] = plan
-            key = (c.account_id, day, plan.plan_id)
-            uow.offsets[key] = uow.offsets.get(key, 0) + n
-        if payg_units:
-            acc = uow.usage.setdefault((c.account_id, day, int(c.region)), [0, 0])
-            acc[0] += payg_units
-            acc[1] += payg_micros
-        if takes and takes[0][0].units_remaining == 0:  # R8 order: any emptied plan is first
-            acct.live_plans = [p for p in acct.live_plans if p.units_remaining > 0]
-        remaining = acct.units_remaining_at(now)
-        # The item holds the allocations' tuples themselves: MessagePack writes a tuple as
-        # the same array as a list, so the block's bytes do not change.
-        seq = uow.add_consume(now, day, [
-            c.account_id, c.request_id, int(c.region), int(c.captcha_type),
-            int(c.architecture), int(c.step), c.scenario_id, c.quantity, c.client_timestamp_us,
-            allocations, payg_units, payg_micros, remaining])
-        return ConsumeOutcome(c.request_id, True, allocations, payg_units, payg_micros, False,
-                              day, now, remaining, seq)
+        """One Consume: a consume group of one (:mod:`.consume_group`), as an outcome."""
+        out = run_group(self, [(c.account_id, c.request_id, int(c.region),
+                                int(c.captcha_type), int(c.architecture), int(c.step),
+                                c.scenario_id, c.quantity, c.dry_run, c.client_timestamp_us)])
+        if out.errors:
+            raise out.errors[0]
+        at_us, day = out.replays.get(0, (out.at_us, out.day))
+        return ConsumeOutcome(c.request_id, out.billable[0], out.allocations[0],
+                              out.payg_units[0], out.payg_micros[0], out.replayed[0], day,
+                              at_us, out.remaining[0], out.seq[0])
+
+    def consume_rows(self, rows: list[tuple]) -> GroupResult:
+        """A batch of consumes as one group of plain values (issue 19)."""
+        return run_group(self, rows)
 
     _handlers: dict[type, Any] = {
         Consume: consume,

@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 GLOBAL_COMMANDS = (SettleDay, AdvanceClock)  # run with the settlement lock exclusive
 
 
-def open_group(engine: Engine, cmds: list[Any], *, exclusive: bool | None = None,
-               try_only: bool = False) -> bool:
+def open_group(engine: Engine, cmds: list[Any], rows: list[tuple] = (),  # type: ignore[assignment]
+               *, exclusive: bool | None = None, try_only: bool = False) -> bool:
+    """Open a shared store's group: ``cmds`` and consume ``rows`` (account id first)."""
     if engine._stale:  # a failed group or a lost connection: start again from the database
         try:
             engine.store.ensure()
@@ -57,7 +58,7 @@ def open_group(engine: Engine, cmds: list[Any], *, exclusive: bool | None = None
         horizon = max([engine.clock.now_us(),
                        *(c.to_us for c in cmds if type(c) is AdvanceClock)])
         engine._load_due(horizon)
-    hold(engine, group_accounts(engine, cmds))
+    hold(engine, sorted({*group_accounts(engine, cmds), *(r[0] for r in rows)}))
     return True
 
 

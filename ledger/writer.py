@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from .consume_group import ConsumeRows, GroupResult
 from .engine import Engine
 from .errors import LedgerError, Overloaded, Unavailable
 from .faults import fault
@@ -114,7 +115,7 @@ class Writer:
         committed here, on the caller's thread, and comes back already answered."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        item = _Item(cmd, fut, len(cmd) if isinstance(cmd, Batch) else 1)
+        item = _Item(cmd, fut, len(cmd) if isinstance(cmd, list) else 1)
         if not self._inline(item, loop):
             self._put(item)
         return fut
@@ -150,7 +151,7 @@ class Writer:
 
     def submit(self, cmd: Any) -> Future[Any]:
         fut: Future[Any] = Future()
-        self._put(_Item(cmd, fut, len(cmd) if isinstance(cmd, Batch) else 1))
+        self._put(_Item(cmd, fut, len(cmd) if isinstance(cmd, list) else 1))
         return fut
 
     def call(self, cmd: Any, timeout_s: float = 30.0) -> Any:
@@ -265,12 +266,13 @@ class Writer:
         engine.begin()
         outcomes: list[Any] = []
         try:
-            engine.open([c for i in group
-                         for c in (i.cmd if isinstance(i.cmd, Batch) else (i.cmd,))])
+            engine.open(*_flatten(group))
             if not engine.clock.is_test_clock and not engine.shared:  # shared: _due_shared
                 engine.run_due(engine.now())
             for item in group:
-                if isinstance(item.cmd, Batch):
+                if type(item.cmd) is ConsumeRows:  # the hot path: one call for the batch
+                    outcomes.append(engine.consume_rows(item.cmd))
+                elif isinstance(item.cmd, Batch):
                     done = BatchOutcomes([self._one(c) for c in item.cmd])
                     done.at_us = engine.now()
                     outcomes.append(done)
@@ -323,8 +325,28 @@ class Writer:
                 pass
 
 
+def _flatten(group: list[_Item]) -> tuple[list[Any], list[tuple]]:
+    """A group's commands, and its consume rows (a lone batch's list itself, no copy)."""
+    cmds: list[Any] = []
+    rows: list[tuple] = []
+    for item in group:
+        cmd = item.cmd
+        if type(cmd) is ConsumeRows:
+            if rows:
+                rows += cmd
+            else:
+                rows = cmd if len(group) == 1 else list(cmd)
+        elif isinstance(cmd, Batch):
+            cmds += cmd
+        else:
+            cmds.append(cmd)
+    return cmds, rows
+
+
 def _failed_all(item: _Item, failed: Outcome) -> Any:
     """The same failure for a request, or for every request of a batch."""
+    if type(item.cmd) is ConsumeRows:
+        return GroupResult.failed(len(item.cmd), failed.error)  # type: ignore[arg-type]
     return BatchOutcomes([failed] * len(item.cmd)) if isinstance(item.cmd, Batch) else failed
 
 

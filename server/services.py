@@ -18,9 +18,10 @@ from quota_ledger.v1 import test_clock_pb2_grpc as tpb_grpc
 from ledger import calendar as cal
 from ledger import model as m
 from ledger import store as q
+from ledger.consume_group import ConsumeRows, GroupResult
 from ledger.engine import ConsumeOutcome, Replayed
 from ledger.errors import InvalidArgument, LedgerError, NotFound
-from ledger.writer import Batch, BatchOutcomes, Outcome, Writer, unwrap
+from ledger.writer import Writer, unwrap
 
 from . import convert
 from .auth import Authorizer
@@ -71,50 +72,57 @@ def _count(metrics: Metrics, cmd: m.Consume, o: ConsumeOutcome) -> None:
         metrics.on_consume(int(cmd.region), cmd.quantity - o.payg_units, o.payg_units)
 
 
-def _result(request_id: str, outcome: Outcome) -> qpb.ConsumeResult:
-    return _fill_result(qpb.ConsumeResult(), request_id, outcome)
+def _error(msg: qpb.ConsumeResult, exc: LedgerError) -> None:
+    msg.error.CopyFrom(pb.Error(**error_message(exc)))
 
 
-def _fill_result(msg: qpb.ConsumeResult, request_id: str, outcome: Outcome
-                 ) -> qpb.ConsumeResult:
-    """Set a new, empty ConsumeResult in place (see convert.fill_consume_response)."""
-    msg.request_id = request_id
-    if outcome.error is not None:
-        assert isinstance(outcome.error, LedgerError)
-        msg.error.CopyFrom(pb.Error(**error_message(outcome.error)))
-    else:
-        convert.fill_consume_response(msg.response, outcome.value)
-    return msg
-
-
-def _count_all(metrics: Metrics, cmds: list[m.Consume], outcomes: list[Outcome]) -> None:
-    """_count for a whole batch: one counter update per region and kind, not per item."""
+def _count_rows(metrics: Metrics, rows: list[tuple], out: GroupResult) -> None:
+    """The units a consume group recorded, per region and kind: one counter update each,
+    not per request (refused, replayed and dry-run requests record nothing)."""
     plan_units = [0, 0, 0]
     payg_units = [0, 0, 0]
-    for cmd, outcome in zip(cmds, outcomes, strict=True):
-        o = outcome.value
-        if outcome.error is None and o.billable and not o.replayed and not cmd.dry_run:
-            plan_units[cmd.region] += cmd.quantity - o.payg_units
-            payg_units[cmd.region] += o.payg_units
+    for row, billable, replayed, payg in zip(rows, out.billable, out.replayed, out.payg_units,
+                                             strict=True):
+        if billable and not replayed and not row[8]:
+            plan_units[row[2]] += row[7] - payg
+            payg_units[row[2]] += payg
     for region in (1, 2):
         if plan_units[region] or payg_units[region]:
             metrics.on_consume(region, plan_units[region], payg_units[region])
 
 
-def _compact(n: int, where: list[int], outcomes: list[Outcome],
+def _validated(requests: Any) -> tuple[ConsumeRows, list[int], list[tuple[int, LedgerError]]]:
+    """A batch's items as consume rows; one bad item fails alone. ``where``: the index in
+    the batch of each row (empty when no item was refused: then row j is item j)."""
+    rows, refused = ConsumeRows(), []
+    row = convert.consume_row
+    append = rows.append
+    for i, req in enumerate(requests):
+        try:
+            append(row(req))
+        except LedgerError as exc:
+            refused.append((i, exc))
+    where = [] if not refused else sorted(set(range(len(requests))) - {i for i, _ in refused})
+    return rows, where, refused
+
+
+def _compact(n: int, where: list[int], out: GroupResult,
              refused: list[tuple[int, LedgerError]], at_us: int) -> qpb.CompactResults:
-    """A batch's answer in columns (CONTRACT, 2026-11-29): Python lists handed to the
-    repeated fields at once, no message per item; an IndexedError only per failed item."""
-    codes, billable, replayed = [0] * n, [False] * n, [False] * n
-    units, micros = [0] * n, [0] * n
+    """A batch's answer in columns (CONTRACT, 2026-11-29): the group's own columns handed
+    to the repeated fields at once, no message per item; an IndexedError only per failed
+    item."""
     failed = list(refused)
-    for i, outcome in zip(where, outcomes, strict=True):
-        if outcome.error is None:
-            o = outcome.value
-            billable[i], replayed[i] = o.billable, o.replayed
-            units[i], micros[i] = o.payg_units, o.payg_amount_micros
-        else:
-            failed.append((i, outcome.error))
+    if where:  # some items were refused before the group: scatter the group's columns
+        billable, replayed, units, micros = [False] * n, [False] * n, [0] * n, [0] * n
+        for j, i in enumerate(where):
+            billable[i], replayed[i] = out.billable[j], out.replayed[j]
+            units[i], micros[i] = out.payg_units[j], out.payg_micros[j]
+        failed += [(where[j], exc) for j, exc in out.errors.items()]
+    else:
+        billable, replayed, units, micros = (out.billable, out.replayed, out.payg_units,
+                                             out.payg_micros)
+        failed += out.errors.items()
+    codes = [0] * n
     errors = []
     for i, exc in sorted(failed, key=lambda f: f[0]):
         fields = error_message(exc)
@@ -123,6 +131,29 @@ def _compact(n: int, where: list[int], outcomes: list[Outcome],
     return qpb.CompactResults(codes=codes, billable=billable, replayed=replayed,
                               payg_units=units, payg_amount_micros=micros, errors=errors,
                               billing_day=cal.billing_day(at_us), recorded_at=convert.ts(at_us))
+
+
+def _full(requests: Any, where: list[int], out: GroupResult,
+          refused: list[tuple[int, LedgerError]]) -> qpb.ConsumeBatchResponse:
+    """A batch's answer as one ConsumeResult per item, filled in place."""
+    response = qpb.ConsumeBatchResponse()
+    add = response.results.add
+    refused_at = dict(refused)
+    group_errors = out.errors
+    fill = convert.fill_group_response
+    j = 0
+    for i, req in enumerate(requests):
+        msg = add()
+        msg.request_id = req.request_id
+        exc = refused_at.get(i) if refused_at else None
+        if exc is None:
+            exc = group_errors.get(j) if group_errors else None
+            if exc is None:
+                fill(msg.response, req.request_id, out, j)
+            j += 1
+        if exc is not None:
+            _error(msg, exc)
+    return response
 
 
 def _day_range(from_day: str, to_day: str) -> list[str]:
@@ -156,28 +187,13 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
         compact = request.view == qpb.CONSUME_BATCH_VIEW_COMPACT
         if not compact and request.view not in _FULL_VIEWS:
             raise InvalidArgument(f"view must be a ConsumeBatchView; got {request.view}")
-        batch, where, refused = Batch(), [], []
-        for i, req in enumerate(requests):
-            try:
-                batch.append(convert.consume(req))
-                where.append(i)
-            except LedgerError as exc:  # one bad item fails alone
-                refused.append((i, exc))
-        outcomes = await self.ctx.writer.submit_async(batch) if batch else BatchOutcomes()
-        _count_all(self.ctx.metrics, batch, outcomes)
+        rows, where, refused = _validated(requests)
+        out = await self.ctx.writer.submit_async(rows) if rows else GroupResult(0)
+        _count_rows(self.ctx.metrics, rows, out)
         if compact:
             return qpb.ConsumeBatchResponse(compact=_compact(
-                n, where, outcomes, refused, outcomes.at_us or self.ctx.clock.now_us()))
-        by_index: list[Outcome] = [None] * n  # type: ignore[list-item]
-        for i, exc in refused:
-            by_index[i] = Outcome(error=exc)
-        for i, outcome in zip(where, outcomes, strict=True):
-            by_index[i] = outcome
-        response = qpb.ConsumeBatchResponse()
-        add = response.results.add
-        for req, outcome in zip(requests, by_index, strict=True):
-            _fill_result(add(), req.request_id, outcome)
-        return response
+                n, where, out, refused, out.at_us or self.ctx.clock.now_us()))
+        return _full(requests, where, out, refused)
 
     async def ConsumeStream(self, request_iterator, context):  # noqa: N802
         """Results in request order. Messages that arrive while earlier ones are being
@@ -190,7 +206,7 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
         except LedgerError as exc:
             await context.abort_with_status(to_status(exc))
         ready: asyncio.Queue[tuple[list[tuple[str, Any, Any]], Any] | None] = asyncio.Queue()
-        buf: list[tuple[str, Any, Any]] = []  # (request_id, command, outcome if refused)
+        buf: list[tuple[str, Any, Any]] = []  # (request_id, consume row, error if refused)
         space = asyncio.Semaphore(STREAM_IN_FLIGHT_MAX)  # messages read, not yet answered
         in_flight = 0
 
@@ -200,15 +216,14 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
                 return
             items = buf[:]
             buf.clear()
-            batch = Batch(cmd for _, cmd, _ in items if cmd is not None)
+            rows = ConsumeRows(row for _, row, _ in items if row is not None)
             fut: Any = None
-            if batch:
+            if rows:
                 try:
-                    fut = self.ctx.writer.submit_async(batch)
+                    fut = self.ctx.writer.submit_async(rows)
                     in_flight += 1
                 except LedgerError as exc:  # overloaded or shutting down: these fail alone
-                    items = [(rid, None, refused or Outcome(error=exc))
-                             for rid, _, refused in items]
+                    items = [(rid, None, refused or exc) for rid, _, refused in items]
             ready.put_nowait((items, fut))
 
         async def read() -> None:
@@ -219,9 +234,9 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
                         if auth.enabled:
                             auth.check_accounts(principal, "QuotaLedger/ConsumeStream",
                                                 [req.account_id])
-                        buf.append((req.request_id, convert.consume(req), None))
+                        buf.append((req.request_id, convert.consume_row(req), None))
                     except LedgerError as exc:
-                        buf.append((req.request_id, None, Outcome(error=exc)))
+                        buf.append((req.request_id, None, exc))
                     if in_flight < STREAM_BATCHES_IN_FLIGHT or len(buf) >= m.BATCH_SIZE_MAX:
                         flush()
             finally:
@@ -233,18 +248,26 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
         try:
             while (item := await ready.get()) is not None:
                 items, fut = item
-                outcomes = iter(await fut if fut is not None else ())
+                out = GroupResult(0)
                 if fut is not None:
+                    out = await fut
                     in_flight -= 1
                     flush()  # what arrived while this batch was being committed
-                for request_id, cmd, refused in items:
-                    outcome = refused or next(outcomes)
-                    if outcome.error is None:
-                        _count(metrics, cmd, outcome.value)
-                    metrics.observe_rpc("ConsumeStream.item",
-                                        "OK" if outcome.error is None else "ERROR", 0.0)
+                    _count_rows(metrics, [row for _, row, _ in items if row is not None], out)
+                j = 0
+                for request_id, _row, exc in items:
+                    msg = qpb.ConsumeResult(request_id=request_id)
+                    if exc is None:
+                        exc = out.errors.get(j)
+                        if exc is None:
+                            convert.fill_group_response(msg.response, request_id, out, j)
+                        j += 1
+                    if exc is not None:
+                        _error(msg, exc)
+                    metrics.observe_rpc("ConsumeStream.item", "OK" if exc is None else "ERROR",
+                                        0.0)
                     space.release()
-                    yield _result(request_id, outcome)
+                    yield msg
             await reader
         finally:
             reader.cancel()

@@ -3,7 +3,7 @@
 Wraps, in this process only, the functions each phase runs and sums their time on the
 writer's thread:
 
-- ``validation``: ``server.convert.consume`` turning a ``ConsumeRequest`` into a command,
+- ``validation``: ``server.convert.consume_row`` turning a ``ConsumeRequest`` into a row,
   measured apart on requests of the bench's shape (the writer is fed commands directly);
 - ``key lookups``: ``Engine.prefetch_keys`` (memtable, filter, runs);
 - ``engine``: the rest of begin-to-commit (due work, every command);
@@ -85,12 +85,12 @@ class Phases:
 
 
 def validation_us(account_ids: list[str]) -> float:
-    """``convert.consume`` per request, on ConsumeRequests like the bench's commands."""
+    """``convert.consume_row`` per request, on ConsumeRequests like the bench's commands."""
     reqs = [qpb.ConsumeRequest(account_id=account_ids[i % len(account_ids)],
                                request_id=str(uuid.uuid4()), region=1 + i % 2,
                                captcha_type=1, architecture=1, step=1, quantity=1)
             for i in range(VALIDATION_REQUESTS)]
     t = time.perf_counter()
     for r in reqs:
-        convert.consume(r)
+        convert.consume_row(r)
     return (time.perf_counter() - t) / len(reqs) * 1e6

@@ -7,7 +7,8 @@ A fresh SQLite ledger in a temporary directory (ledger.store.Store, the durable 
 with synchronous=FULL), the engine and the writer built as server/app.py builds them (a
 SystemClock, or --test-clock), accounts set up through ``writer.call``: every other account
 holds a year-1m plan, the rest pay as they go. Each round then drives, from one submitting
-thread, (a) ``Batch`` es of --batch consumes, --in-flight of them outstanding, and (b) single
+thread, (a) consume groups (``ConsumeRows``, as ConsumeBatch submits them) of --batch
+consumes, --in-flight of them outstanding, and (b) single
 consumes, 64 outstanding, all through ``writer.submit``. Every command (random UUID4
 request_ids, uniform over the accounts, billable: slider/v2/step 3) is built before its
 phase is timed. The engine's time per group (begin to commit) and the commit's (the
@@ -41,6 +42,7 @@ from rich.table import Table
 from ledger import catalog
 from ledger import model as m
 from ledger.clock import SystemClock, TestClock
+from ledger.consume_group import ConsumeRows, GroupResult
 from ledger.engine import Engine
 from ledger.money import Region
 from ledger.store import open_store
@@ -115,8 +117,18 @@ def drive(writer: Writer, items: list[Any], in_flight: int, deadline: float,
     return done, units
 
 
-def count_batch(outs: Any) -> tuple[int, int]:
-    return len(outs), sum([acked(o) for o in outs])
+def as_rows(cmds: list[m.Consume]) -> ConsumeRows:
+    """Commands as the consume rows a ConsumeBatch's front hands the writer."""
+    return ConsumeRows((c.account_id, c.request_id, int(c.region), int(c.captcha_type),
+                        int(c.architecture), int(c.step), c.scenario_id, c.quantity, c.dry_run,
+                        c.client_timestamp_us) for c in cmds)
+
+
+def count_batch(out: GroupResult) -> tuple[int, int]:
+    """A consume group's answer: requests and units; a failure fails the bench."""
+    if out.errors:
+        raise AssertionError(f"a consume failed: {next(iter(out.errors.values()))!r}")
+    return len(out), sum([b and not r for b, r in zip(out.billable, out.replayed, strict=True)])
 
 
 def count_one(o: Any) -> tuple[int, int]:
@@ -230,14 +242,15 @@ def main(argv: list[str] | None = None) -> None:
                           f"{'test' if args.test_clock else 'system'} clock; db {db}")
             units = 0
             warm = build_consumes(ids, WARMUP_REQUESTS, rng)
-            units += phase(writer, timing, [Batch(warm[:args.batch])], 1, 60, count_batch)["units"]
+            units += phase(writer, timing, [as_rows(warm[:args.batch])], 1, 60,
+                           count_batch)["units"]
             units += phase(writer, timing, warm[args.batch:], UNARY_IN_FLIGHT, 60,
                            count_one)["units"]
             rounds: list[dict[str, dict[str, float]]] = []
             for r in range(args.rounds):
                 n_b, n_u = (args.requests if k in args.phases else 1 for k in ("batch", "unary"))
                 cmds = build_consumes(ids, n_b, rng)
-                batches = [Batch(cmds[i:i + args.batch]) for i in range(0, n_b, args.batch)]
+                batches = [as_rows(cmds[i:i + args.batch]) for i in range(0, n_b, args.batch)]
                 del cmds
                 valid = validation_us(ids)
                 b = phase(writer, timing, batches, args.in_flight, args.seconds, count_batch,

@@ -13,6 +13,7 @@ import sqlite3
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clients.client import LedgerError
@@ -68,14 +69,15 @@ def outcome(r) -> tuple:
 
 @pytest.fixture(params=["whole", "sliced"])
 def small_index(monkeypatch, request):
-    """Runs every 40 keys, a filter snapshot every 2 runs, a small filter; "sliced": a run
-    written 7 rows and the snapshot 1,000 bytes per group commit (issue 19), so runs and
-    snapshots stay pending across several groups, restarts included."""
+    """Runs every 40 keys, a filter snapshot every 2 runs, a small filter, pages of 8 keys;
+    "sliced": a run written 2 pages and the snapshot 1,000 bytes per group commit (issue
+    19), so runs and snapshots stay pending across several groups, restarts included."""
     monkeypatch.setattr(keyindex, "MEMTABLE_KEYS_MAX", 40)
     monkeypatch.setattr(keyindex, "FILTER_SNAPSHOT_EVERY_RUNS", 2)
     monkeypatch.setattr(keyindex, "FILTER_KEYS", 10_000)
+    monkeypatch.setattr(keyindex, "PAGE_KEYS", 8)
     if request.param == "sliced":
-        monkeypatch.setattr(keyindex, "RUN_ROWS_PER_COMMIT", 7)
+        monkeypatch.setattr(keyindex, "RUN_PAGES_PER_COMMIT", 2)
         monkeypatch.setattr(keyindex, "FILTER_BYTES_PER_COMMIT", 1_000)
 
 
@@ -113,7 +115,8 @@ def test_r12_keys_replay_from_memtable_runs_and_after_restarts(tmp_path, small_i
 
 def test_r12_hash_collisions_are_told_apart_by_the_journal(tmp_path, small_index, monkeypatch):
     """With every key hashing alike, new keys are still new and old ones still replay."""
-    monkeypatch.setattr(keyindex, "key_hash", lambda account_id, request_id: 7)
+    monkeypatch.setattr(keyindex, "hash_keys",
+                        lambda keys: np.full(len(list(keys)), 7, dtype=np.int64))
     led = Ledger(tmp_path / "l.db")
     try:
         led.call(m.CreateAccount("acme"))
@@ -219,16 +222,12 @@ def test_key_filter_snapshot_is_written_and_read_back_in_chunks(tmp_path, monkey
     """R12's key filter: its snapshot (written with every FILTER_SNAPSHOT_EVERY_RUNS-th run,
     a MiB at a time through blob I/O, never as one 20 MB copy) comes back bit for bit, and
     the keys of newer runs are added on top at start."""
-    import numpy as np
-
     ki = keyindex
     monkeypatch.setattr(ki, "MEMTABLE_KEYS_MAX", 1_000)
     store = Store(tmp_path / "l.db")
     index = store.keys
     for run in range(ki.FILTER_SNAPSHOT_EVERY_RUNS + 1):
-        for i in range(1_000):
-            key = ("acme", f"r{run}-{i}")
-            index.memtable[key] = (ki.key_hash(*key), run + 1, i)
+        index.add({("acme", f"r{run}-{i}"): (run + 1, i) for i in range(1_000)})
         index.flush()
     bits, through = index.filter.bits.copy(), index.filter_through_run
     store.close()
@@ -237,6 +236,44 @@ def test_key_filter_snapshot_is_written_and_read_back_in_chunks(tmp_path, monkey
     try:
         assert again.keys.filter_through_run == through
         assert np.array_equal(again.keys.filter.bits, bits)
-        assert again.keys.filter.contains_many([ki.key_hash("acme", "r8-999")]) == [True]
+        assert again.keys.filter.contains_many([ki.key_hash("acme", "r8-999")]).tolist() == [True]
     finally:
         again.close()
+
+
+def test_key_runs_written_as_rows_are_converted_to_pages_at_start(tmp_path, small_index):
+    """A journal of schema 3 kept a run as a row per key (consume_keys); at start each such
+    run becomes pages, fences and a filter of its own, and its keys still replay (R12)."""
+    led = Ledger(tmp_path / "l.db")
+    try:
+        led.call(m.CreateAccount("acme"))
+        firsts = {f"k{i}": led.call(consume("acme", f"k{i}")) for i in range(100)}
+    finally:
+        led.close()
+    conn = sqlite3.connect(tmp_path / "l.db", isolation_level=None)
+    runs = conn.execute("SELECT run FROM key_runs ORDER BY run").fetchall()
+    assert len(runs) >= 2
+    conn.execute("BEGIN")
+    for (run,) in runs:  # as schema 3 wrote it: a row per key, no pages
+        for data in [d for (d,) in conn.execute(
+                "SELECT data FROM key_pages WHERE run = ? ORDER BY page", (run,))]:
+            hs, ls = keyindex.page_arrays(data)
+            conn.executemany("INSERT INTO consume_keys VALUES (?,?,?,?)", [
+                (run, h, *keyindex.unpack(loc)) for h, loc in zip(hs.tolist(), ls.tolist(),
+                                                                  strict=True)])
+    conn.execute("DELETE FROM key_pages")
+    conn.execute("UPDATE key_runs SET fences = NULL, filter = NULL")
+    conn.execute("COMMIT")
+    conn.close()
+    led = Ledger(tmp_path / "l.db")
+    try:
+        assert len(led.store.keys.runs) == len(runs)
+        for rid, first in firsts.items():
+            again = led.call(consume("acme", rid))
+            assert again.replayed and outcome(again) == outcome(first), rid
+    finally:
+        led.close()
+    conn = sqlite3.connect(tmp_path / "l.db")
+    assert conn.execute("SELECT count(*) FROM consume_keys").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM key_runs WHERE fences IS NULL").fetchone()[0] == 0
+    conn.close()

@@ -93,18 +93,23 @@ class UnitOfWork:
         self.next_seq = seq + 1
         return seq
 
-    def add_consume(self, at_us: int, day: str, item: list[Any]) -> int:
-        """Queue one consume into the open block (opened at this instant if need be);
-        returns the block's seq, which the item's journal entry is."""
+    def open_block(self, at_us: int, day: str) -> int:
+        """The block consumes at this instant go into (opened if need be): its seq, which
+        is their journal entry. The caller appends each item to ``block_items`` and claims
+        its key in ``consumed`` (:mod:`ledger.consume_group`)."""
         if self.block_items and at_us != self.block_at_us:
             self.seal_block()
         if not self.block_items:
             self.block_seq, self.block_at_us, self.block_day = self.next_seq, at_us, day
             self.next_seq += 1
-        self.consumed[(item[0], item[1])] = (self.block_seq, len(self.block_items), at_us, day,
-                                             item)
-        self.block_items.append(item)
         return self.block_seq
+
+    def add_consume(self, at_us: int, day: str, item: list[Any]) -> int:
+        """Queue one consume item into the block of its instant; returns the block's seq."""
+        seq = self.open_block(at_us, day)
+        self.consumed[(item[0], item[1])] = (seq, len(self.block_items), at_us, day, item)
+        self.block_items.append(item)
+        return seq
 
     def seal_block(self) -> None:
         if not self.block_items:

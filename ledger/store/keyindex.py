@@ -6,29 +6,34 @@ random keys (CAPTCHA servers send UUIDs) into a B-tree dirties a page per key; h
 random is written when a group commits:
 
 - the **memtable**, a dict of the keys of the newest blocks: exact, in memory, bounded by
-  ``MEMTABLE_KEYS_MAX``;
-- **runs**: when the memtable is full it is frozen and written, sorted by a 64-bit hash of
-  the key, as one run of ``consume_keys`` rows (``(run, h)`` leads the primary key, so a run
-  is appended in order, never scattered), ``RUN_ROWS_PER_COMMIT`` rows at a time inside the
-  group commits that follow (no transaction and no pause of its own: issue 19); until its
-  ``key_runs`` row commits, the frozen memtable answers for it;
+  ``MEMTABLE_KEYS_MAX``; beside it, the keys' 64-bit hashes and locations as two lists;
+- **runs**: when the memtable is full it is frozen and sorted by hash with numpy (one
+  ``argsort``, issue 19), and written as a run of ``key_pages`` rows, each ``PAGE_KEYS``
+  hashes and their locations as two arrays in one blob; ``RUN_PAGES_PER_COMMIT`` pages are
+  written inside each of the group commits that follow (no transaction and no pause of its
+  own); until its ``key_runs`` row commits, the frozen memtable answers for it. The run's
+  row holds its **fences** (the first hash of each page) and a filter of its own keys;
 - a **filter** (Bloom) over the keys of every run, in memory, so that a new key (nearly
-  every key) is answered without reading a run; a key the filter may hold is looked up in
-  the runs by its hash, and every hit is checked against the journal itself.
+  every key) is answered without reading a run. The few keys it may hold are asked of each
+  run's own filter, and a run that may hold one reads the single page its fences name;
+  every hit is checked against the journal itself. Each filter is probed once per group,
+  vectorized.
 
 Crash safety: a run and the filter's snapshot record how far they cover the journal; at
 start the memtable is rebuilt from the blocks after the newest run (at most twice
-``MEMTABLE_KEYS_MAX`` keys), the rows of a run whose ``key_runs`` row never committed are
+``MEMTABLE_KEYS_MAX`` keys), the pages of a run whose ``key_runs`` row never committed are
 deleted, and the keys of runs newer than the snapshot are added to the filter (at most
-``FILTER_SNAPSHOT_EVERY_RUNS`` runs): start-up time does not grow with history. The
-snapshot is also written a slice (``FILTER_BYTES_PER_COMMIT``) per group commit, in place:
-bits are only ever set, so a snapshot half old and half new still covers every run up to
-the ``through_run`` it records, which moves only with its last slice. Consumes written one
-row each before blocks existed are indexed the same way.
+``FILTER_SNAPSHOT_EVERY_RUNS`` runs): start-up time does not grow with history, but for the
+runs' own filters (``RUN_FILTER_BITS_PER_KEY`` bits a key). The snapshot is written a slice
+(``FILTER_BYTES_PER_COMMIT``) per group commit, in place: bits are only ever set, so a
+snapshot half old and half new still covers every run up to the ``through_run`` it records,
+which moves only with its last slice. Runs written as a row per key (schema 3) are
+converted to pages at start, a run per transaction.
 
-The largest pause each piece adds to one group commit: a slice of a run (5,000 rows, a few
-milliseconds) or of the snapshot (1 MiB); the start of a snapshot, when the filter's row
-must be created or resized, preallocates it (``zeroblob``, no copy).
+The largest pause each piece adds to one group commit: a slice of a run (16 pages of 1,024
+keys: 256 KiB) or of the snapshot (1 MiB); the freeze (a numpy sort of 100,000 hashes,
+about 10 ms, once per 100,000 keys); and the run's completion, which adds its keys to the
+filter (about 8 ms for 100,000 keys).
 """
 
 from __future__ import annotations
@@ -43,53 +48,100 @@ import numpy as np
 MEMTABLE_KEYS_MAX = 100_000
 FILTER_KEYS = 16_000_000  # keys one filter holds at about 1% false positives
 FILTER_BITS_PER_KEY = 10
+RUN_FILTER_BITS_PER_KEY = 10
 FILTER_HASHES = 7
 FILTER_SNAPSHOT_EVERY_RUNS = 8
 FILTER_IO_CHUNK_BYTES = 1 << 20  # the snapshot is read a MiB at a time
 FILTER_BYTES_PER_COMMIT = 1 << 20  # and written a MiB per group commit
-RUN_ROWS_PER_COMMIT = 5_000  # a frozen memtable's rows written per group commit
-LOOKUP_HASHES_PER_STATEMENT = 500
+PAGE_KEYS = 1_024  # keys per page of a run: 16 KiB (hashes, then locations)
+RUN_PAGES_PER_COMMIT = 16  # a frozen memtable's pages written per group commit
+CONVERT_ROWS_MAX = 10_000_000  # a schema-3 run converted at start (bounded read)
+LOC_IDX_BITS = 20  # a location packs (seq, index in its block + 1) into one int64
 
 Key = tuple[str, str]  # (account_id, request_id)
 Location = tuple[int, int]  # (journal seq, index in its block; -1: a one-row entry)
 
 
+def hash_keys(keys: Iterable[Key]) -> np.ndarray:
+    """Signed 64-bit hashes (SQLite INTEGER) of consume keys, as one int64 array."""
+    b2 = hashlib.blake2b
+    digests = b"".join([b2(f"{a}\x00{r}".encode(), digest_size=8).digest() for a, r in keys])
+    return np.frombuffer(digests, dtype=">i8").astype(np.int64)
+
+
 def key_hash(account_id: str, request_id: str) -> int:
-    """A signed 64-bit hash (SQLite INTEGER) of a consume key."""
-    digest = hashlib.blake2b(f"{account_id}\x00{request_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    return int(hash_keys([(account_id, request_id)])[0])
+
+
+def pack(seq: int, idx: int) -> int:
+    return (seq << LOC_IDX_BITS) | (idx + 1)
+
+
+def unpack(loc: int) -> Location:
+    return loc >> LOC_IDX_BITS, (loc & ((1 << LOC_IDX_BITS) - 1)) - 1
 
 
 class Filter:
     """A Bloom filter over 64-bit key hashes (double hashing on the hash's two halves),
     added to and asked a whole group of hashes at a time (numpy: no Python loop a key)."""
 
-    def __init__(self, bits: np.ndarray | None = None, keys_max: int | None = None) -> None:
+    def __init__(self, bits: np.ndarray | None = None, keys_max: int | None = None,
+                 bits_per_key: int = FILTER_BITS_PER_KEY) -> None:
         if bits is not None:
             self.bits = bits
         else:
-            self.bits = np.zeros((keys_max or FILTER_KEYS) * FILTER_BITS_PER_KEY // 8,
-                                 dtype=np.uint8)
+            size = max(8, (keys_max or FILTER_KEYS) * bits_per_key // 8)
+            self.bits = np.zeros(size, dtype=np.uint8)
         self.m = np.uint64(len(self.bits) * 8)
 
-    def _positions(self, hashes: list[int]) -> np.ndarray:
-        hs = np.array(hashes, dtype=np.int64).view(np.uint64)
+    def _positions(self, hashes: Any) -> np.ndarray:
+        hs = np.asarray(hashes, dtype=np.int64).view(np.uint64)
         h1, h2 = hs & np.uint64(0xFFFFFFFF), (hs >> np.uint64(32)) | np.uint64(1)
         i = np.arange(FILTER_HASHES, dtype=np.uint64)
         return (h1[:, None] + i[None, :] * h2[:, None]) % self.m  # wraps mod 2**64: fine
 
-    def add_many(self, hashes: list[int]) -> None:
-        if hashes:
+    def add_many(self, hashes: Any) -> None:
+        """Set the hashes' bits: one pass per bit of a byte, so that every write a pass
+        makes to one byte sets the same bit (a fancy-indexed ``|=`` keeps one write per
+        byte); about twice as fast as ``np.bitwise_or.at``."""
+        if len(hashes):
             p = self._positions(hashes).ravel()
-            np.bitwise_or.at(self.bits, p >> np.uint64(3),
-                             np.left_shift(1, p & np.uint64(7)).astype(np.uint8))
+            byte, bit = (p >> np.uint64(3)).astype(np.int64), (p & np.uint64(7)).astype(np.uint8)
+            for b in range(8):
+                self.bits[byte[bit == b]] |= np.uint8(1 << b)
 
-    def contains_many(self, hashes: list[int]) -> list[bool]:
-        if not hashes:
-            return []
+    def contains_many(self, hashes: Any) -> np.ndarray:
+        if not len(hashes):
+            return np.zeros(0, dtype=bool)
         p = self._positions(hashes)
         hit = self.bits[p >> np.uint64(3)] & np.left_shift(1, p & np.uint64(7)).astype(np.uint8)
-        return (hit != 0).all(axis=1).tolist()
+        return (hit != 0).all(axis=1)
+
+
+class Run:
+    """A written run, as memory keeps it: its fences and its own filter."""
+
+    __slots__ = ("run", "fences", "filter")
+
+    def __init__(self, run: int, fences: np.ndarray, filt: Filter) -> None:
+        self.run, self.fences, self.filter = run, fences, filt
+
+
+def build_run(hashes: np.ndarray, locs: np.ndarray) -> tuple[list[bytes], np.ndarray, Filter]:
+    """A run's pages, fences and filter from its keys' hashes and locations (any order)."""
+    order = np.argsort(hashes, kind="stable")
+    hs, ls = hashes[order], locs[order]
+    pages = [hs[i:i + PAGE_KEYS].tobytes() + ls[i:i + PAGE_KEYS].tobytes()
+             for i in range(0, len(hs), PAGE_KEYS)]
+    filt = Filter(keys_max=max(1, len(hs)), bits_per_key=RUN_FILTER_BITS_PER_KEY)
+    filt.add_many(hs)
+    return pages, hs[::PAGE_KEYS].copy(), filt
+
+
+def page_arrays(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    n = len(data) // 16
+    return (np.frombuffer(data, dtype=np.int64, count=n),
+            np.frombuffer(data, dtype=np.int64, count=n, offset=n * 8))
 
 
 class KeyIndex:
@@ -97,19 +149,21 @@ class KeyIndex:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        # key -> (hash, seq, index): in the order a run's rows are sorted and written
-        self.memtable: dict[Key, tuple[int, int, int]] = {}
-        self.runs: list[int] = []
+        self.memtable: dict[Key, int] = {}  # key -> packed location
+        self._hashes: list[int] = []  # the memtable's keys' hashes and locations, in order
+        self._locs: list[int] = []
+        self.runs: list[Run] = []
         self.through_seq = 0  # the runs cover every key at or before this seq
         self.filter = Filter()
         self.filter_through_run = 0
         self.filter_keys = 0
         self._hashed: dict[Key, int] = {}  # hashes computed by candidates() until add()
-        # A full memtable being written as a run: its keys, its rows sorted by hash, how many
-        # are committed; and a filter snapshot under way (run, keys, bytes committed).
-        self.frozen: dict[Key, tuple[int, int, int]] = {}
-        self._run_rows: list[tuple[int, int, int]] = []
-        self._run_pos = self._run_id = self._run_through = 0
+        # A full memtable being written as a run: its keys, its pages, how many are
+        # committed; and a filter snapshot under way (run, keys, bytes committed).
+        self.frozen: dict[Key, int] = {}
+        self._pages: list[bytes] = []
+        self._page_pos = self._run_id = self._run_through = 0
+        self._run_built: tuple[np.ndarray, Filter, np.ndarray] | None = None
         self._snapshot: tuple[int, int, int] | None = None
         self._step: tuple[str, int] | None = None  # written in the open transaction
 
@@ -118,35 +172,74 @@ class KeyIndex:
     def load(self) -> None:
         """Load the runs and the filter (then :meth:`recover` the memtable)."""
         c = self.conn
-        for run, through in c.execute("SELECT run, through_seq FROM key_runs ORDER BY run"):
-            self.runs.append(run)
+        self._convert_row_runs()
+        for run, through, fences, filt in c.execute(
+                "SELECT run, through_seq, fences, filter FROM key_runs ORDER BY run"):
+            self.runs.append(Run(run, np.frombuffer(fences, dtype=np.int64),
+                                 Filter(bits=np.frombuffer(filt, dtype=np.uint8))))
             self.through_seq = max(self.through_seq, through)
-        last = self.runs[-1] if self.runs else 0
-        if c.execute("SELECT 1 FROM consume_keys WHERE run > ? LIMIT 1", (last,)).fetchone():
-            c.execute("DELETE FROM consume_keys WHERE run > ?", (last,))  # never completed
+        last = self.runs[-1].run if self.runs else 0
+        if c.execute("SELECT 1 FROM key_pages WHERE run > ? LIMIT 1", (last,)).fetchone():
+            c.execute("DELETE FROM key_pages WHERE run > ?", (last,))  # never completed
         row = c.execute("SELECT through_run, keys, length(bits) FROM key_filter WHERE id = 1"
                         ).fetchone()
         if row is not None:
             self.filter = self._read_filter(row[2])
             self.filter_through_run, self.filter_keys = row[0], row[1]
-        newer = [h for (h,) in c.execute("SELECT h FROM consume_keys WHERE run > ?",
-                                         (self.filter_through_run,))]
-        self.filter.add_many(newer)
-        self.filter_keys += len(newer)
+        for r in self.runs:
+            if r.run > self.filter_through_run:
+                hashes = self._run_hashes(r.run)
+                self.filter.add_many(hashes)
+                self.filter_keys += len(hashes)
+
+    def _run_hashes(self, run: int) -> np.ndarray:
+        parts = [page_arrays(data)[0] for (data,) in self.conn.execute(
+            "SELECT data FROM key_pages WHERE run = ? ORDER BY page", (run,))]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _convert_row_runs(self) -> None:
+        """Runs written a row per key (schema 3) become pages, one transaction a run."""
+        c = self.conn
+        old = [r for (r,) in c.execute("SELECT run FROM key_runs WHERE fences IS NULL"
+                                       " ORDER BY run")]
+        for run in old:
+            rows = c.execute("SELECT h, seq, idx FROM consume_keys WHERE run = ? LIMIT ?",
+                             (run, CONVERT_ROWS_MAX)).fetchall()
+            arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
+            pages, fences, filt = build_run(arr[:, 0].copy(),
+                                            (arr[:, 1] << LOC_IDX_BITS) | (arr[:, 2] + 1))
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.executemany(f"INSERT INTO key_pages VALUES ({run},?,?)", enumerate(pages))
+                c.execute("UPDATE key_runs SET fences = ?, filter = ? WHERE run = ?",
+                          (fences.tobytes(), filt.bits.tobytes(), run))
+                c.execute("DELETE FROM consume_keys WHERE run = ?", (run,))
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
 
     def recover(self, entries: Iterable[tuple[int, int, str, str]]) -> None:
         """The memtable from (seq, index, account_id, request_id) of each consume after
         ``through_seq``, in journal order (runs written on the way if it fills up)."""
         last_seq = 0
+        pending: dict[Key, tuple[int, int]] = {}
         for seq, idx, account_id, request_id in entries:
             # A run ends between journal rows, never inside a block: a run's through_seq
             # says every key at or before it is in the runs.
-            if seq != last_seq and len(self.memtable) >= MEMTABLE_KEYS_MAX:
+            if seq != last_seq and len(self.memtable) + len(pending) >= MEMTABLE_KEYS_MAX:
+                self._add_now(pending)
+                pending = {}
                 self.flush()
             last_seq = seq
-            self.memtable[(account_id, request_id)] = (key_hash(account_id, request_id), seq,
-                                                       idx)
+            pending[(account_id, request_id)] = (seq, idx)
+        self._add_now(pending)
         self.flush_pending()
+
+    def _add_now(self, claimed: Mapping[Key, tuple[Any, ...]]) -> None:
+        self._hashed = {}
+        self._add(claimed)
 
     # ------------------------------------------------------------------ lookups
 
@@ -154,55 +247,85 @@ class KeyIndex:
         """Where each key may be recorded; every location must be checked against the
         journal (a hash may collide). Keys absent from the result were never recorded."""
         found: dict[Key, list[Location]] = {}
-        maybe: dict[int, list[Key]] = {}
         unseen: list[Key] = []
         memtable, frozen = self.memtable, self.frozen
         for key in keys:
-            hit = memtable.get(key) or (frozen.get(key) if frozen else None)
-            if hit is not None:
-                found[key] = [(hit[1], hit[2])]
+            loc = memtable.get(key) or (frozen.get(key) if frozen else None)
+            if loc is not None:
+                found[key] = [unpack(loc)]
             elif self.runs:
                 unseen.append(key)
-        hashes = [key_hash(a, r) for a, r in unseen]
+        if not unseen:
+            return found
+        hashes = hash_keys(unseen)
         if len(self._hashed) > MEMTABLE_KEYS_MAX:  # groups that committed no consume
             self._hashed = {}
-        self._hashed.update(zip(unseen, hashes, strict=True))  # for add(), after the commit
-        for key, h, may in zip(unseen, hashes, self.filter.contains_many(hashes), strict=True):
-            if may:
-                maybe.setdefault(h, []).append(key)
-        if maybe:
-            hashes = list(maybe)
-            runs = ",".join(str(r) for r in self.runs)
-            for i in range(0, len(hashes), LOOKUP_HASHES_PER_STATEMENT):
-                chunk = hashes[i:i + LOOKUP_HASHES_PER_STATEMENT]
-                marks = ",".join("?" * len(chunk))
-                for h, seq, idx in self.conn.execute(
-                        f"SELECT h, seq, idx FROM consume_keys WHERE run IN ({runs})"
-                        f" AND h IN ({marks})", chunk):
-                    for key in maybe[h]:
-                        found.setdefault(key, []).append((seq, idx))
+        self._hashed.update(zip(unseen, hashes.tolist(), strict=True))  # for add()
+        may = np.flatnonzero(self.filter.contains_many(hashes))
+        if len(may):
+            self._search_runs([unseen[i] for i in may], hashes[may], found)
         return found
+
+    def _search_runs(self, keys: list[Key], hashes: np.ndarray,
+                     found: dict[Key, list[Location]]) -> None:
+        """The keys the filter may hold: each run's filter, then the page its fences name."""
+        pages: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        for r in self.runs:
+            hit = np.flatnonzero(r.filter.contains_many(hashes))
+            for i in hit.tolist():
+                h = hashes[i]
+                # The pages whose range holds h: one, unless equal hashes span pages.
+                first = max(0, int(np.searchsorted(r.fences, h, side="left")) - 1)
+                for page in range(first, int(np.searchsorted(r.fences, h, side="right"))):
+                    got = pages.get((r.run, page))
+                    if got is None:
+                        row = self.conn.execute("SELECT data FROM key_pages WHERE run = ?"
+                                                " AND page = ?", (r.run, page)).fetchone()
+                        if row is None:
+                            continue
+                        got = pages[(r.run, page)] = page_arrays(row[0])
+                    hs, ls = got
+                    lo, hi = np.searchsorted(hs, h, "left"), np.searchsorted(hs, h, "right")
+                    for loc in ls[lo:hi].tolist():
+                        found.setdefault(keys[i], []).append(unpack(loc))
 
     # ------------------------------------------------------------------ after a commit
 
     def add(self, claimed: Mapping[Key, tuple[Any, ...]]) -> None:
         """The keys a group committed: key -> (seq, index in its block, ...). A full
         memtable is frozen, to be written as a run by the next group commits."""
-        memtable, hashed = self.memtable, self._hashed
-        for key, v in claimed.items():
-            h = hashed.get(key)
-            memtable[key] = (key_hash(*key) if h is None else h, v[0], v[1])
+        self._add(claimed)
         self._hashed = {}
-        if len(memtable) >= MEMTABLE_KEYS_MAX:
+        if len(self.memtable) >= MEMTABLE_KEYS_MAX:
             self._freeze()
+
+    def _add(self, claimed: Mapping[Key, tuple[Any, ...]]) -> None:
+        if not claimed:
+            return
+        hashed = self._hashed
+        keys = list(claimed)
+        known = [hashed.get(k) for k in keys]
+        if None in known:
+            missing = [k for k, h in zip(keys, known, strict=True) if h is None]
+            hashed = dict(zip(missing, hash_keys(missing).tolist(), strict=True))
+            known = [h if h is not None else hashed[k] for k, h in zip(keys, known, strict=True)]
+        locs = [(v[0] << LOC_IDX_BITS) | (v[1] + 1) for v in claimed.values()]
+        self.memtable.update(zip(keys, locs, strict=True))
+        self._hashes += known
+        self._locs += locs
 
     def _freeze(self) -> None:
         if self.frozen:  # the previous run is not written yet (a very fast writer): finish it
             self.flush_pending()
+        hashes = np.array(self._hashes, dtype=np.int64)
+        locs = np.array(self._locs, dtype=np.int64)
         self.frozen, self.memtable = self.memtable, {}
-        self._run_rows, self._run_pos = sorted(self.frozen.values()), 0  # (h, seq, idx)
-        self._run_id = (self.runs[-1] + 1) if self.runs else 1
-        self._run_through = max(seq for _, seq, _ in self._run_rows)
+        self._hashes, self._locs = [], []
+        self._pages, fences, filt = build_run(hashes, locs)
+        self._run_built = (fences, filt, hashes)
+        self._page_pos = 0
+        self._run_id = (self.runs[-1].run + 1) if self.runs else 1
+        self._run_through = int(locs.max()) >> LOC_IDX_BITS
 
     # ------------------------------------------------------------------ inside a group commit
 
@@ -211,13 +334,16 @@ class KeyIndex:
         snapshot under way. What was written counts once the transaction commits
         (:meth:`committed`); if it rolls back, nothing moved (:meth:`rolled_back`)."""
         self._step = None
-        if self._run_rows:
+        if self._pages:
             run = self._run_id
-            end = min(len(self._run_rows), self._run_pos + RUN_ROWS_PER_COMMIT)
-            c.executemany(f"INSERT INTO consume_keys VALUES ({run},?,?,?)",
-                          self._run_rows[self._run_pos:end])
-            if end == len(self._run_rows):
-                c.execute("INSERT INTO key_runs VALUES (?,?,?)", (run, self._run_through, end))
+            end = min(len(self._pages), self._page_pos + RUN_PAGES_PER_COMMIT)
+            c.executemany(f"INSERT INTO key_pages VALUES ({run},?,?)",
+                          [(p, self._pages[p]) for p in range(self._page_pos, end)])
+            if end == len(self._pages):
+                fences, filt, hashes = self._run_built  # type: ignore[misc]
+                c.execute("INSERT INTO key_runs VALUES (?,?,?,?,?)",
+                          (run, self._run_through, len(hashes), fences.tobytes(),
+                           filt.bits.tobytes()))
             self._step = ("run", end)
         elif self._snapshot is not None:
             self._step = ("filter", self._write_filter_slice(c))
@@ -235,15 +361,16 @@ class KeyIndex:
             else:
                 self._snapshot = (run, keys, upto)
             return
-        self._run_pos = upto
-        if upto < len(self._run_rows):
+        self._page_pos = upto
+        if upto < len(self._pages):
             return
-        rows, self._run_rows, self._run_pos = self._run_rows, [], 0
+        fences, filt, hashes = self._run_built  # type: ignore[misc]
+        self._pages, self._page_pos, self._run_built = [], 0, None
         run = self._run_id
-        self.filter.add_many([h for h, _, _ in rows])
-        self.runs.append(run)
+        self.filter.add_many(hashes)
+        self.runs.append(Run(run, fences, filt))
         self.through_seq = max(self.through_seq, self._run_through)
-        self.filter_keys += len(rows)
+        self.filter_keys += len(hashes)
         self.frozen = {}
         if self._snapshot is None and run - self.filter_through_run >= FILTER_SNAPSHOT_EVERY_RUNS:
             # -1: the row is to be created or checked first
@@ -293,7 +420,7 @@ class KeyIndex:
         """Write every pending slice now, one transaction each (start-up, or a run not yet
         written when the memtable fills again)."""
         c = self.conn
-        while self._run_rows or self._snapshot is not None:
+        while self._pages or self._snapshot is not None:
             c.execute("BEGIN IMMEDIATE")
             try:
                 self.write_step(c)

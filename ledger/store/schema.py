@@ -127,8 +127,22 @@ CREATE TABLE key_filter (
 );
 """
 
+# Key runs as sorted pages (issue 19): a run is written as pages of sorted 64-bit key hashes
+# and their journal locations, not a row per key; key_runs keeps each run's page fences and
+# its own filter. Runs written before (rows in consume_keys) are converted at start.
+SCHEMA_V4 = """
+CREATE TABLE key_pages (
+    run INTEGER NOT NULL,
+    page INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (run, page)
+);
+ALTER TABLE key_runs ADD COLUMN fences BLOB;
+ALTER TABLE key_runs ADD COLUMN filter BLOB;
+"""
+
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3]
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
