@@ -39,11 +39,15 @@ filter (about 8 ms for 100,000 keys).
 from __future__ import annotations
 
 import hashlib
+import logging
 import sqlite3
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("quota_ledger.keyindex")
 
 MEMTABLE_KEYS_MAX = 100_000
 FILTER_KEYS = 16_000_000  # keys one filter holds at about 1% false positives
@@ -57,6 +61,7 @@ PAGE_KEYS = 1_024  # keys per page of a run: 16 KiB (hashes, then locations)
 RUN_PAGES_PER_COMMIT = 16  # a frozen memtable's pages written per group commit
 CONVERT_ROWS_MAX = 10_000_000  # a schema-3 run converted at start (bounded read)
 LOC_IDX_BITS = 20  # a location packs (seq, index in its block + 1) into one int64
+FILTER_ADD_CHUNK = 10_000  # keys added to the filter per numpy call on the builder thread
 
 Key = tuple[str, str]  # (account_id, request_id)
 Location = tuple[int, int]  # (journal seq, index in its block; -1: a one-row entry)
@@ -162,8 +167,11 @@ class KeyIndex:
         # committed; and a filter snapshot under way (run, keys, bytes committed).
         self.frozen: dict[Key, int] = {}
         self._pages: list[bytes] = []
-        self._page_pos = self._run_id = self._run_through = 0
-        self._run_built: tuple[np.ndarray, Filter, np.ndarray] | None = None
+        self._page_pos = self._run_id = 0
+        self._builder: threading.Thread | None = None
+        # (pages, fences, filter, keys, through_seq) once built, or the build's exception
+        self._built: Any = None
+        self._build_args: tuple[list[int], list[int]] = ([], [])
         self._snapshot: tuple[int, int, int] | None = None
         self._step: tuple[str, int] | None = None  # written in the open transaction
 
@@ -315,35 +323,72 @@ class KeyIndex:
         self._locs += locs
 
     def _freeze(self) -> None:
+        """The full memtable becomes the frozen one, which answers until its run commits;
+        the run is built (sorted, paged, filtered) on a thread of its own, so the commit
+        that filled the memtable does not wait for it (issue 19)."""
         if self.frozen:  # the previous run is not written yet (a very fast writer): finish it
             self.flush_pending()
-        hashes = np.array(self._hashes, dtype=np.int64)
-        locs = np.array(self._locs, dtype=np.int64)
         self.frozen, self.memtable = self.memtable, {}
+        hashes, locs = self._hashes, self._locs
         self._hashes, self._locs = [], []
-        self._pages, fences, filt = build_run(hashes, locs)
-        self._run_built = (fences, filt, hashes)
-        self._page_pos = 0
+        self._pages, self._page_pos, self._built = [], 0, None
         self._run_id = (self.runs[-1].run + 1) if self.runs else 1
-        self._run_through = int(locs.max()) >> LOC_IDX_BITS
+        self._build_args = (hashes, locs)
+        self._builder = threading.Thread(target=self._build, args=self._build_args,
+                                         name="ledger-keyrun", daemon=True)
+        self._builder.start()
 
+    def _build(self, hashes: list[int], locs: list[int]) -> None:
+        """On the builder thread: the run's pages, fences and filter, and its keys' bits in
+        the filter of every run (set early: until the run commits, the frozen memtable
+        answers for its keys, and a bit set early only makes another key a maybe).
+        Only this thread and start-up ever set the filter's bits."""
+        try:
+            hs, ls = np.array(hashes, dtype=np.int64), np.array(locs, dtype=np.int64)
+            pages, fences, filt = build_run(hs, ls)
+            for i in range(0, len(hs), FILTER_ADD_CHUNK):  # short calls: the GIL moves on
+                self.filter.add_many(hs[i:i + FILTER_ADD_CHUNK])
+            self._built = (pages, fences, filt, len(hs), int(ls.max()) >> LOC_IDX_BITS)
+        except BaseException as exc:  # noqa: BLE001  (e.g. MemoryError): told at write time
+            self._built = exc
+
+    def _run_ready(self) -> bool:
+        """Whether the frozen run is built; a build that failed is done again here, on the
+        writer's thread (its exception, if it fails again, fails this commit)."""
+        built = self._built
+        if isinstance(built, BaseException):
+            log.warning("key run build failed; building it on the writer",
+                        extra={"event": "key_run_build_failed", "error": repr(built)})
+            self._built = None
+            self._build(*self._build_args)
+            if isinstance(self._built, BaseException):
+                raise self._built
+            built = self._built
+        if built is None:
+            return False
+        if not self._pages:
+            self._pages = built[0]
+        return True
+
+    # ------------------------------------------------------------------ inside a group commit
     # ------------------------------------------------------------------ inside a group commit
 
     def write_step(self, c: sqlite3.Connection) -> None:
-        """Inside a group's transaction: the next slice of a frozen run, else of a filter
-        snapshot under way. What was written counts once the transaction commits
-        (:meth:`committed`); if it rolls back, nothing moved (:meth:`rolled_back`)."""
+        """Inside a group's transaction: the next slice of a frozen run once it is built,
+        else of a filter snapshot under way. What was written counts once the transaction
+        commits (:meth:`committed`); if it rolls back, nothing moved (:meth:`rolled_back`)."""
         self._step = None
-        if self._pages:
+        if self.frozen:
+            if not self._run_ready():
+                return
             run = self._run_id
             end = min(len(self._pages), self._page_pos + RUN_PAGES_PER_COMMIT)
             c.executemany(f"INSERT INTO key_pages VALUES ({run},?,?)",
                           [(p, self._pages[p]) for p in range(self._page_pos, end)])
             if end == len(self._pages):
-                fences, filt, hashes = self._run_built  # type: ignore[misc]
+                _, fences, filt, keys, through = self._built  # type: ignore[misc]
                 c.execute("INSERT INTO key_runs VALUES (?,?,?,?,?)",
-                          (run, self._run_through, len(hashes), fences.tobytes(),
-                           filt.bits.tobytes()))
+                          (run, through, keys, fences.tobytes(), filt.bits.tobytes()))
             self._step = ("run", end)
         elif self._snapshot is not None:
             self._step = ("filter", self._write_filter_slice(c))
@@ -364,13 +409,12 @@ class KeyIndex:
         self._page_pos = upto
         if upto < len(self._pages):
             return
-        fences, filt, hashes = self._run_built  # type: ignore[misc]
-        self._pages, self._page_pos, self._run_built = [], 0, None
+        _, fences, filt, keys, through = self._built  # type: ignore[misc]
+        self._pages, self._page_pos, self._built = [], 0, None
         run = self._run_id
-        self.filter.add_many(hashes)
         self.runs.append(Run(run, fences, filt))
-        self.through_seq = max(self.through_seq, self._run_through)
-        self.filter_keys += len(hashes)
+        self.through_seq = max(self.through_seq, through)
+        self.filter_keys += keys
         self.frozen = {}
         if self._snapshot is None and run - self.filter_through_run >= FILTER_SNAPSHOT_EVERY_RUNS:
             # -1: the row is to be created or checked first
@@ -420,7 +464,9 @@ class KeyIndex:
         """Write every pending slice now, one transaction each (start-up, or a run not yet
         written when the memtable fills again)."""
         c = self.conn
-        while self._pages or self._snapshot is not None:
+        if self.frozen and self._builder is not None:
+            self._builder.join()
+        while self.frozen or self._snapshot is not None:
             c.execute("BEGIN IMMEDIATE")
             try:
                 self.write_step(c)
