@@ -220,8 +220,8 @@ def test_r25_start_rehashes_a_bounded_tail_of_blocks(tmp_path):
 
 def test_key_filter_snapshot_is_written_and_read_back_in_chunks(tmp_path, monkeypatch):
     """R12's key filter: its snapshot (written with every FILTER_SNAPSHOT_EVERY_RUNS-th run,
-    a MiB at a time through blob I/O, never as one 20 MB copy) comes back bit for bit, and
-    the keys of newer runs are added on top at start."""
+    a chunk row per group commit, never as one 20 MB row) comes back bit for bit, and the
+    keys of newer runs are added on top at start."""
     ki = keyindex
     monkeypatch.setattr(ki, "MEMTABLE_KEYS_MAX", 1_000)
     store = Store(tmp_path / "l.db")
@@ -263,11 +263,21 @@ def test_key_runs_written_as_rows_are_converted_to_pages_at_start(tmp_path, smal
                                                                   strict=True)])
     conn.execute("DELETE FROM key_pages")
     conn.execute("UPDATE key_runs SET fences = NULL, filter = NULL")
+    # and its filter's snapshot as one row, its coverage in the row's own columns
+    (cover,) = conn.execute("SELECT value FROM meta WHERE key = ?",
+                            (keyindex.FILTER_META_KEY,)).fetchone()
+    bits = b"".join(b for (b,) in conn.execute(
+        "SELECT bits FROM key_filter_chunks ORDER BY chunk"))
+    through_run, keys = map(int, cover.split(":"))
+    conn.execute("INSERT INTO key_filter VALUES (1, ?, ?, ?)", (through_run, keys, bits))
+    conn.execute("DELETE FROM key_filter_chunks")
+    conn.execute("DELETE FROM meta WHERE key = ?", (keyindex.FILTER_META_KEY,))
     conn.execute("COMMIT")
     conn.close()
     led = Ledger(tmp_path / "l.db")
     try:
         assert len(led.store.keys.runs) == len(runs)
+        assert led.store.keys.filter_through_run == through_run >= 2
         for rid, first in firsts.items():
             again = led.call(consume("acme", rid))
             assert again.replayed and outcome(again) == outcome(first), rid

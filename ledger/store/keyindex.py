@@ -24,12 +24,12 @@ start the memtable is rebuilt from the blocks after the newest run (at most twic
 ``MEMTABLE_KEYS_MAX`` keys), the pages of a run whose ``key_runs`` row never committed are
 deleted, and the keys of runs newer than the snapshot are added to the filter (at most
 ``FILTER_SNAPSHOT_EVERY_RUNS`` runs): start-up time does not grow with history, but for the
-runs' own filters (``RUN_FILTER_BITS_PER_KEY`` bits a key). The snapshot is written a slice
-(``FILTER_BYTES_PER_COMMIT``) per group commit, in place: bits are only ever set, so a
-snapshot half old and half new still covers every run up to the ``through_run`` it records,
-which moves only with its last slice; its row is created at full size at start, not in a
-commit (a 20 MB ``zeroblob`` paused one 100+ ms). Runs written as a row per key (schema 3)
-are converted to pages at start, a run per transaction.
+runs' own filters (``RUN_FILTER_BITS_PER_KEY`` bits a key). The snapshot is written a chunk row
+(``FILTER_BYTES_PER_COMMIT``) per group commit: bits are only ever set, so a snapshot half
+old and half new still covers every run up to the run its ``meta`` row records, which moves
+only with its last chunk (schema 3 kept it as one 20 MB row; updating it rewrote the whole
+row in one commit). Runs written as a row per key (schema 3) are converted to pages at
+start, a run per transaction.
 
 The largest pause each piece adds to one group commit: a slice of a run (16 pages of 1,024
 keys: 256 KiB) or of the snapshot (1 MiB), a few milliseconds each. The freeze only swaps
@@ -58,8 +58,8 @@ FILTER_BITS_PER_KEY = 10
 RUN_FILTER_BITS_PER_KEY = 10
 FILTER_HASHES = 7
 FILTER_SNAPSHOT_EVERY_RUNS = 8
-FILTER_IO_CHUNK_BYTES = 1 << 20  # the snapshot is read a MiB at a time
-FILTER_BYTES_PER_COMMIT = 1 << 18  # and written 256 KiB per group commit
+FILTER_IO_CHUNK_BYTES = 1 << 20  # schema 3's one-row snapshot is read a MiB at a time
+FILTER_BYTES_PER_COMMIT = 1 << 18  # the snapshot: a chunk row of 256 KiB per group commit
 PAGE_KEYS = 1_024  # keys per page of a run: 16 KiB (hashes, then locations)
 RUN_PAGES_PER_COMMIT = 16  # a frozen memtable's pages written per group commit
 CONVERT_ROWS_MAX = 10_000_000  # a schema-3 run converted at start (bounded read)
@@ -193,18 +193,19 @@ class KeyIndex:
         last = self.runs[-1].run if self.runs else 0
         if c.execute("SELECT 1 FROM key_pages WHERE run > ? LIMIT 1", (last,)).fetchone():
             c.execute("DELETE FROM key_pages WHERE run > ?", (last,))  # never completed
-        row = c.execute("SELECT through_run, keys, length(bits) FROM key_filter WHERE id = 1"
-                        ).fetchone()
-        if row is not None:
-            self.filter = self._read_filter(row[2])
-            self.filter_through_run, self.filter_keys = row[0], row[1]
-            meta = c.execute("SELECT value FROM meta WHERE key = ?", (FILTER_META_KEY,)
-                             ).fetchone()
-            if meta is not None:  # where the snapshot records its coverage since schema 4
+        meta = c.execute("SELECT value FROM meta WHERE key = ?", (FILTER_META_KEY,)).fetchone()
+        legacy = c.execute("SELECT through_run, keys, length(bits) FROM key_filter WHERE id = 1"
+                           ).fetchone()
+        if meta is not None:  # a snapshot of schema 4: chunk rows, coverage in meta
+            bits = self._read_chunks()
+            if bits is not None:
+                self.filter = Filter(bits=bits)
                 self.filter_through_run, self.filter_keys = map(int, meta[0].split(":"))
-        else:  # the snapshot's row, at its full size now: never a 20 MB write in a commit
-            c.execute("INSERT INTO key_filter VALUES (1,0,0,zeroblob(?))",
-                      (self.filter.bits.nbytes,))
+            if legacy is not None:  # schema 3's one-row snapshot, superseded
+                c.execute("DELETE FROM key_filter")
+        elif legacy is not None:  # schema 3: one row, its coverage in its own columns
+            self.filter = self._read_filter(legacy[2])
+            self.filter_through_run, self.filter_keys = legacy[0], legacy[1]
         for r in self.runs:
             if r.run > self.filter_through_run:
                 hashes = self._run_hashes(r.run)
@@ -435,33 +436,40 @@ class KeyIndex:
         self._step = None
 
     def _write_filter_slice(self, c: sqlite3.Connection) -> int:
-        """The next FILTER_BYTES_PER_COMMIT of the snapshot, in place. Its first step
-        checks that the row has the filter's size (:meth:`load` created it so; were it not,
-        the row is made anew, covering nothing); a torn snapshot keeps the coverage recorded
-        before it, which the new bits also cover. The last step records, in ``meta``, the
-        run it now covers. Returns the bytes written so far."""
+        """The next chunk of the snapshot: a ``key_filter_chunks`` row of
+        FILTER_BYTES_PER_COMMIT bytes, written whole (no row ever grows or is rewritten in
+        place: updating a column of one 20 MB row rewrote all of it, a 270 ms commit, and
+        preallocating it cannot be done on a small disk). A torn snapshot keeps the
+        coverage recorded before it in ``meta``, which its newer bits also cover (bits are
+        only set). The last chunk records the run it now covers. Returns the bytes written
+        so far."""
         run, keys, done = self._snapshot  # type: ignore[misc]
         bits = self.filter.bits
-        if done < 0:
-            row = c.execute("SELECT length(bits) FROM key_filter WHERE id = 1").fetchone()
-            if row is None or row[0] != bits.nbytes:
-                c.execute("INSERT OR REPLACE INTO key_filter VALUES (1,0,0,zeroblob(?))",
-                          (bits.nbytes,))
-                c.execute("DELETE FROM meta WHERE key = ?", (FILTER_META_KEY,))
-            done = 0
+        done = max(done, 0)
         end = min(bits.nbytes, done + FILTER_BYTES_PER_COMMIT)
-        with c.blobopen("key_filter", "bits", 1) as blob:
-            blob.seek(done)
-            blob.write(memoryview(bits)[done:end])
+        c.execute("INSERT OR REPLACE INTO key_filter_chunks VALUES (?, ?)",
+                  (done // FILTER_BYTES_PER_COMMIT, bits[done:end].tobytes()))
         if end == bits.nbytes:
-            # Not the blob's own row: updating a column of it rewrites all 20 MB (a 270 ms
-            # commit, issue 19).
             c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (FILTER_META_KEY,
                                                                     f"{run}:{keys}"))
         return end
 
+    def _read_chunks(self) -> np.ndarray | None:
+        """The snapshot's chunks as one array of the filter's size, or None when they do
+        not make up exactly that (the filter's size changed): then it covers nothing."""
+        bits = np.zeros_like(self.filter.bits)
+        filled = 0
+        for chunk, data in self.conn.execute(
+                "SELECT chunk, bits FROM key_filter_chunks ORDER BY chunk"):
+            off = chunk * FILTER_BYTES_PER_COMMIT
+            if off + len(data) > bits.nbytes:
+                return None
+            bits[off:off + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            filled += len(data)
+        return bits if filled == bits.nbytes else None
+
     def _read_filter(self, size: int) -> Filter:
-        """The snapshot read back the same way, into one array (no intermediate copy)."""
+        """Schema 3's one-row snapshot, read a MiB at a time into one array."""
         bits = np.empty(size, dtype=np.uint8)
         with self.conn.blobopen("key_filter", "bits", 1, readonly=True) as blob:
             for off in range(0, size, FILTER_IO_CHUNK_BYTES):

@@ -129,7 +129,8 @@ CREATE TABLE key_filter (
 
 # Key runs as sorted pages (issue 19): a run is written as pages of sorted 64-bit key hashes
 # and their journal locations, not a row per key; key_runs keeps each run's page fences and
-# its own filter. Runs written before (rows in consume_keys) are converted at start.
+# its own filter; the filter's snapshot is chunk rows, its coverage a meta row. Runs written
+# before (rows in consume_keys) are converted at start.
 SCHEMA_V4 = """
 CREATE TABLE key_pages (
     run INTEGER NOT NULL,
@@ -139,6 +140,10 @@ CREATE TABLE key_pages (
 );
 ALTER TABLE key_runs ADD COLUMN fences BLOB;
 ALTER TABLE key_runs ADD COLUMN filter BLOB;
+CREATE TABLE key_filter_chunks (
+    chunk INTEGER PRIMARY KEY,
+    bits BLOB NOT NULL
+);
 """
 
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
