@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .account_commands import suspended
 from .errors import LedgerError, key_reused
-from .model import _BILLABLE, AccountStatus, consume_fingerprint
+from .model import _BILLABLE, AccountStatus, Consume, consume_fingerprint
 from .money import PAYG_UNIT_PRICE_MICROS
 from .store.blocks import prior_of_item
 
@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 ROW_FIELDS = ("account_id", "request_id", "region", "captcha_type", "architecture", "step",
               "scenario_id", "quantity", "dry_run", "client_observed_us")
 _SUSPENDED = AccountStatus.SUSPENDED
+
+
+def row_of(c: Consume) -> tuple:
+    """A ``Consume`` command as the row a consume group takes."""
+    return (c.account_id, c.request_id, int(c.region), int(c.captcha_type),
+            int(c.architecture), int(c.step), c.scenario_id, c.quantity, c.dry_run,
+            c.client_timestamp_us)
 
 
 class ConsumeRows(list):

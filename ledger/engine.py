@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from . import calendar as cal
 from . import shared
 from .account_commands import REFUND_WINDOW_US, AccountCommands, Replayed, suspended
-from .consume_group import GroupResult, run_group
+from .consume_group import GroupResult, row_of, run_group
 from .errors import InvalidArgument, NotFound, key_reused
 from .lifecycle import (
     CLOCK_META_KEY,
@@ -269,9 +269,7 @@ class Engine(AccountCommands, Lifecycle):
 
     def consume(self, c: Consume) -> ConsumeOutcome:
         """One Consume: a consume group of one (:mod:`.consume_group`), as an outcome."""
-        out = run_group(self, [(c.account_id, c.request_id, int(c.region),
-                                int(c.captcha_type), int(c.architecture), int(c.step),
-                                c.scenario_id, c.quantity, c.dry_run, c.client_timestamp_us)])
+        out = run_group(self, [row_of(c)])
         if out.errors:
             raise out.errors[0]
         at_us, day = out.replays.get(0, (out.at_us, out.day))

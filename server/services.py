@@ -102,7 +102,8 @@ def _validated(requests: Any) -> tuple[ConsumeRows, list[int], list[tuple[int, L
             append(row(req))
         except LedgerError as exc:
             refused.append((i, exc))
-    where = [] if not refused else sorted(set(range(len(requests))) - {i for i, _ in refused})
+    bad = {i for i, _ in refused}
+    where = [i for i in range(len(requests)) if i not in bad] if bad else []
     return rows, where, refused
 
 

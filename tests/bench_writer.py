@@ -42,7 +42,7 @@ from rich.table import Table
 from ledger import catalog
 from ledger import model as m
 from ledger.clock import SystemClock, TestClock
-from ledger.consume_group import ConsumeRows, GroupResult
+from ledger.consume_group import ConsumeRows, GroupResult, row_of
 from ledger.engine import Engine
 from ledger.money import Region
 from ledger.store import open_store
@@ -119,9 +119,7 @@ def drive(writer: Writer, items: list[Any], in_flight: int, deadline: float,
 
 def as_rows(cmds: list[m.Consume]) -> ConsumeRows:
     """Commands as the consume rows a ConsumeBatch's front hands the writer."""
-    return ConsumeRows((c.account_id, c.request_id, int(c.region), int(c.captcha_type),
-                        int(c.architecture), int(c.step), c.scenario_id, c.quantity, c.dry_run,
-                        c.client_timestamp_us) for c in cmds)
+    return ConsumeRows(row_of(c) for c in cmds)
 
 
 def count_batch(out: GroupResult) -> tuple[int, int]:

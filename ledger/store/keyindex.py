@@ -41,7 +41,6 @@ enough that the writer keeps the GIL moving. Measured in process (groups of 1,00
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sqlite3
 import threading
@@ -50,108 +49,31 @@ from typing import Any
 
 import numpy as np
 
+from .keyruns import (
+    LOC_IDX_BITS,
+    Filter,
+    Key,
+    Location,
+    Run,
+    build_run,
+    hash_keys,
+    key_hash,  # noqa: F401  (the index's own name for it: tests and tools)
+    page_arrays,
+    unpack,
+)
+
 log = logging.getLogger("quota_ledger.keyindex")
 
 MEMTABLE_KEYS_MAX = 100_000
 FILTER_KEYS = 16_000_000  # keys one filter holds at about 1% false positives
-FILTER_BITS_PER_KEY = 10
-RUN_FILTER_BITS_PER_KEY = 10
-FILTER_HASHES = 7
 FILTER_SNAPSHOT_EVERY_RUNS = 8
 FILTER_IO_CHUNK_BYTES = 1 << 20  # schema 3's one-row snapshot is read a MiB at a time
 FILTER_BYTES_PER_COMMIT = 1 << 18  # the snapshot: a chunk row of 256 KiB per group commit
 PAGE_KEYS = 1_024  # keys per page of a run: 16 KiB (hashes, then locations)
 RUN_PAGES_PER_COMMIT = 16  # a frozen memtable's pages written per group commit
 CONVERT_ROWS_MAX = 10_000_000  # a schema-3 run converted at start (bounded read)
-LOC_IDX_BITS = 20  # a location packs (seq, index in its block + 1) into one int64
 FILTER_META_KEY = "key_filter_through"  # "run:keys" the snapshot covers (meta table)
 FILTER_ADD_CHUNK = 10_000  # keys added to the filter per numpy call on the builder thread
-
-Key = tuple[str, str]  # (account_id, request_id)
-Location = tuple[int, int]  # (journal seq, index in its block; -1: a one-row entry)
-
-
-def hash_keys(keys: Iterable[Key]) -> np.ndarray:
-    """Signed 64-bit hashes (SQLite INTEGER) of consume keys, as one int64 array."""
-    b2 = hashlib.blake2b
-    digests = b"".join([b2(f"{a}\x00{r}".encode(), digest_size=8).digest() for a, r in keys])
-    return np.frombuffer(digests, dtype=">i8").astype(np.int64)
-
-
-def key_hash(account_id: str, request_id: str) -> int:
-    return int(hash_keys([(account_id, request_id)])[0])
-
-
-def pack(seq: int, idx: int) -> int:
-    return (seq << LOC_IDX_BITS) | (idx + 1)
-
-
-def unpack(loc: int) -> Location:
-    return loc >> LOC_IDX_BITS, (loc & ((1 << LOC_IDX_BITS) - 1)) - 1
-
-
-class Filter:
-    """A Bloom filter over 64-bit key hashes (double hashing on the hash's two halves),
-    added to and asked a whole group of hashes at a time (numpy: no Python loop a key)."""
-
-    def __init__(self, bits: np.ndarray | None = None, keys_max: int | None = None,
-                 bits_per_key: int = FILTER_BITS_PER_KEY) -> None:
-        if bits is not None:
-            self.bits = bits
-        else:
-            size = max(8, (keys_max or FILTER_KEYS) * bits_per_key // 8)
-            self.bits = np.zeros(size, dtype=np.uint8)
-        self.m = np.uint64(len(self.bits) * 8)
-
-    def _positions(self, hashes: Any) -> np.ndarray:
-        hs = np.asarray(hashes, dtype=np.int64).view(np.uint64)
-        h1, h2 = hs & np.uint64(0xFFFFFFFF), (hs >> np.uint64(32)) | np.uint64(1)
-        i = np.arange(FILTER_HASHES, dtype=np.uint64)
-        return (h1[:, None] + i[None, :] * h2[:, None]) % self.m  # wraps mod 2**64: fine
-
-    def add_many(self, hashes: Any) -> None:
-        """Set the hashes' bits: one pass per bit of a byte, so that every write a pass
-        makes to one byte sets the same bit (a fancy-indexed ``|=`` keeps one write per
-        byte); about twice as fast as ``np.bitwise_or.at``."""
-        if len(hashes):
-            p = self._positions(hashes).ravel()
-            byte, bit = (p >> np.uint64(3)).astype(np.int64), (p & np.uint64(7)).astype(np.uint8)
-            for b in range(8):
-                self.bits[byte[bit == b]] |= np.uint8(1 << b)
-
-    def contains_many(self, hashes: Any) -> np.ndarray:
-        if not len(hashes):
-            return np.zeros(0, dtype=bool)
-        p = self._positions(hashes)
-        hit = self.bits[p >> np.uint64(3)] & np.left_shift(1, p & np.uint64(7)).astype(np.uint8)
-        return (hit != 0).all(axis=1)
-
-
-class Run:
-    """A written run, as memory keeps it: its fences and its own filter."""
-
-    __slots__ = ("run", "fences", "filter")
-
-    def __init__(self, run: int, fences: np.ndarray, filt: Filter) -> None:
-        self.run, self.fences, self.filter = run, fences, filt
-
-
-def build_run(hashes: np.ndarray, locs: np.ndarray) -> tuple[list[bytes], np.ndarray, Filter]:
-    """A run's pages, fences and filter from its keys' hashes and locations (any order)."""
-    order = np.argsort(hashes, kind="stable")
-    hs, ls = hashes[order], locs[order]
-    pages = [hs[i:i + PAGE_KEYS].tobytes() + ls[i:i + PAGE_KEYS].tobytes()
-             for i in range(0, len(hs), PAGE_KEYS)]
-    filt = Filter(keys_max=max(1, len(hs)), bits_per_key=RUN_FILTER_BITS_PER_KEY)
-    filt.add_many(hs)
-    return pages, hs[::PAGE_KEYS].copy(), filt
-
-
-def page_arrays(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    n = len(data) // 16
-    return (np.frombuffer(data, dtype=np.int64, count=n),
-            np.frombuffer(data, dtype=np.int64, count=n, offset=n * 8))
-
 
 class KeyIndex:
     """The memtable, the runs and the filter of one SQLite journal (the writer's side)."""
@@ -163,7 +85,7 @@ class KeyIndex:
         self._locs: list[int] = []
         self.runs: list[Run] = []
         self.through_seq = 0  # the runs cover every key at or before this seq
-        self.filter = Filter()
+        self.filter = Filter(keys_max=FILTER_KEYS)
         self.filter_through_run = 0
         self.filter_keys = 0
         self._hashed: dict[Key, int] = {}  # hashes computed by candidates() until add()
@@ -226,8 +148,8 @@ class KeyIndex:
             rows = c.execute("SELECT h, seq, idx FROM consume_keys WHERE run = ? LIMIT ?",
                              (run, CONVERT_ROWS_MAX)).fetchall()
             arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
-            pages, fences, filt = build_run(arr[:, 0].copy(),
-                                            (arr[:, 1] << LOC_IDX_BITS) | (arr[:, 2] + 1))
+            locs = (arr[:, 1] << LOC_IDX_BITS) | (arr[:, 2] + 1)
+            pages, fences, filt = build_run(arr[:, 0].copy(), locs, PAGE_KEYS)
             c.execute("BEGIN IMMEDIATE")
             try:
                 c.executemany(f"INSERT INTO key_pages VALUES ({run},?,?)", enumerate(pages))
@@ -357,7 +279,7 @@ class KeyIndex:
         Only this thread and start-up ever set the filter's bits."""
         try:
             hs, ls = np.array(hashes, dtype=np.int64), np.array(locs, dtype=np.int64)
-            pages, fences, filt = build_run(hs, ls)
+            pages, fences, filt = build_run(hs, ls, PAGE_KEYS)
             for i in range(0, len(hs), FILTER_ADD_CHUNK):  # short calls: the GIL moves on
                 self.filter.add_many(hs[i:i + FILTER_ADD_CHUNK])
             self._built = (pages, fences, filt, len(hs), int(ls.max()) >> LOC_IDX_BITS)
@@ -423,6 +345,7 @@ class KeyIndex:
             return
         _, fences, filt, keys, through = self._built  # type: ignore[misc]
         self._pages, self._page_pos, self._built = [], 0, None
+        self._build_args = ([], [])  # the run is written: its keys' lists go
         run = self._run_id
         self.runs.append(Run(run, fences, filt))
         self.through_seq = max(self.through_seq, through)

@@ -261,8 +261,7 @@ class Store(StoreReads):
             # two columns at their first values for good: its UPDATE sets units_remaining
             # alone, a third cheaper a row (issue 19).
             narrow = [(r[0], r[3]) for r in changed if r[1] == 0 and r[2] is None]
-            full = [r for r in changed if r[1] != 0 or r[2] is not None] if len(narrow) < len(
-                changed) else []
+            full = [r for r in changed if r[1] != 0 or r[2] is not None]
             n = 0
             if narrow:
                 n += c.executemany("UPDATE plans SET units_remaining = ? WHERE plan_id = ?",
