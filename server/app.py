@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import math
 import time
@@ -31,7 +30,7 @@ from ledger.errors import Unavailable
 from ledger.store import open_store
 from ledger.store.urls import is_pg_url, mask_url
 from ledger.verify import ChainBroken, check_node_tail, check_tail
-from ledger.writer import Writer
+from ledger.writer import Writer, tune_gc
 
 from .auth import Authorizer, is_loopback
 from .config import ServerConfig
@@ -49,11 +48,6 @@ log = logging.getLogger("quota_ledger.server")
 DEFAULT_DB = ServerConfig.db
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 DRAIN_REFUSE_S = 0.3  # SIGTERM: how long new calls are refused UNAVAILABLE before grpc stops
-# The garbage collector (issue 19): a consume group allocates thousands of small containers,
-# so CPython's default (a young collection every 700) ran 7 collections a group, and full
-# ones paused the writer 40 ms. The state loaded at start is frozen out of every collection,
-# and the thresholds are raised: nothing on the hot path makes reference cycles.
-GC_THRESHOLDS = (50_000, 20, 10)
 SERVICE_NAMES = {
     "QuotaLedger": quota_ledger_pb2.DESCRIPTOR.services_by_name["QuotaLedger"].full_name,
     "Accounts": accounts_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
@@ -114,9 +108,7 @@ class LedgerServer:
             self.metrics.journal_rows.set_function(lambda: self.engine.next_seq - 1)
             self.engine.on_settled = self.metrics.on_settled
             self.metrics.watch_state(self._state_query, cfg.metrics_top_accounts)
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(*GC_THRESHOLDS)
+            tune_gc()
             self.writer.start()
             if cfg.metrics_listen:
                 self.metrics_port = self.metrics.serve(cfg.metrics_listen)

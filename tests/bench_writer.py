@@ -46,7 +46,7 @@ from ledger.consume_group import ConsumeRows, GroupResult, row_of
 from ledger.engine import Engine
 from ledger.money import Region
 from ledger.store import open_store
-from ledger.writer import Batch, Writer
+from ledger.writer import Batch, Writer, tune_gc
 
 from .bench_phases import PHASES, Phases, validation_us
 from .bench_postgres import Units
@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             t0 = time.perf_counter()
             ids = setup(writer, args.accounts)
+            tune_gc()  # as the server does before its writer starts
             console.print(f"{len(ids):,} accounts ({len(ids[::2]):,} with a {PLAN_SPEC} plan) "
                           f"set up in {time.perf_counter() - t0:.1f} s; "
                           f"{'test' if args.test_clock else 'system'} clock; db {db}")
