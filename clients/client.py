@@ -17,8 +17,11 @@
   ``breaker=``) then skips the network altogether until a health probe sees the ledger back,
   so an outage costs a caller the spool's fsync, not a deadline (``clients/failopen.py``,
   issue 21). ``on_state_change(old, new)`` hears each of its transitions.
-- ``batching=True``: concurrent ``consume()`` calls share ``ConsumeBatch`` calls
-  (``clients/coalescer.py``), each caller with its own result or error.
+- Coalescing is on by default (issue 18): concurrent ``consume()`` calls share
+  ``ConsumeBatch`` calls (``clients/coalescer.py``), each caller with its own result or
+  error. A lone call is still sent at once as a unary ``Consume``, so a caller at low rates
+  waits for nothing. ``batching=False`` (or ``QUOTA_LEDGER_CLIENT_BATCHING=0`` in the
+  environment, for a client built without the argument) sends every call unary.
 
 Enum arguments take the wire numbers, the full wire names, or short names
 (``region="mainland"``, ``captcha_type="slider"``, ``architecture="v3"``, ``step="4.1"``).
@@ -69,6 +72,10 @@ __all__ = ["CHANNEL_OPTIONS", "DEFAULT_TARGET", "DEFAULT_TIMEOUT_S", "RETRIES_MA
            "SpoolLimits", "enum_value", "new_request_id", "timestamp"]
 
 
+BATCHING_ENV = "QUOTA_LEDGER_CLIENT_BATCHING"  # the default of ``batching`` when not given
+BATCHING_OFF = ("0", "false", "off", "no")
+
+
 class _Options:
     """The keyword arguments both clients take, checked once.
 
@@ -76,7 +83,8 @@ class _Options:
     first; ``token`` a bearer token; ``tls_ca``/``tls_cert``/``tls_key`` PEM paths for TLS
     and mutual TLS; ``spool_path`` the local spool file (fail open, R26) and
     ``spool_limits`` its :class:`SpoolLimits`; ``batching`` coalesce concurrent consume()
-    calls, ``linger_ms`` and ``batch_size_max`` how (``clients/coalescer.py``);
+    calls (default: on, unless ``BATCHING_ENV`` says 0/false/off), ``linger_ms`` and
+    ``batch_size_max`` how (``clients/coalescer.py``);
     ``budget_s`` a consume()'s latency budget with a spool, ``breaker`` the circuit breaker
     (None: on when there is a spool), ``failures_to_open`` and ``on_state_change`` its
     threshold and listener (``clients/failopen.py``).
@@ -86,7 +94,7 @@ class _Options:
                  token: str | None = None, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None,
                  spool_path: str | os.PathLike[str] | None = None,
-                 spool_limits: SpoolLimits | None = None, batching: bool = False,
+                 spool_limits: SpoolLimits | None = None, batching: bool | None = None,
                  linger_ms: float = DEFAULT_LINGER_MS,
                  batch_size_max: int = DEFAULT_BATCH_SIZE_MAX,
                  budget_s: float | None = DEFAULT_BUDGET_S, breaker: bool | None = None,
@@ -96,6 +104,8 @@ class _Options:
         self.metadata = auth_metadata(token)
         self.creds = credentials(tls_ca, tls_cert, tls_key)
         self.spool = Spool(spool_path, spool_limits) if spool_path is not None else None
+        if batching is None:
+            batching = os.environ.get(BATCHING_ENV, "1").strip().lower() not in BATCHING_OFF
         self.batching = {"linger_ms": linger_ms, "batch_size_max": batch_size_max
                          } if batching else None
         self.budget_s = check_budget(budget_s)
@@ -117,8 +127,8 @@ class _Wired(LedgerApi):
         batch = self.stubs["ledger"].ConsumeBatch
         send = non_blocking(batch)  # sync: batch.future, so several batches are in flight
         self.coalescer = coalescer(lambda request, timeout: send(
-            request, timeout=timeout, metadata=self.metadata), **o.batching
-        ) if o.batching else None
+            request, timeout=timeout, metadata=self.metadata),
+            unary=self.stubs["ledger"].Consume, **o.batching) if o.batching else None
         self.spool, self.replayer = o.spool, None
         if self.spool is not None:
             self.replayer = replayer(self.spool, lambda request: batch(

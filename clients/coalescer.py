@@ -1,13 +1,17 @@
 """Coalescing: concurrent ``consume()`` calls of one client share ``ConsumeBatch`` calls.
 
 One unary call per verification caps a process at the per-call cost of gRPC; the ledger
-takes batches far faster. With ``batching=True`` a client's ``Consume`` goes through a
-coalescer that has the signature of a stub method (``(request, timeout, metadata)``), so
-the client's retries, deadlines and spool apply to each caller as before.
+takes batches far faster. Both clients coalesce by default (``batching=False`` opts out,
+issue 18): a client's ``Consume`` goes through a coalescer that has the signature of a stub
+method (``(request, timeout, metadata)``), so the client's retries, deadlines and spool
+apply to each caller as before.
 
-- Nothing in flight: a call is sent at once, alone (no linger), on the next turn of the
-  event loop (async) or by the sender thread (sync).
-- While batches are in flight, calls wait at most ``linger_s`` (or until ``batch_size_max``
+- Nothing in flight and nobody waiting: the call is sent at once, alone, as the unary
+  ``Consume`` it would have been without batching, from the caller's own task or thread
+  (no linger, no hop), so a caller at low rates sees no added latency. Without a ``unary``
+  sender (tests), it leaves as a batch of one on the next turn of the event loop (async) or
+  by the sender thread (sync).
+- While calls are in flight, calls wait at most ``linger_s`` (or until ``batch_size_max``
   are waiting) and then leave together; at most ``BATCHES_IN_FLIGHT_MAX`` batches at once.
 - Each caller gets its own result or its own ``LedgerError``; one bad item fails only its
   caller. A batch's deadline is the latest of its callers'; each caller still stops waiting
@@ -88,21 +92,34 @@ def _batch_timeout(items: list[_Item], now: float) -> float:
     return max(0.001, max(i.deadline for i in items) - now)
 
 
-class AsyncCoalescer:
+class _Sent:
+    """What a coalescer sent: ``batches_sent`` ConsumeBatch calls, ``unary_sent`` lone unary
+    calls, ``requests_sent`` requests in all."""
+
+    batches_sent = unary_sent = requests_sent = 0
+
+    @property
+    def calls_sent(self) -> int:
+        return self.batches_sent + self.unary_sent
+
+
+class AsyncCoalescer(_Sent):
     """For ``AsyncLedgerClient``: callers are tasks of one event loop."""
 
     def __init__(self, send: Callable[..., Awaitable[qpb.ConsumeBatchResponse]], *,
+                 unary: Callable[..., Awaitable[qpb.ConsumeResponse]] | None = None,
                  linger_ms: float = DEFAULT_LINGER_MS,
                  batch_size_max: int = DEFAULT_BATCH_SIZE_MAX) -> None:
         check_batching(linger_ms, batch_size_max)
         self._send, self.linger_s, self.batch_size_max = send, linger_ms / 1000, batch_size_max
+        self._unary = unary
+        self._direct = 0  # lone calls in flight, sent unary
         self._pending: list[_Item] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._soon = False
         self._pending_timer: asyncio.TimerHandle | None = None
         self._pending_at: float | None = None
-        self.batches_sent = self.requests_sent = 0
 
     async def __call__(self, request: qpb.ConsumeRequest, timeout: float,
                        metadata: Any = None) -> qpb.ConsumeResponse:
@@ -110,12 +127,30 @@ class AsyncCoalescer:
         earliest deadline and one each batch in flight. A cancelled future is done, so
         take_batch leaves its request out."""
         loop = asyncio.get_running_loop()
+        if (self._unary is not None and not self._pending and not self._in_flight
+                and not self._direct):
+            return await self._lone(loop, request, timeout, metadata)
         item = _Item(request, loop.time() + timeout, loop.create_future())
         self._pending.append(item)
         if self._pending_at is None or item.deadline < self._pending_at:
             self._watch_pending(loop, item.deadline)
         self._schedule(loop)
         return await item.future
+
+    async def _lone(self, loop: asyncio.AbstractEventLoop, request: qpb.ConsumeRequest,
+                    timeout: float, metadata: Any) -> qpb.ConsumeResponse:
+        """Nothing else in flight: the unary call itself. Callers that arrive meanwhile
+        linger, and leave together when it returns (or when their linger ends)."""
+        assert self._unary is not None
+        self._direct += 1
+        self.unary_sent, self.requests_sent = self.unary_sent + 1, self.requests_sent + 1
+        try:
+            return await self._unary(request, timeout=timeout, metadata=metadata)
+        finally:
+            self._direct -= 1
+            if self._pending and not self._soon:
+                self._soon = True
+                loop.call_soon(self._flush)
 
     def _watch_pending(self, loop: asyncio.AbstractEventLoop, at: float | None) -> None:
         if self._pending_timer is not None:
@@ -158,7 +193,7 @@ class AsyncCoalescer:
         return handle
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        if len(self._pending) >= self.batch_size_max or not self._in_flight:
+        if len(self._pending) >= self.batch_size_max or not (self._in_flight or self._direct):
             if not self._soon:  # callers of this turn of the loop leave together, no linger
                 self._soon = True
                 loop.call_soon(self._flush)
@@ -205,20 +240,20 @@ class AsyncCoalescer:
             await asyncio.wait(set(self._in_flight), timeout=CLOSE_TIMEOUT_S)
 
 
-class ThreadCoalescer:
+class ThreadCoalescer(_Sent):
     """For ``LedgerClient``: callers are threads; one sender thread forms the batches and
     sends them with non-blocking ``future()`` calls, so several can be in flight."""
 
     def __init__(self, send_future: Callable[..., grpc.Future], *,
+                 unary: Callable[..., qpb.ConsumeResponse] | None = None,
                  linger_ms: float = DEFAULT_LINGER_MS,
                  batch_size_max: int = DEFAULT_BATCH_SIZE_MAX) -> None:
         check_batching(linger_ms, batch_size_max)
-        self._send = send_future
+        self._send, self._unary = send_future, unary
         self.linger_s, self.batch_size_max = linger_ms / 1000, batch_size_max
         self._pending: list[_Item] = []
         self._in_flight = 0
         self._closed = False
-        self.batches_sent = self.requests_sent = 0
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="ledger-coalescer", daemon=True)
         self._thread.start()
@@ -230,8 +265,21 @@ class ThreadCoalescer:
             if self._closed:
                 raise LedgerError(grpc.StatusCode.CANCELLED, "CLIENT_CLOSED",
                                   "the client is closed")
-            self._pending.append(item)
-            self._cond.notify_all()
+            lone = self._unary is not None and not self._pending and not self._in_flight
+            if lone:  # the unary call itself, from this thread: no hop, no linger
+                self._in_flight += 1
+                self.unary_sent, self.requests_sent = self.unary_sent + 1, self.requests_sent + 1
+            else:
+                self._pending.append(item)
+                self._cond.notify_all()
+        if lone:
+            assert self._unary is not None
+            try:
+                return self._unary(request, timeout=timeout, metadata=metadata)
+            finally:
+                with self._cond:
+                    self._in_flight -= 1
+                    self._cond.notify_all()
         try:
             return item.future.result(timeout)
         except concurrent.futures.TimeoutError:

@@ -221,7 +221,7 @@ def test_async_callers_share_batches_and_get_their_own_errors(server):
             outcomes = await asyncio.gather(*(
                 c.consume("nobody" if i % 4 == 0 else "acme", request_id=f"a-{i}")
                 for i in range(64)), return_exceptions=True)
-            return outcomes, c.coalescer.batches_sent, c.coalescer.requests_sent
+            return outcomes, c.coalescer.calls_sent, c.coalescer.requests_sent
 
     outcomes, batches, sent = asyncio.run(main())
     for i, o in enumerate(outcomes):
@@ -245,7 +245,7 @@ def test_sync_client_coalesces_across_threads(server):
             return [c.consume("acme", request_id=f"t{w}-{i}").billable for i in range(25)]
         with ThreadPoolExecutor(16) as pool:
             results = [b for r in pool.map(worker, range(16)) for b in r]
-        batches = c.coalescer.batches_sent
+        batches = c.coalescer.calls_sent
     assert len(results) == 400 and all(results)
     assert batches < 400
     with server.client() as c:

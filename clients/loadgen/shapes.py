@@ -316,7 +316,7 @@ class _Coalesced:
     async def close(self) -> int:
         await self.client.close()
         assert self.client.coalescer is not None
-        return self.client.coalescer.batches_sent
+        return self.client.coalescer.calls_sent
 
 
 async def run_load(config: LoadConfig, *, on_tick: Callable[[dict[str, Any]], None] | None
