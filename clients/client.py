@@ -84,7 +84,8 @@ class _Options:
     and mutual TLS; ``spool_path`` the local spool file (fail open, R26) and
     ``spool_limits`` its :class:`SpoolLimits`; ``batching`` coalesce concurrent consume()
     calls (default: on, unless ``BATCHING_ENV`` says 0/false/off), ``linger_ms`` and
-    ``batch_size_max`` how (``clients/coalescer.py``);
+    ``batch_size_max`` how, ``compact_answers`` the batches' COMPACT view (no allocations
+    nor remaining units in the answers; ``clients/coalescer.py``);
     ``budget_s`` a consume()'s latency budget with a spool, ``breaker`` the circuit breaker
     (None: on when there is a spool), ``failures_to_open`` and ``on_state_change`` its
     threshold and listener (``clients/failopen.py``).
@@ -96,7 +97,7 @@ class _Options:
                  spool_path: str | os.PathLike[str] | None = None,
                  spool_limits: SpoolLimits | None = None, batching: bool | None = None,
                  linger_ms: float = DEFAULT_LINGER_MS,
-                 batch_size_max: int = DEFAULT_BATCH_SIZE_MAX,
+                 batch_size_max: int = DEFAULT_BATCH_SIZE_MAX, compact_answers: bool = False,
                  budget_s: float | None = DEFAULT_BUDGET_S, breaker: bool | None = None,
                  failures_to_open: int = FAILURES_TO_OPEN,
                  on_state_change: StateListener | None = None) -> None:
@@ -106,8 +107,8 @@ class _Options:
         self.spool = Spool(spool_path, spool_limits) if spool_path is not None else None
         if batching is None:
             batching = os.environ.get(BATCHING_ENV, "1").strip().lower() not in BATCHING_OFF
-        self.batching = {"linger_ms": linger_ms, "batch_size_max": batch_size_max
-                         } if batching else None
+        self.batching = {"linger_ms": linger_ms, "batch_size_max": batch_size_max,
+                         "compact_answers": compact_answers} if batching else None
         self.budget_s = check_budget(budget_s)
         self.breaker = CircuitBreaker(failures_to_open=failures_to_open,
                                       on_state_change=on_state_change) if (

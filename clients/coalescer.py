@@ -14,9 +14,12 @@ apply to each caller as before.
 - While calls are in flight, calls wait at most ``linger_s`` (or until ``batch_size_max``
   are waiting) and then leave together; at most ``BATCHES_IN_FLIGHT_MAX`` batches at once.
 - Each caller gets its own result or its own ``LedgerError``; one bad item fails only its
-  caller. A batch's deadline is the latest of its callers'; each caller still stops waiting
-  at its own deadline (DEADLINE_EXCEEDED: if it had been sent, its fate is unknown and a
-  retry under the same request_id settles it, R12).
+  caller. Batches ask for the FULL view, so a coalesced caller's answer is the one a unary
+  call would give; ``compact_answers=True`` asks for COMPACT (cheaper on both sides, but no
+  ``allocations`` nor ``plan_units_remaining``: clients/outcomes.py). A batch's deadline is
+  the latest of its callers'; each caller still stops waiting at its own deadline
+  (DEADLINE_EXCEEDED: if it had been sent, its fate is unknown and a retry under the same
+  request_id settles it, R12).
 - A caller that gives up before its request was sent (deadline, cancelled task) takes the
   request out: it is never sent.
 - ``close()`` sends what is waiting and waits for the batches in flight.
@@ -109,8 +112,10 @@ class AsyncCoalescer(_Sent):
     def __init__(self, send: Callable[..., Awaitable[qpb.ConsumeBatchResponse]], *,
                  unary: Callable[..., Awaitable[qpb.ConsumeResponse]] | None = None,
                  linger_ms: float = DEFAULT_LINGER_MS,
-                 batch_size_max: int = DEFAULT_BATCH_SIZE_MAX) -> None:
+                 batch_size_max: int = DEFAULT_BATCH_SIZE_MAX,
+                 compact_answers: bool = False) -> None:
         check_batching(linger_ms, batch_size_max)
+        self.compact = compact_answers
         self._send, self.linger_s, self.batch_size_max = send, linger_ms / 1000, batch_size_max
         self._unary = unary
         self._direct = 0  # lone calls in flight, sent unary
@@ -218,7 +223,7 @@ class AsyncCoalescer(_Sent):
         loop = asyncio.get_running_loop()
         expiry = self._watch_sent(loop, items)
         try:
-            answer = await self._send(batch_request([i.request for i in items]),
+            answer = await self._send(batch_request([i.request for i in items], self.compact),
                                       timeout=_batch_timeout(items, loop.time()))
         except grpc.RpcError as err:
             deliver(items, None, LedgerError.from_rpc_error(err))
@@ -247,8 +252,10 @@ class ThreadCoalescer(_Sent):
     def __init__(self, send_future: Callable[..., grpc.Future], *,
                  unary: Callable[..., qpb.ConsumeResponse] | None = None,
                  linger_ms: float = DEFAULT_LINGER_MS,
-                 batch_size_max: int = DEFAULT_BATCH_SIZE_MAX) -> None:
+                 batch_size_max: int = DEFAULT_BATCH_SIZE_MAX,
+                 compact_answers: bool = False) -> None:
         check_batching(linger_ms, batch_size_max)
+        self.compact = compact_answers
         self._send, self._unary = send_future, unary
         self.linger_s, self.batch_size_max = linger_ms / 1000, batch_size_max
         self._pending: list[_Item] = []
@@ -297,7 +304,7 @@ class ThreadCoalescer(_Sent):
                 if items is None:
                     return
                 self._in_flight += 1
-            request = batch_request([i.request for i in items])
+            request = batch_request([i.request for i in items], self.compact)
             call = self._send(request, timeout=_batch_timeout(items, time.monotonic()))
             call.add_done_callback(lambda c, items=items: self._done(items, c))
 

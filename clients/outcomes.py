@@ -1,8 +1,10 @@
 """One outcome per request from a ``ConsumeBatch`` answer, FULL or COMPACT.
 
 Both the coalescer (callers' requests sent together) and the spool's replay read batch
-answers here. A request asks for the COMPACT view; a server that answers FULL anyway (one
-that predates COMPACT) is read just as well, so the client works with both.
+answers here. The coalescer asks for the FULL view by default, so that a coalesced caller
+gets the very answer a unary call gives (issue 18: coalescing is the clients' default);
+``compact_answers=True`` asks for COMPACT, and the spool's replay always does. A server that
+answers FULL anyway (one that predates COMPACT) is read just as well.
 
 What a COMPACT answer gives a caller (docs/decisions.md, "Coalesced consume() results"):
 ``billable``, ``replayed``, ``payg_units``, ``payg_amount_micros``, the batch's
@@ -30,8 +32,10 @@ def item_error(error: pb.Error) -> LedgerError:
     return LedgerError(code, error.reason or code.name, error.message)
 
 
-def batch_request(requests: Sequence[qpb.ConsumeRequest]) -> qpb.ConsumeBatchRequest:
-    return qpb.ConsumeBatchRequest(requests=requests, view=qpb.CONSUME_BATCH_VIEW_COMPACT)
+def batch_request(requests: Sequence[qpb.ConsumeRequest], compact: bool = True
+                  ) -> qpb.ConsumeBatchRequest:
+    return qpb.ConsumeBatchRequest(requests=requests, view=qpb.CONSUME_BATCH_VIEW_COMPACT
+                                   if compact else qpb.CONSUME_BATCH_VIEW_FULL)
 
 
 def batch_outcomes(requests: Sequence[qpb.ConsumeRequest], answer: qpb.ConsumeBatchResponse

@@ -319,12 +319,13 @@ def test_batching_and_spool_together_fail_open(tmp_path: Path):
 
 
 def test_bench_client_counts_only_what_the_ledger_recorded(server):
-    """A short run of tests.bench_client: for both modes, every acknowledged request is a
-    plan unit the accounts lost (the bench's own check), with no errors."""
+    """A short run of tests.bench_client: in each mode (unbatched, the default client,
+    compact answers), every acknowledged request is a plan unit the accounts lost (the
+    bench's own check), with no errors."""
     from rich.console import Console
 
     from tests.bench_client import bench
 
-    runs = asyncio.run(bench(server.target, 1, 0.5, 32, Console(quiet=True)))
-    assert {r.mode for r in runs} == {"unbatched", "batched"}
+    runs = asyncio.run(bench(server.target, 1, 0.5, 32, 64, Console(quiet=True)))
+    assert {r.mode for r in runs} == {"unbatched", "default", "compact"}
     assert all(r.acknowledged > 0 and r.all_recorded for r in runs), runs

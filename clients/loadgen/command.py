@@ -79,7 +79,8 @@ def _usd_to_micros(text: str) -> int:
               help="Requests per ConsumeBatch call (with --client-batching: the most the "
                    "client puts in one).")
 @click.option("--view", type=click.Choice(sorted(VIEWS)), default="full", show_default=True,
-              help="--shape batch: the answer's view, FULL results or COMPACT columns.")
+              help="--shape batch (or --client-batching): the batch answer's view, FULL "
+                   "results or COMPACT columns.")
 @click.option("--client-batching", is_flag=True,
               help="--shape unary through one AsyncLedgerClient(batching=True): concurrent "
                    "consume() calls share ConsumeBatch calls (calls/s counts those).")

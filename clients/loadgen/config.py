@@ -53,7 +53,7 @@ class LoadConfig:
     hot_fraction: float = 0.1
     shape: str = "unary"
     batch_size: int = DEFAULT_BATCH_SIZE
-    view: str = "full"  # --shape batch: the answer's view, full or compact
+    view: str = "full"  # --shape batch, --client-batching: the answer's view, full or compact
     client_batching: bool = False  # unary through AsyncLedgerClient(batching=True)
     linger_ms: float = DEFAULT_LINGER_MS
     concurrency: int | None = None

@@ -307,7 +307,8 @@ class _Coalesced:
     def __init__(self, cfg: LoadConfig) -> None:
         self.client = AsyncLedgerClient(cfg.target, batching=True, linger_ms=cfg.linger_ms,
                                         batch_size_max=cfg.batch_size, retries=0,
-                                        timeout_s=cfg.timeout_s)
+                                        timeout_s=cfg.timeout_s,
+                                        compact_answers=cfg.view == "compact")
 
     async def __call__(self, request: bytes, timeout: float) -> qpb.ConsumeResponse:
         return await self.client._call("ledger", "Consume",
