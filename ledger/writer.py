@@ -35,6 +35,7 @@ from .consume_group import ConsumeRows, GroupResult
 from .engine import Engine
 from .errors import LedgerError, Overloaded, Unavailable
 from .faults import fault
+from .threads import name_this_thread
 
 log = logging.getLogger("quota_ledger.writer")
 
@@ -225,6 +226,7 @@ class Writer:
         return group, stop
 
     def _run(self) -> None:
+        name_this_thread()
         stop = False
         while not stop:
             group, stop = self._take_group()

@@ -44,6 +44,7 @@ from rich.table import Table
 
 from clients.loadgen import LoadConfig, LoadResult, prepare_accounts, run_load
 
+from .bench_cpu import CPU_MEASURES, CpuMeter, cpu_rows, thread_table
 from .bench_loads import Units, batch_load
 from .bench_sqlite import (
     COMMIT_FLOOR_COMMITS_MAX,
@@ -74,6 +75,11 @@ class Proc:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "started"
+        return self.proc.pid
 
     def start(self) -> Proc:
         env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
@@ -177,18 +183,28 @@ async def network_run(ledger: Proc, baseline: Proc, accounts: list[str], seconds
             order.reverse()
         got: dict[str, LoadResult] = {}
         checked: dict[str, int] = {}
+        cpu: dict[str, dict[str, object]] = {}
         for name, proc in order:
+            meter = CpuMeter(proc.pid) if measure.key in CPU_MEASURES else None
+            if meter is not None:
+                meter.start()
             got[name] = await drive(proc.target, accounts, measure.load, seconds)
+            if meter is not None:
+                cpu[name] = meter.stop(got[name].calls)
             if name == "ledger":
                 checked = units.check(got[name], f"run {run + 1} {measure.label}")
         out[measure.key] = {name: _summary(r) for name, r in got.items()}
+        for name, c in cpu.items():
+            out[measure.key][name]["cpu"] = c
         out[measure.key]["units"] = checked
         lv, bv = measure.value(got["ledger"]), measure.value(got["baseline"])
         errors = {k: v for n in ("ledger", "baseline") for k, v in got[n].errors.items()}
         console.print(f"  run {run + 1} {measure.label}: ledger {lv:,.3f} / baseline {bv:,.3f}"
                       f" {measure.unit}; units acknowledged {checked['acknowledged']:,} = "
                       f"recorded {checked['recorded']:,}"
-                      + (f"  errors {errors}" if errors else ""))
+                      + (f"  errors {errors}" if errors else "")
+                      + (f"; server CPU {cpu['ledger']['us_per_call']:.0f} / "
+                         f"{cpu['baseline']['us_per_call']:.0f} µs per call" if cpu else ""))
     return out
 
 
@@ -274,6 +290,7 @@ def report(runs: list[dict[str, Any]], console: Console, sizes: Sizes) -> dict[s
         series("unary1", "ledger", lambda d: d["p99_ms"]), floor,
         [r["commit_floor"]["p99_ms"] for r in runs], "{:.3f}", "(physical floor)", None,
         "ratio")
+    cpu_rows(add, series, runs)
     add("ConsumeStream, 4 streams x 16 in flight", "messages/s",
         series("stream", "ledger", lambda d: d["rate_per_s"]), base,
         series("stream", "baseline", lambda d: d["rate_per_s"]), "{:,.0f}",
@@ -292,6 +309,7 @@ def report(runs: list[dict[str, Any]], console: Console, sizes: Sizes) -> dict[s
         [r["settlement"]["sql_s"] for r in runs], "{:.3f}", "<= 3x",
         lambda ml, mr, q: q <= 3.0, "ratio")
     console.print(table)
+    thread_table(runs, console)
     console.print("SQLite ceiling: journal rows in the format before consume blocks (one "
                   "JSON row per request, with its idempotency index) inserted by executemany, "
                   "1,000 per transaction, WAL + synchronous=FULL (ledger.store.Store). Bare "

@@ -39,7 +39,7 @@ async def load(target: str) -> list:
     for i in range(REQUESTS):
         queue.put_nowait(i)
     results = []
-    async with AsyncLedgerClient(target, timeout_s=30) as c:
+    async with AsyncLedgerClient(target, timeout_s=30, batching=False) as c:  # unary calls
         async def caller() -> None:
             while not queue.empty():
                 i = queue.get_nowait()
@@ -82,7 +82,7 @@ PER_STREAM = 1_000
 
 
 async def stream_load(target: str) -> list:
-    async with AsyncLedgerClient(target, timeout_s=30) as c:
+    async with AsyncLedgerClient(target, timeout_s=30, batching=False) as c:  # unary calls
         async def one(s: int) -> list:
             reqs = [c.consume_request("acme", request_id=f"st-{s}-{i}")
                     for i in range(PER_STREAM)]

@@ -282,7 +282,7 @@ def test_full_queue_fails_fast_with_resource_exhausted(tmp_path, db):
         from clients.client import AsyncLedgerClient
 
         async def burst() -> list:
-            async with AsyncLedgerClient(srv.target, retries=0) as ac:
+            async with AsyncLedgerClient(srv.target, retries=0, batching=False) as ac:
                 return await asyncio.gather(
                     *(ac.consume("acme", request_id=f"q{i}") for i in range(300)),
                     return_exceptions=True)

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from ..threads import name_this_thread
 from .keyruns import (
     LOC_IDX_BITS,
     Filter,
@@ -277,6 +278,7 @@ class KeyIndex:
         the filter of every run (set early: until the run commits, the frozen memtable
         answers for its keys, and a bit set early only makes another key a maybe).
         Only this thread and start-up ever set the filter's bits."""
+        name_this_thread()
         try:
             hs, ls = np.array(hashes, dtype=np.int64), np.array(locs, dtype=np.int64)
             pages, fences, filt = build_run(hs, ls, PAGE_KEYS)

@@ -20,6 +20,7 @@ import sqlite_utils
 
 from ..errors import Unavailable
 from ..faults import fault
+from ..threads import name_this_thread
 from . import blocks
 from .base import StoreReads
 from .journal import GENESIS_HASH, UnitOfWork
@@ -309,6 +310,7 @@ class Checkpointer:
         self._thread.start()
 
     def _run(self) -> None:
+        name_this_thread()
         conn = _connect(self.path)
         try:
             while not self._stop.wait(self.interval_s):
