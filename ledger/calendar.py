@@ -6,6 +6,7 @@ Instants are integer microseconds since the Unix epoch (UTC), the ledger's one t
 from __future__ import annotations
 
 import calendar as _cal
+import functools
 import re
 from datetime import UTC, date, datetime, timedelta, timezone
 
@@ -17,6 +18,7 @@ US_PER_HOUR = 3_600 * US_PER_SECOND
 US_PER_DAY = 24 * US_PER_HOUR
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+DAY_CACHE_MAX = 4_096  # days whose start instant is remembered (the due check asks per group)
 
 
 def to_datetime(t_us: int) -> datetime:
@@ -52,8 +54,10 @@ def parse_day(day: str) -> date:
         raise InvalidArgument(f"billing day {clip(day)} is not a real calendar date") from exc
 
 
+@functools.lru_cache(maxsize=DAY_CACHE_MAX)
 def day_start(day: str) -> int:
-    """R1: day D begins at D 00:00+08:00."""
+    """R1: day D begins at D 00:00+08:00 (remembered: the writer asks once per group for
+    the day it settles next, issue 18)."""
     d = parse_day(day)
     return from_datetime(datetime(d.year, d.month, d.day, tzinfo=BILLING_TZ))
 

@@ -117,6 +117,7 @@ def test_r12_hash_collisions_are_told_apart_by_the_journal(tmp_path, small_index
     """With every key hashing alike, new keys are still new and old ones still replay."""
     monkeypatch.setattr(keyindex, "hash_keys",
                         lambda keys: np.full(len(list(keys)), 7, dtype=np.int64))
+    monkeypatch.setattr(keyindex, "hash_ints", lambda keys: [7] * len(list(keys)))
     led = Ledger(tmp_path / "l.db")
     try:
         led.call(m.CreateAccount("acme"))

@@ -57,6 +57,7 @@ from .keyruns import (
     Location,
     Run,
     build_run,
+    hash_ints,
     hash_keys,
     key_hash,  # noqa: F401  (the index's own name for it: tests and tools)
     page_arrays,
@@ -250,7 +251,7 @@ class KeyIndex:
         known = [hashed.get(k) for k in keys]
         if None in known:
             missing = [k for k, h in zip(keys, known, strict=True) if h is None]
-            hashed = dict(zip(missing, hash_keys(missing).tolist(), strict=True))
+            hashed = dict(zip(missing, hash_ints(missing), strict=True))
             known = [h if h is not None else hashed[k] for k, h in zip(keys, known, strict=True)]
         locs = [(v[0] << LOC_IDX_BITS) | (v[1] + 1) for v in claimed.values()]
         self.memtable.update(zip(keys, locs, strict=True))

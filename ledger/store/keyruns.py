@@ -26,8 +26,20 @@ def hash_keys(keys: Iterable[Key]) -> np.ndarray:
     return np.frombuffer(digests, dtype=">i8").astype(np.int64)
 
 
+SMALL_KEYS_MAX = 16  # up to this many keys are hashed without numpy (a unary group's few)
+
+
+def hash_ints(keys: list[Key]) -> list[int]:
+    """The same hashes as Python ints; a few keys skip numpy's fixed cost."""
+    if len(keys) > SMALL_KEYS_MAX:
+        return hash_keys(keys).tolist()
+    b2 = hashlib.blake2b
+    return [int.from_bytes(b2(f"{a}\x00{r}".encode(), digest_size=8).digest(), "big",
+                           signed=True) for a, r in keys]
+
+
 def key_hash(account_id: str, request_id: str) -> int:
-    return int(hash_keys([(account_id, request_id)])[0])
+    return hash_ints([(account_id, request_id)])[0]
 
 
 def unpack(loc: int) -> Location:
