@@ -121,9 +121,10 @@ class Engine(AccountCommands, Lifecycle):
         several nodes): open the transaction and hold the group's accounts, reloading any
         that another node changed (:mod:`.shared`). Then look up the group's idempotency
         keys."""
+        keys = group_keys(cmds, rows)
         if self.shared:
-            shared.open_group(self, cmds, rows)
-        self.prefetch_keys(cmds, rows)
+            shared.open_group(self, cmds, rows, keys)
+        self._prefetch(keys)
 
     def open_due(self) -> bool:
         """A shared store's due-work group (expiries, settlements, suspensions): False when
@@ -133,8 +134,9 @@ class Engine(AccountCommands, Lifecycle):
     def prefetch_keys(self, cmds: list[Any], rows: list[tuple] = ()) -> None:  # type: ignore[assignment]
         """Look up the idempotency keys of a group's consumes at once, not one each; keys
         claimed later in the group are still seen through the UnitOfWork."""
-        keys = [(c.account_id, c.request_id) for c in cmds if type(c) is Consume]
-        keys += [(r[0], r[1]) for r in rows]
+        self._prefetch(group_keys(cmds, rows))
+
+    def _prefetch(self, keys: list[tuple[str, str]]) -> None:
         self._looked_up.update(keys)
         self._found.update(self.store.find_consume_keys(keys))
 
@@ -292,6 +294,13 @@ class Engine(AccountCommands, Lifecycle):
         RefundPlan: AccountCommands.refund_plan,
         Reactivate: AccountCommands.reactivate,
     }
+
+
+def group_keys(cmds: list[Any], rows: list[tuple] = ()) -> list[tuple[str, str]]:  # type: ignore[assignment]
+    """The idempotency keys of a group's consumes (commands, then consume rows)."""
+    keys = [(c.account_id, c.request_id) for c in cmds if type(c) is Consume]
+    keys += [(r[0], r[1]) for r in rows]
+    return keys
 
 
 def _snapshot(result: Any) -> Any:

@@ -33,8 +33,14 @@ GLOBAL_COMMANDS = (SettleDay, AdvanceClock)  # run with the settlement lock excl
 
 
 def open_group(engine: Engine, cmds: list[Any], rows: list[tuple] = (),  # type: ignore[assignment]
-               *, exclusive: bool | None = None, try_only: bool = False) -> bool:
-    """Open a shared store's group: ``cmds`` and consume ``rows`` (account id first)."""
+               keys: list[tuple[str, str]] | None = None, *, exclusive: bool | None = None,
+               try_only: bool = False) -> bool:
+    """Open a shared store's group: ``cmds`` and consume ``rows`` (account id first).
+
+    When the group's accounts are known without asking the database (no ``RefundPlan``),
+    the transaction, the settlement lock, the shared meta, the accounts' locks and versions
+    and the group's consume ``keys`` are one round trip (issue 20,
+    ``PgStore.open_group_with``)."""
     if engine._stale:  # a failed group or a lost connection: start again from the database
         try:
             engine.store.ensure()
@@ -44,9 +50,15 @@ def open_group(engine: Engine, cmds: list[Any], rows: list[tuple] = (),  # type:
             raise Unavailable(f"the journal database is unavailable: {exc}") from exc
     if exclusive is None:
         exclusive = any(type(c) in GLOBAL_COMMANDS for c in cmds)
-    meta = engine.store.open_group(exclusive, try_only=try_only)
-    if meta is None:
-        return False
+    versions = None
+    if try_only or any(type(c) is RefundPlan for c in cmds):
+        meta = engine.store.open_group(exclusive, try_only=try_only)
+        if meta is None:
+            return False
+    else:
+        ids = sorted({*(getattr(c, "account_id", None) or "" for c in cmds),
+                      *(r[0] for r in rows)} - {""})
+        meta, versions = engine.store.open_group_with(exclusive, ids, keys or [])
     engine._exclusive = exclusive
     engine._now = None
     if CLOCK_META_KEY in meta:
@@ -58,7 +70,10 @@ def open_group(engine: Engine, cmds: list[Any], rows: list[tuple] = (),  # type:
         horizon = max([engine.clock.now_us(),
                        *(c.to_us for c in cmds if type(c) is AdvanceClock)])
         engine._load_due(horizon)
-    hold(engine, sorted({*group_accounts(engine, cmds), *(r[0] for r in rows)}))
+    if versions is None:
+        hold(engine, sorted({*group_accounts(engine, cmds), *(r[0] for r in rows)}))
+    else:
+        hold(engine, ids, versions)
     return True
 
 
@@ -77,13 +92,16 @@ def group_accounts(engine: Engine, cmds: list[Any]) -> list[str]:
     return sorted(ids)
 
 
-def hold(engine: Engine, account_ids: list[str]) -> None:
+def hold(engine: Engine, account_ids: list[str], versions: dict[str, int] | None = None
+         ) -> None:
     """Lock these accounts for the open transaction (exclusive groups need no lock: nobody
-    else runs) and drop cached copies that another node has changed since."""
+    else runs) and drop cached copies that another node has changed since. ``versions``:
+    the accounts are locked already, and these are their versions."""
     want = [a for a in account_ids if a not in engine._held]
     if not want:
         return
-    versions = engine.store.hold_accounts(want, lock=not engine._exclusive)
+    if versions is None:
+        versions = engine.store.hold_accounts(want, lock=not engine._exclusive)
     for account_id in want:
         version = versions.get(account_id)
         if account_id in engine.accounts and engine.versions.get(account_id) != version:

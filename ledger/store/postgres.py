@@ -13,8 +13,11 @@ them correct, all inside PostgreSQL (no home-made cluster):
   is reloaded when another node changed it.
 - **Idempotency keys** (R12) are looked up after the account is locked and inserted in the
   same transaction as the entry that claims them (TRAPS: claim the key with the write).
-- **Group commit** per node: one transaction per group, every table written with
-  ``executemany`` (pipelined by psycopg: one round trip per statement kind, not per row).
+- **Group commit** per node: one transaction per group in two round trips (issue 20):
+  its opening (the locks, the shared meta, the versions and the group's keys,
+  :meth:`PgStore.open_group_with`) and its writes with the COMMIT, each step's statements
+  queued in one psycopg pipeline (:mod:`.pg_write`: set-based statements for many rows,
+  scalar ones for a few).
 
 Connection failures raise :class:`Unavailable` (the caller retries; nothing was
 acknowledged); the next group reconnects. Credentials are never logged: :func:`mask_url`.
@@ -36,6 +39,12 @@ from . import blocks
 from .base import StoreReads
 from .journal import GENESIS_HASH, UnitOfWork
 from .pg_schema import PG_MIGRATIONS, PG_SCHEMA_VERSION
+from .pg_write import (
+    fetch_all,
+    queue_hold,
+    queue_keys,
+    queue_write,
+)
 from .sqlite import DatabaseLocked
 from .urls import mask_url
 
@@ -124,6 +133,8 @@ class PgStore(StoreReads):
         self.commits = 0
         self.entries_committed = 0
         self._blocks: dict[tuple[int, int], tuple[int, str, list]] = {}
+        # The group's consume keys and their rows, read by open_group_with
+        self._key_rows: tuple[list[tuple[str, str]], list[tuple]] | None = None
 
     # ------------------------------------------------------------------ connections
 
@@ -231,17 +242,39 @@ class PgStore(StoreReads):
             raise Unavailable(f"the journal database is unavailable: {_first_line(exc)}"
                               ) from exc
 
+    def open_group_with(self, exclusive: bool, account_ids: list[str],
+                        keys: list[tuple[str, str]]) -> tuple[dict[str, str], dict[str, int]]:
+        """``open_group``, ``hold_accounts`` and the keys' lookup in one round trip (issue
+        20), pipelined in this order: BEGIN, the settlement lock, the shared meta, the
+        accounts' locks in key order (none when exclusive), their versions and the rows of
+        the group's consume ``keys`` (read under those locks), kept for
+        ``find_consume_keys``. Returns (meta, versions)."""
+        fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        settle = (f"SELECT {fn}(%s, %s)", (LOCK_CLASS, SETTLE_LOCK))
+        lock_keys = None if exclusive else _lock_keys(account_ids)
+        try:
+            c = self._ensure()
+            with c.pipeline():
+                c.execute("BEGIN")
+                c.execute(*settle)
+                meta = c.execute("SELECT key, value FROM meta")
+                versions = queue_hold(c, account_ids, lock_keys) if account_ids else []
+                found = queue_keys(c, keys) if keys else []
+            self._key_rows = (keys, fetch_all(found))
+            return dict(meta.fetchall()), dict(fetch_all(versions))
+        except psycopg.Error as exc:
+            self.rollback()
+            raise Unavailable(f"the journal database is unavailable: {_first_line(exc)}"
+                              ) from exc
+
     def hold_accounts(self, account_ids: list[str], *, lock: bool = True) -> dict[str, int]:
         """Lock the accounts in key order (no deadlocks) and return their versions."""
         try:
             c = self.raw
             assert c is not None
-            if lock:
-                keys = sorted({account_lock_key(a) for a in account_ids})
-                c.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%b::bigint[]) AS k",
-                          (keys,))
-            return dict(c.execute("SELECT account_id, version FROM accounts"
-                                  " WHERE account_id = ANY(%s)", (account_ids,)).fetchall())
+            with c.pipeline():
+                got = queue_hold(c, account_ids, _lock_keys(account_ids) if lock else None)
+            return dict(fetch_all(got))
         except psycopg.Error as exc:
             self.rollback()
             raise Unavailable(f"the journal database is unavailable: {_first_line(exc)}"
@@ -262,25 +295,33 @@ class PgStore(StoreReads):
         uow.seal_block()
         self._written = self._written or bool(uow)
         try:
-            return _write(self.raw, self.node, uow)  # type: ignore[arg-type]
+            with self.raw.pipeline():  # type: ignore[union-attr]
+                got = queue_write(self.raw, self.node, uow)  # type: ignore[arg-type]
+            return dict(fetch_all(got)) if got is not None else {}
         except psycopg.Error as exc:
             self.rollback()
             raise Unavailable(f"the journal could not be written: {_first_line(exc)}"
                               ) from exc
 
     def commit(self, uow: UnitOfWork) -> dict[str, int]:
-        """Write the group and COMMIT. Raises Unavailable; then nothing was written."""
+        """Write the group and COMMIT, pipelined: one round trip (issue 20). Raises
+        Unavailable; then nothing was written."""
         # The crash campaign's points, as SQLite's commit has them, for a transaction that
         # writes (a settlement may have written its part already, through flush).
         writes = bool(uow) or self._written
         if writes:
             fault("before_commit")
-        versions = self.write(uow)
+        uow.seal_block()
         self._written = False
         try:
-            if writes:
-                fault("during_commit")
-            self.raw.execute("COMMIT")  # type: ignore[union-attr]
+            c = self.raw
+            assert c is not None
+            with c.pipeline():
+                pending = queue_write(c, self.node, uow)
+                if writes:
+                    fault("during_commit")
+                c.execute("COMMIT")
+            versions = dict(fetch_all(pending)) if pending is not None else {}
         except psycopg.Error as exc:
             self.rollback()
             raise Unavailable(f"the journal could not be committed: {_first_line(exc)}"
@@ -294,13 +335,15 @@ class PgStore(StoreReads):
     def find_consume_keys(self, keys: list[tuple[str, str]]
                           ) -> dict[tuple[str, str], blocks.Prior]:
         """R12 for a group's consumes, read under the accounts' locks."""
+        pre, self._key_rows = self._key_rows, None
         if not keys:
             return {}
-        rows = self.conn.execute(
-            "SELECT k.account_id, k.request_id, k.node, k.seq, k.idx FROM consume_keys k"
-            " JOIN unnest(?::text[], ?::text[]) AS w(a, r)"
-            " ON k.account_id = w.a AND k.request_id = w.r",
-            ([a for a, _ in keys], [r for _, r in keys])).fetchall()
+        if pre is not None and pre[0] is keys:  # read by open_group_with
+            rows = pre[1]
+        else:
+            with self.raw.pipeline():  # type: ignore[union-attr]
+                got = queue_keys(self.raw, keys)  # type: ignore[arg-type]
+            rows = fetch_all(got)
         found = {}
         for account_id, request_id, node, seq, idx in rows:
             if idx < 0:  # a one-row consume, copied from an SQLite ledger written before blocks
@@ -327,84 +370,13 @@ class PgStore(StoreReads):
         return cached
 
 
-def _write(c: psycopg.Connection, node: int, uow: UnitOfWork) -> dict[str, int]:
-    cur = c.cursor()
-    if uow.rows:
-        cur.executemany(
-            "INSERT INTO journal (node, seq, at_us, kind, account_id, request_id, fingerprint,"
-            " payload, hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-            [(node, r[0], r[1], r[2], r[3], r[4], r[5],
-              r[6] if isinstance(r[6], bytes) else r[6].encode(), r[7]) for r in uow.rows])
-    if uow.accounts:
-        cur.executemany(
-            "INSERT INTO accounts (account_id, display_name, created_at_us, status, cash_micros,"
-            " voucher_micros, outstanding_micros, overdue_since_us, suspended_at_us,"
-            " scenario_ids, custom_policy) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-            " ON CONFLICT (account_id) DO UPDATE SET display_name = excluded.display_name,"
-            " status = excluded.status, cash_micros = excluded.cash_micros,"
-            " voucher_micros = excluded.voucher_micros,"
-            " outstanding_micros = excluded.outstanding_micros,"
-            " overdue_since_us = excluded.overdue_since_us,"
-            " suspended_at_us = excluded.suspended_at_us, scenario_ids = excluded.scenario_ids,"
-            " custom_policy = excluded.custom_policy", uow.account_rows())
-    if uow.new_plans:
-        cur.executemany("INSERT INTO plans VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                        uow.new_plan_rows())
-    # Per-request rows go in one set-based statement each (unnest of column arrays): one
-    # statement for a thousand rows, where executemany would run a thousand.
-    changed = uow.changed_plan_rows()
-    if changed:
-        cur.execute("UPDATE plans p SET units_remaining = u.r, units_forfeited = u.f,"
-                    " refunded_at_us = u.ra FROM unnest(%b::bigint[], %b::bigint[],"
-                    " %b::bigint[], %b::text[]) AS u(r, f, ra, id) WHERE p.plan_id = u.id",
-                    _columns(changed, 4))
-    if uow.usage:
-        cur.execute(
-            "INSERT INTO usage_daily SELECT * FROM unnest(%b::text[], %b::text[], %b::int[],"
-            " %b::bigint[], %b::bigint[]) ON CONFLICT (account_id, day, region) DO UPDATE SET"
-            " payg_units = usage_daily.payg_units + excluded.payg_units,"
-            " payg_micros = usage_daily.payg_micros + excluded.payg_micros",
-            _columns([(*k, v[0], v[1]) for k, v in uow.usage.items()], 5))
-    if uow.offsets:
-        cur.execute(
-            "INSERT INTO offsets_daily SELECT * FROM unnest(%b::text[], %b::text[], %b::text[],"
-            " %b::bigint[]) ON CONFLICT (account_id, day, plan_id) DO UPDATE SET"
-            " units = offsets_daily.units + excluded.units",
-            _columns([(*k, v) for k, v in uow.offsets.items()], 4))
-    if uow.features:
-        cur.executemany(
-            "INSERT INTO features_daily VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (account_id, day)"
-            " DO UPDATE SET start_scenarios = excluded.start_scenarios,"
-            " start_custom = excluded.start_custom, max_scenarios = excluded.max_scenarios,"
-            " custom_any = excluded.custom_any",
-            [(*k, *v) for k, v in uow.features.items()])
-    if uow.bills:
-        cur.executemany("INSERT INTO bills VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                        uow.bills)
-    if uow.meta:
-        cur.executemany("INSERT INTO meta VALUES (%s,%s) ON CONFLICT (key) DO UPDATE"
-                        " SET value = excluded.value", list(uow.meta.items()))
-    if uow.consumed:
-        cur.execute(
-            "INSERT INTO consume_keys SELECT * FROM unnest(%b::text[], %b::text[], %b::int[],"
-            " %b::bigint[], %b::int[])",
-            _columns([(a, r, node, v[0], v[1]) for (a, r), v in uow.consumed.items()], 5))
-    touched = (set(uow.accounts) | {p.account_id for p in uow.plans.values()}
-               | {k[0] for k in uow.features})
-    if not touched:
-        return {}
-    return dict(cur.execute("UPDATE accounts SET version = version + 1"
-                            " WHERE account_id = ANY(%s) RETURNING account_id, version",
-                            (list(touched),)).fetchall())
-
-
-def _columns(rows: list[tuple], width: int) -> list[list[Any]]:
-    """Rows as ``width`` column lists (parameters of an ``unnest`` of arrays)."""
-    return [list(col) for col in zip(*rows, strict=True)] if rows else [[]] * width
-
-
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _lock_keys(account_ids: list[str]) -> list[int]:
+    """The accounts' advisory lock keys in one sorted order (no deadlocks)."""
+    return sorted({account_lock_key(a) for a in account_ids})
 
 
 __all__ = ["PgConn", "PgStore", "account_lock_key", "pg_sql"]

@@ -1,0 +1,172 @@
+"""A group's statements on PostgreSQL, queued in one pipeline (issue 20).
+
+Each statement that takes a group's rows has two forms:
+
+- set-based: one statement for the whole group, its rows as column arrays (``unnest``), so
+  a thousand rows are one statement, not a thousand;
+- per row: scalar parameters, for a group of at most ``SCALAR_ROWS_MAX`` rows. Measured on
+  the test cluster, an array parameter costs 100-160 µs more than a scalar one (psycopg
+  dumps lists in Python, and PostgreSQL unnests them), which is most of a unary group.
+
+A step's statements are queued in one ``Connection.pipeline()``: they go out together,
+and the step costs one round trip. (Tried and dropped: a unary group's steps as one
+simple-protocol query of several statements, values quoted by psycopg. In a side-by-side
+loadtest at 1 in flight it was slower than the pipeline: p50 2.8 ms against 2.3 ms.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from .journal import UnitOfWork
+
+SCALAR_ROWS_MAX = 4  # rows up to which a statement is sent once per row, with scalars
+
+LOCK_ONE_SQL = "SELECT pg_advisory_xact_lock(%s)"
+LOCK_ACCOUNTS_SQL = "SELECT pg_advisory_xact_lock(k) FROM unnest(%b::bigint[]) AS k"
+VERSION_ONE_SQL = "SELECT account_id, version FROM accounts WHERE account_id = %s"
+VERSIONS_SQL = "SELECT account_id, version FROM accounts WHERE account_id = ANY(%s)"
+KEY_ONE_SQL = ("SELECT account_id, request_id, node, seq, idx FROM consume_keys"
+               " WHERE account_id = %s AND request_id = %s")
+KEYS_SQL = ("SELECT k.account_id, k.request_id, k.node, k.seq, k.idx FROM consume_keys k"
+            " JOIN unnest(%s::text[], %s::text[]) AS w(a, r)"
+            " ON k.account_id = w.a AND k.request_id = w.r")
+
+PLAN_ONE_SQL = ("UPDATE plans SET units_remaining = %s, units_forfeited = %s,"
+                " refunded_at_us = %s WHERE plan_id = %s")
+PLANS_SQL = ("UPDATE plans p SET units_remaining = u.r, units_forfeited = u.f,"
+             " refunded_at_us = u.ra FROM unnest(%b::bigint[], %b::bigint[],"
+             " %b::bigint[], %b::text[]) AS u(r, f, ra, id) WHERE p.plan_id = u.id")
+_USAGE_CONFLICT = (" ON CONFLICT (account_id, day, region) DO UPDATE SET"
+                   " payg_units = usage_daily.payg_units + excluded.payg_units,"
+                   " payg_micros = usage_daily.payg_micros + excluded.payg_micros")
+USAGE_ONE_SQL = "INSERT INTO usage_daily VALUES (%s, %s, %s, %s, %s)" + _USAGE_CONFLICT
+USAGE_SQL = ("INSERT INTO usage_daily SELECT * FROM unnest(%b::text[], %b::text[], %b::int[],"
+             " %b::bigint[], %b::bigint[])" + _USAGE_CONFLICT)
+_OFFSETS_CONFLICT = (" ON CONFLICT (account_id, day, plan_id) DO UPDATE SET"
+                     " units = offsets_daily.units + excluded.units")
+OFFSETS_ONE_SQL = "INSERT INTO offsets_daily VALUES (%s, %s, %s, %s)" + _OFFSETS_CONFLICT
+OFFSETS_SQL = ("INSERT INTO offsets_daily SELECT * FROM unnest(%b::text[], %b::text[],"
+               " %b::text[], %b::bigint[])" + _OFFSETS_CONFLICT)
+KEYS_ONE_INSERT_SQL = "INSERT INTO consume_keys VALUES (%s, %s, %s, %s, %s)"
+KEYS_INSERT_SQL = ("INSERT INTO consume_keys SELECT * FROM unnest(%b::text[], %b::text[],"
+                   " %b::int[], %b::bigint[], %b::int[])")
+BUMP_ONE_SQL = ("UPDATE accounts SET version = version + 1 WHERE account_id = %s"
+                " RETURNING account_id, version")
+BUMP_SQL = ("UPDATE accounts SET version = version + 1 WHERE account_id = ANY(%s)"
+            " RETURNING account_id, version")
+
+
+def columns(rows: list[tuple], width: int) -> list[list[Any]]:
+    """Rows as ``width`` column lists (parameters of an ``unnest`` of arrays)."""
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[]] * width
+
+
+def queue_rows(cur: psycopg.Cursor, rows: list[tuple], one_sql: str, set_sql: str) -> None:
+    """Rows through the per-row statement when few, else the set-based one."""
+    if len(rows) <= SCALAR_ROWS_MAX:
+        cur.executemany(one_sql, rows)
+    else:
+        cur.execute(set_sql, columns(rows, len(rows[0])))
+
+
+def queue_hold(c: psycopg.Connection, account_ids: list[str], lock_keys: list[int] | None
+               ) -> psycopg.Cursor | list[psycopg.Cursor]:
+    """The accounts' locks in the given (sorted) key order, then their versions; returns
+    the cursor(s) that will hold (account_id, version) rows."""
+    if lock_keys is not None:
+        if len(lock_keys) <= SCALAR_ROWS_MAX:
+            for k in lock_keys:
+                c.execute(LOCK_ONE_SQL, (k,))
+        else:
+            c.execute(LOCK_ACCOUNTS_SQL, (lock_keys,))
+    if len(account_ids) <= SCALAR_ROWS_MAX:
+        return [c.execute(VERSION_ONE_SQL, (a,)) for a in account_ids]
+    return c.execute(VERSIONS_SQL, (account_ids,))
+
+
+def queue_keys(c: psycopg.Connection, keys: list[tuple[str, str]]
+               ) -> psycopg.Cursor | list[psycopg.Cursor]:
+    """The rows of a group's consume keys: one statement per key when few."""
+    if len(keys) <= SCALAR_ROWS_MAX:
+        return [c.execute(KEY_ONE_SQL, k) for k in keys]
+    return c.execute(KEYS_SQL, ([a for a, _ in keys], [r for _, r in keys]))
+
+
+def fetch_all(got: psycopg.Cursor | list[psycopg.Cursor]) -> list[tuple]:
+    """The rows of one cursor or of several, once the pipeline is synced."""
+    if isinstance(got, list):
+        return [row for cur in got for row in cur.fetchall()]
+    return got.fetchall()
+
+
+JOURNAL_SQL = ("INSERT INTO journal (node, seq, at_us, kind, account_id, request_id,"
+               " fingerprint, payload, hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)")
+
+
+def _journal_rows(node: int, uow: UnitOfWork) -> list[tuple]:
+    return [(node, r[0], r[1], r[2], r[3], r[4], r[5],
+             r[6] if isinstance(r[6], bytes) else r[6].encode(), r[7]) for r in uow.rows]
+
+
+def _touched(uow: UnitOfWork) -> list[str]:
+    """The accounts whose version the group moves, sorted."""
+    return sorted(set(uow.accounts) | {p.account_id for p in uow.plans.values()}
+                  | {k[0] for k in uow.features})
+
+
+def queue_write(c: psycopg.Connection, node: int, uow: UnitOfWork
+                ) -> psycopg.Cursor | list[psycopg.Cursor] | None:
+    """Queue a group's statements (in a pipeline: no round trip each); returns the
+    cursor(s) of the touched accounts' new versions, to fetch once the pipeline is synced."""
+    cur = c.cursor()
+    if uow.rows:
+        cur.executemany(JOURNAL_SQL, _journal_rows(node, uow))
+    if uow.accounts:
+        cur.executemany(
+            "INSERT INTO accounts (account_id, display_name, created_at_us, status, cash_micros,"
+            " voucher_micros, outstanding_micros, overdue_since_us, suspended_at_us,"
+            " scenario_ids, custom_policy) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+            " ON CONFLICT (account_id) DO UPDATE SET display_name = excluded.display_name,"
+            " status = excluded.status, cash_micros = excluded.cash_micros,"
+            " voucher_micros = excluded.voucher_micros,"
+            " outstanding_micros = excluded.outstanding_micros,"
+            " overdue_since_us = excluded.overdue_since_us,"
+            " suspended_at_us = excluded.suspended_at_us, scenario_ids = excluded.scenario_ids,"
+            " custom_policy = excluded.custom_policy", uow.account_rows())
+    if uow.new_plans:
+        cur.executemany("INSERT INTO plans VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                        uow.new_plan_rows())
+    changed = uow.changed_plan_rows()
+    if changed:
+        queue_rows(cur, changed, PLAN_ONE_SQL, PLANS_SQL)
+    if uow.usage:
+        queue_rows(cur, [(*k, v[0], v[1]) for k, v in uow.usage.items()], USAGE_ONE_SQL,
+                   USAGE_SQL)
+    if uow.offsets:
+        queue_rows(cur, [(*k, v) for k, v in uow.offsets.items()], OFFSETS_ONE_SQL,
+                   OFFSETS_SQL)
+    if uow.features:
+        cur.executemany(
+            "INSERT INTO features_daily VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (account_id, day)"
+            " DO UPDATE SET start_scenarios = excluded.start_scenarios,"
+            " start_custom = excluded.start_custom, max_scenarios = excluded.max_scenarios,"
+            " custom_any = excluded.custom_any",
+            [(*k, *v) for k, v in uow.features.items()])
+    if uow.bills:
+        cur.executemany("INSERT INTO bills VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                        uow.bills)
+    if uow.meta:
+        cur.executemany("INSERT INTO meta VALUES (%s,%s) ON CONFLICT (key) DO UPDATE"
+                        " SET value = excluded.value", list(uow.meta.items()))
+    if uow.consumed:
+        queue_rows(cur, [(a, r, node, v[0], v[1]) for (a, r), v in uow.consumed.items()],
+                   KEYS_ONE_INSERT_SQL, KEYS_INSERT_SQL)
+    touched = _touched(uow)
+    if not touched:
+        return None
+    if len(touched) <= SCALAR_ROWS_MAX:
+        return [c.execute(BUMP_ONE_SQL, (a,)) for a in touched]
+    return c.execute(BUMP_SQL, (touched,))
