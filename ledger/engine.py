@@ -196,6 +196,7 @@ class Engine(AccountCommands, Lifecycle):
 
     _now: int | None = None
     on_settled: Any = None  # callback(day, bills, seconds), e.g. metrics
+    reloads = 0  # shared store: cached accounts dropped because another node changed them
 
     def _billing_day(self, t_us: int) -> str:
         """R1, cached for the current day: the hot path asks once per request."""

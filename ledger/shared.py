@@ -106,6 +106,7 @@ def hold(engine: Engine, account_ids: list[str], versions: dict[str, int] | None
         version = versions.get(account_id)
         if account_id in engine.accounts and engine.versions.get(account_id) != version:
             evict(engine, account_id)
+            engine.reloads += 1  # another node changed it (issue 20: contention)
         if version is not None:
             engine.versions[account_id] = version
     engine._held.update(want)

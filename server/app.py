@@ -108,6 +108,9 @@ class LedgerServer:
             self.metrics.journal_rows.set_function(lambda: self.engine.next_seq - 1)
             self.engine.on_settled = self.metrics.on_settled
             self.metrics.watch_state(self._state_query, cfg.metrics_top_accounts)
+            if self.store.shared:
+                store, engine = self.store, self.engine
+                self.metrics.watch_contention(lambda: store.lock_wait_s, lambda: engine.reloads)
             tune_gc()
             self.writer.start()
             if cfg.metrics_listen:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -43,6 +43,24 @@ class _StateCollector(Collector):
                     " ORDER BY 2 DESC, 1 LIMIT ?", (None, self.top_accounts)):
                 top.add_metric([account_id], units)
             yield top
+
+
+class _ContentionCollector(Collector):
+    """Several nodes on one PostgreSQL database (issue 20): how long this node's groups
+    waited for their accounts' locks, and how many cached accounts it reloaded because
+    another node had changed them. Read at scrape time from the store and the engine, so
+    the hot path only adds to two numbers."""
+
+    def __init__(self, lock_wait_s: Callable[[], float], reloads: Callable[[], int]) -> None:
+        self.lock_wait_s, self.reloads = lock_wait_s, reloads
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "ledger_pg_lock_wait_seconds", "Time this node's groups waited for their accounts'"
+            " advisory locks, by PostgreSQL's clock", value=self.lock_wait_s())
+        yield CounterMetricFamily(
+            "ledger_pg_account_reloads", "Cached accounts this node reloaded because another"
+            " node had changed them", value=self.reloads())
 
 
 class Metrics:
@@ -99,6 +117,10 @@ class Metrics:
 
     def watch_state(self, query: Callable[[str, tuple], list[Any]], top_accounts: int) -> None:
         self.registry.register(_StateCollector(query, top_accounts))
+
+    def watch_contention(self, lock_wait_s: Callable[[], float], reloads: Callable[[], int]
+                         ) -> None:
+        self.registry.register(_ContentionCollector(lock_wait_s, reloads))
 
     def on_settled(self, day: str, bills: int, seconds: float) -> None:
         self.settlements.inc()

@@ -18,6 +18,7 @@ from clients.client import LedgerClient
 from ledger.verify import verify
 
 from .conftest import ROOT, T0, ServerProcess, make_account
+from .test_group_commit import scrape
 
 PLAN_UNITS = 100_000  # month-100k
 LEFT = 300  # units left in the plan when two nodes race for them
@@ -161,8 +162,9 @@ def test_postgres_a_transaction_held_open_on_one_account_does_not_stop_another(
     B's request for X waits for A instead of failing or overdrawing."""
     setup = ServerProcess(tmp_path, db=pg_url, test_clock=False).start()
     with setup.client() as c:
-        make_account(c, "x-corp", cash_micros=10_000_000)
+        make_account(c, "x-corp", cash_micros=100_000_000)
         make_account(c, "y-corp", cash_micros=10_000_000)
+        c.purchase_plan("x-corp", "month-100k")  # A's consume then changes X's version
     b = setup
     (tmp_path / "a").mkdir()
     monkeypatch.setenv("QUOTA_LEDGER_FAULT", f"during_commit:1.0:1:{STALL_S}")
@@ -182,6 +184,12 @@ def test_postgres_a_transaction_held_open_on_one_account_does_not_stop_another(
             assert held.done(), "B's request for X waited for A's transaction"
             assert not held.result().replayed and not r.replayed
         assert unrelated_s < STALL_S / 2, f"an unrelated account waited {unrelated_s:.2f} s"
+        # Issue 20, contention as B's metrics tell it: its group for X waited for A's lock
+        # (most of the stall), and B reloaded X, which A had changed.
+        seen = scrape(b.metrics_port)
+        assert seen["ledger_pg_lock_wait_seconds_total"] >= STALL_S / 2, seen
+        assert seen["ledger_pg_account_reloads_total"] >= 1, seen
+        assert scrape(a.metrics_port)["ledger_pg_lock_wait_seconds_total"] < STALL_S / 2
     finally:
         a.stop()
         b.stop()

@@ -56,6 +56,7 @@ NODES_MAX = 1_000
 READERS_MAX = 8  # pooled connections for the read RPCs
 CONNECT_TIMEOUT_S = 5
 BLOCK_CACHE_MAX = 64  # decoded blocks kept for replays (R12)
+CLOCK_SQL = "SELECT clock_timestamp()"
 
 def account_lock_key(account_id: str) -> int:
     """A signed 64-bit advisory-lock key for an account (a collision only serializes two
@@ -133,6 +134,9 @@ class PgStore(StoreReads):
         self.commits = 0
         self.entries_committed = 0
         self._blocks: dict[tuple[int, int], tuple[int, str, list]] = {}
+        # Contention (issue 20): seconds groups waited for their accounts' locks, as
+        # PostgreSQL's own clock saw them (clock_timestamp() before and after the locks)
+        self.lock_wait_s = 0.0
         # The group's consume keys and their rows, read by open_group_with
         self._key_rows: tuple[list[tuple[str, str]], list[tuple]] | None = None
 
@@ -258,9 +262,17 @@ class PgStore(StoreReads):
                 c.execute("BEGIN")
                 c.execute(*settle)
                 meta = c.execute("SELECT key, value FROM meta")
+                clocks = []  # the server's clock around the accounts' locks: their wait
+                if account_ids and lock_keys:
+                    clocks.append(c.execute(CLOCK_SQL))
                 versions = queue_hold(c, account_ids, lock_keys) if account_ids else []
+                if clocks:
+                    clocks.append(c.execute(CLOCK_SQL))
                 found = queue_keys(c, keys) if keys else []
             self._key_rows = (keys, fetch_all(found))
+            if clocks:
+                t0, t1 = (cur.fetchone()[0] for cur in clocks)  # type: ignore[index]
+                self.lock_wait_s += max(0.0, (t1 - t0).total_seconds())
             return dict(meta.fetchall()), dict(fetch_all(versions))
         except psycopg.Error as exc:
             self.rollback()
