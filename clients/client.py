@@ -23,6 +23,10 @@
   waits for nothing. ``batching=False`` (or ``QUOTA_LEDGER_CLIENT_BATCHING=0`` in the
   environment, for a client built without the argument) sends every call unary.
 
+Several targets (``"10.0.0.1:50051,10.0.0.2:50051"``): each account's calls go to its home
+node, with failover (``clients/routing.py``, issue 20); ``routing="round_robin"`` spreads
+them instead.
+
 Enum arguments take the wire numbers, the full wire names, or short names
 (``region="mainland"``, ``captcha_type="slider"``, ``architecture="v3"``, ``step="4.1"``).
 """
@@ -48,6 +52,7 @@ from clients.coalescer import (
 )
 from clients.failopen import DEFAULT_BUDGET_S, ReplayGate, TaskProbe, ThreadProbe, check_budget
 from clients.replay import REPLAY_CALL_TIMEOUT_S, TaskReplayer, ThreadReplayer
+from clients.routing import ROUTINGS, Router, split_targets
 from clients.spool import Spool, SpoolLimits
 from clients.wire import (
     CHANNEL_OPTIONS,
@@ -88,7 +93,9 @@ class _Options:
     nor remaining units in the answers; ``clients/coalescer.py``);
     ``budget_s`` a consume()'s latency budget with a spool, ``breaker`` the circuit breaker
     (None: on when there is a spool), ``failures_to_open`` and ``on_state_change`` its
-    threshold and listener (``clients/failopen.py``).
+    threshold and listener (``clients/failopen.py``); ``routing`` with several targets:
+    ``affinity`` (each account's calls to its home node, ``clients/routing.py``) or
+    ``round_robin``.
     """
 
     def __init__(self, *, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = RETRIES_MAX,
@@ -100,7 +107,8 @@ class _Options:
                  batch_size_max: int = DEFAULT_BATCH_SIZE_MAX, compact_answers: bool = False,
                  budget_s: float | None = DEFAULT_BUDGET_S, breaker: bool | None = None,
                  failures_to_open: int = FAILURES_TO_OPEN,
-                 on_state_change: StateListener | None = None) -> None:
+                 on_state_change: StateListener | None = None,
+                 routing: str = "affinity") -> None:
         self.timeout_s, self.retries = timeout_s, retries
         self.metadata = auth_metadata(token)
         self.creds = credentials(tls_ca, tls_cert, tls_key)
@@ -109,27 +117,59 @@ class _Options:
             batching = os.environ.get(BATCHING_ENV, "1").strip().lower() not in BATCHING_OFF
         self.batching = {"linger_ms": linger_ms, "batch_size_max": batch_size_max,
                          "compact_answers": compact_answers} if batching else None
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}; got {routing!r}")
+        self.routing = routing
         self.budget_s = check_budget(budget_s)
         self.breaker = CircuitBreaker(failures_to_open=failures_to_open,
                                       on_state_change=on_state_change) if (
             self.spool is not None if breaker is None else breaker) else None
 
 
+class _Lane:
+    """One node's channel, stubs and coalescer (account affinity)."""
+
+    __slots__ = ("channel", "stubs", "coalescer")
+
+    def __init__(self, channel: Any, lane_stubs: dict[str, Any], coalescer: Any) -> None:
+        self.channel, self.stubs, self.coalescer = channel, lane_stubs, coalescer
+
+
+def _node_channels(target: str, o: _Options, channel: Any, open_channel: Callable[[str], Any]
+                   ) -> Callable[[], dict[str, Any]] | None:
+    """With several targets and affinity (and no channel given), a channel per node."""
+    nodes = split_targets(target)
+    if channel is not None or o.routing != "affinity" or len(nodes) < 2:
+        return None
+    channel_target(target)  # refuses what one channel could not take either
+    return lambda: {node: open_channel(node) for node in nodes}
+
+
 class _Wired(LedgerApi):
     """The parts both clients assemble alike: stubs, coalescer, spool and replayer."""
 
     def _wire(self, o: _Options, channel: Any, coalescer: Any, replayer: Any, probe: Any,
-              non_blocking: Callable[[Any], Any]) -> None:
+              non_blocking: Callable[[Any], Any],
+              node_channels: Callable[[], dict[str, Any]] | None = None) -> None:
+        """``node_channels``: one channel per node, for account affinity (several targets,
+        ``routing="affinity"``); the main channel then serves the probe, the spool's replay
+        and streams."""
         self.channel = channel
         self.timeout_s, self.retries, self.metadata = o.timeout_s, o.retries, o.metadata
         self.budget_s, self.breaker = o.budget_s, o.breaker
         self.probe = probe(o.breaker, channel, o.metadata) if o.breaker is not None else None
         self.stubs = stubs(channel)
         batch = self.stubs["ledger"].ConsumeBatch
-        send = non_blocking(batch)  # sync: batch.future, so several batches are in flight
-        self.coalescer = coalescer(lambda request, timeout: send(
-            request, timeout=timeout, metadata=self.metadata),
-            unary=self.stubs["ledger"].Consume, **o.batching) if o.batching else None
+        self.lanes: dict[str, _Lane] = {}
+        self.router: Router | None = None
+        if node_channels is not None:
+            for node, ch in node_channels().items():
+                lane_stubs = stubs(ch)
+                self.lanes[node] = _Lane(ch, lane_stubs, self._coalescer(
+                    o, coalescer, lane_stubs, non_blocking))
+            self.router = Router(list(self.lanes))
+        self.coalescer = None if self.lanes else self._coalescer(o, coalescer, self.stubs,
+                                                                 non_blocking)
         self.spool, self.replayer = o.spool, None
         if self.spool is not None:
             self.replayer = replayer(self.spool, lambda request: batch(
@@ -137,6 +177,46 @@ class _Wired(LedgerApi):
                 ReplayGate(o.breaker, self._noted) if o.breaker is not None else None)
             if o.breaker is not None:
                 o.breaker.listen(self._breaker_moved)
+
+    def _coalescer(self, o: _Options, coalescer: Any, lane_stubs: dict[str, Any],
+                   non_blocking: Callable[[Any], Any]) -> Any:
+        if not o.batching:
+            return None
+        send = non_blocking(lane_stubs["ledger"].ConsumeBatch)  # sync: .future, several out
+        return coalescer(lambda request, timeout: send(
+            request, timeout=timeout, metadata=self.metadata),
+            unary=lane_stubs["ledger"].Consume, **o.batching)
+
+    def _pick(self, stub: str, method: str, request: Any) -> tuple[Any, str | None]:
+        """What one attempt goes through (Consume: a coalescer, when batching), and the
+        node it goes to when calls are routed by account (None: gRPC chooses)."""
+        node = None
+        coalescer, where = self.coalescer, self.stubs
+        if self.router is not None:
+            node = self.router.pick(getattr(request, "account_id", "") or "")
+            lane = self.lanes[node]
+            coalescer, where = lane.coalescer, lane.stubs
+        fn = (coalescer if coalescer is not None and method == "Consume"
+              else getattr(where[stub], method))
+        return fn, node
+
+    def _node_result(self, node: str | None, err: grpc.RpcError | LedgerError | None) -> None:
+        """Routed calls: a node that answered UNAVAILABLE is skipped for a while (its
+        accounts go to their next node); one that answered is used again."""
+        if node is None or self.router is None:
+            return
+        code = None if err is None else (err.code if isinstance(err, LedgerError)
+                                         else err.code())
+        if code is grpc.StatusCode.UNAVAILABLE:
+            self.router.failed(node)
+        elif err is None:
+            self.router.answered(node)
+
+    @property
+    def coalescers(self) -> list[Any]:
+        """Every coalescer of this client: one, or one per node with account affinity."""
+        every = [self.coalescer, *(lane.coalescer for lane in self.lanes.values())]
+        return [c for c in every if c is not None]
 
     def _breaker_moved(self, _old: str, new: str) -> None:
         """Half-open or closed: replay the spool now (its batch may be the trial call); every
@@ -146,14 +226,11 @@ class _Wired(LedgerApi):
             self.replayer.wake()
         self.spool.note_breaker(new)
 
-    def _transport(self, stub: str, method: str, budget_s: float | None
-                   ) -> tuple[Any, float]:
-        """What a call goes through (Consume: the coalescer, when batching) and its
-        deadline: one budget for all attempts. An open breaker lets nothing through."""
+    def _transport(self, method: str, budget_s: float | None) -> float:
+        """A call's deadline: one budget for all attempts. An open breaker lets nothing
+        through."""
         self._gate()
-        fn = (self.coalescer if self.coalescer is not None and method == "Consume"
-              else getattr(self.stubs[stub], method))
-        return fn, self._deadline(method, budget_s)
+        return self._deadline(method, budget_s)
 
     def _pause_or_raise(self, err: grpc.RpcError | LedgerError, retry: bool, attempt: int,
                         deadline: float) -> float:
@@ -172,22 +249,29 @@ class LedgerClient(_Wired):
     def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.Channel | None = None,
                  **options: Any) -> None:
         o = _Options(**options)
-        self._wire(o, channel or (
-            grpc.secure_channel(channel_target(target), o.creds, options=CHANNEL_OPTIONS)
-            if o.creds else grpc.insecure_channel(channel_target(target),
-                                                  options=CHANNEL_OPTIONS)),
-            ThreadCoalescer, ThreadReplayer, ThreadProbe, lambda batch: batch.future)
+
+        def open_channel(t: str) -> grpc.Channel:
+            return (grpc.secure_channel(channel_target(t), o.creds, options=CHANNEL_OPTIONS)
+                    if o.creds else grpc.insecure_channel(channel_target(t),
+                                                          options=CHANNEL_OPTIONS))
+
+        self._wire(o, channel or open_channel(target), ThreadCoalescer, ThreadReplayer,
+                   ThreadProbe, lambda batch: batch.future,
+                   _node_channels(target, o, channel, open_channel))
 
     def _call(self, stub: str, method: str, request: Any, *, retry: bool = True,
               budget_s: float | None = None) -> Any:
-        fn, deadline = self._transport(stub, method, budget_s)
+        deadline = self._transport(method, budget_s)
         for attempt in range(self.retries + 1):
+            fn, node = self._pick(stub, method, request)
             try:
                 answer = fn(request, timeout=max(0.001, deadline - time.monotonic()),
                             metadata=self.metadata)
             except (grpc.RpcError, LedgerError) as err:  # LedgerError: a coalesced caller's
+                self._node_result(node, err)
                 time.sleep(self._pause_or_raise(err, retry, attempt, deadline))
                 continue
+            self._node_result(node, None)
             self._noted(None)
             return answer
         raise AssertionError("unreachable: the last attempt raises")
@@ -218,14 +302,16 @@ class LedgerClient(_Wired):
     def close(self) -> None:
         """Send the coalesced calls still waiting, stop the replayer (what is still spooled
         stays on disk for the next client), then close the channel."""
-        if self.coalescer is not None:
-            self.coalescer.close()
+        for coalescer in self.coalescers:
+            coalescer.close()
         self._closing = True
         if self.probe is not None:
             self.probe.stop()
         if self.replayer is not None:
             self.replayer.stop()  # a replay call in flight ends with the channel
         self.channel.close()
+        for lane in self.lanes.values():
+            lane.channel.close()
         if self.replayer is not None and self.spool is not None:
             self.replayer.join()
             self.spool.release()
@@ -245,11 +331,16 @@ class AsyncLedgerClient(_Wired):
     def __init__(self, target: str = DEFAULT_TARGET, *,
                  channel: grpc.aio.Channel | None = None, **options: Any) -> None:
         o = _Options(**options)
-        self._wire(o, channel or (
-            grpc.aio.secure_channel(channel_target(target), o.creds, options=CHANNEL_OPTIONS)
-            if o.creds else grpc.aio.insecure_channel(channel_target(target),
-                                                      options=CHANNEL_OPTIONS)),
-            AsyncCoalescer, TaskReplayer, TaskProbe, lambda batch: batch)
+
+        def open_channel(t: str) -> grpc.aio.Channel:
+            return (grpc.aio.secure_channel(channel_target(t), o.creds,
+                                            options=CHANNEL_OPTIONS)
+                    if o.creds else grpc.aio.insecure_channel(channel_target(t),
+                                                              options=CHANNEL_OPTIONS))
+
+        self._wire(o, channel or open_channel(target), AsyncCoalescer, TaskReplayer,
+                   TaskProbe, lambda batch: batch,
+                   _node_channels(target, o, channel, open_channel))
 
     def _ensure_started(self) -> None:
         if self.replayer is not None:
@@ -260,14 +351,17 @@ class AsyncLedgerClient(_Wired):
     async def _call(self, stub: str, method: str, request: Any, *, retry: bool = True,
                     budget_s: float | None = None) -> Any:
         self._ensure_started()
-        fn, deadline = self._transport(stub, method, budget_s)
+        deadline = self._transport(method, budget_s)
         for attempt in range(self.retries + 1):
+            fn, node = self._pick(stub, method, request)
             try:
                 answer = await fn(request, timeout=max(0.001, deadline - time.monotonic()),
                                   metadata=self.metadata)
             except (grpc.RpcError, LedgerError) as err:  # LedgerError: a coalesced caller's
+                self._node_result(node, err)
                 await asyncio.sleep(self._pause_or_raise(err, retry, attempt, deadline))
                 continue
+            self._node_result(node, None)
             self._noted(None)
             return answer
         raise AssertionError("unreachable: the last attempt raises")
@@ -298,8 +392,8 @@ class AsyncLedgerClient(_Wired):
     async def close(self) -> None:
         """Send the coalesced calls still waiting, stop the replayer (what is still spooled
         stays on disk for the next client), then close the channel."""
-        if self.coalescer is not None:
-            await self.coalescer.close()
+        for coalescer in self.coalescers:
+            await coalescer.close()
         self._closing = True
         if self.probe is not None:
             await self.probe.stop()
@@ -308,6 +402,8 @@ class AsyncLedgerClient(_Wired):
             await asyncio.to_thread(self.spool.release)
             self.spool.close()
         await self.channel.close()
+        for lane in self.lanes.values():
+            await lane.channel.close()
 
     async def __aenter__(self) -> AsyncLedgerClient:
         self._ensure_started()

@@ -119,7 +119,8 @@ async def load(target: str, accounts: list[str], mode: str, options: dict[str, A
         started = time.perf_counter()
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
         run.elapsed_s = time.perf_counter() - started
-        run.batches = client.coalescer.calls_sent if client.coalescer else run.acknowledged
+        run.batches = (sum(c.calls_sent for c in client.coalescers) if client.coalescers
+                       else run.acknowledged)
         run.units_recorded = before - await units_left(reader, accounts)
     run.p50_ms = hist.get_value_at_percentile(50) / 1000
     run.p99_ms = hist.get_value_at_percentile(99) / 1000

@@ -249,3 +249,22 @@ def empty_pg_ledger(url: str) -> None:
         conn.execute(f"TRUNCATE {', '.join(LEDGER_TABLES)} RESTART IDENTITY")
         conn.execute("ALTER SEQUENCE purchase_order RESTART")
 
+
+def start_nodes(tmp_path: Path, url: str, n: int = 2, *, test_clock: bool = True,
+                env_extra: list[str] | None = None) -> list[ServerProcess]:
+    nodes = []
+    for i in range(n):
+        d = tmp_path / f"node{i}"
+        d.mkdir(exist_ok=True)
+        nodes.append(ServerProcess(d, db=url, test_clock=test_clock, extra=env_extra).start())
+    return nodes
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path, pg_url: str):
+    nodes = start_nodes(tmp_path, pg_url)
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()

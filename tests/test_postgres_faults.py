@@ -17,8 +17,7 @@ import grpc
 from clients.client import LedgerClient, LedgerError
 from ledger.verify import verify
 
-from .conftest import T0, make_account
-from .test_postgres_nodes import start_nodes
+from .conftest import T0, make_account, start_nodes
 
 WORKERS = 4
 LOAD_S = 6.0  # load on both nodes around the fault

@@ -27,26 +27,6 @@ LOAD_DEADLINE_S = 90.0
 STALL_S = 3.0  # how long node A holds its transaction open in the lock test
 
 
-def start_nodes(tmp_path: Path, url: str, n: int = 2, *, test_clock: bool = True,
-                env_extra: list[str] | None = None) -> list[ServerProcess]:
-    nodes = []
-    for i in range(n):
-        d = tmp_path / f"node{i}"
-        d.mkdir(exist_ok=True)
-        nodes.append(ServerProcess(d, db=url, test_clock=test_clock, extra=env_extra).start())
-    return nodes
-
-
-@pytest.fixture
-def two_nodes(tmp_path: Path, pg_url: str):
-    nodes = start_nodes(tmp_path, pg_url)
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-
-
 def units_taken(node: ServerProcess, plan_id: str) -> tuple[int, int]:
     conn = node.read_conn()
     try:
@@ -197,10 +177,11 @@ def test_postgres_a_transaction_held_open_on_one_account_does_not_stop_another(
 
 
 def test_postgres_a_client_given_both_nodes_spreads_calls_over_them(two_nodes):
-    """docs/scaling.md: one client, several targets, round robin; ledgerctl too."""
+    """docs/scaling.md: one client, several targets, round robin; ledgerctl too (with
+    account affinity, its default: tests/test_affinity.py)."""
     a, b = two_nodes
     both = f"{a.target},{b.target}"
-    with LedgerClient(both) as c:
+    with LedgerClient(both, routing="round_robin") as c:
         c.set_time(T0)
         make_account(c, cash_micros=10_000_000)
         for i in range(40):

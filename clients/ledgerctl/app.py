@@ -92,7 +92,8 @@ def _in_time_group() -> bool:
 @click.option("--target", metavar="HOST:PORT", envvar="LEDGER_TARGET", default=DEFAULT_TARGET,
               show_default=True, show_envvar=True,
               help="Address of the ledger's gRPC server; several nodes as a comma-separated "
-                   "list of IPv4 HOST:PORTs, or dns:///NAME:PORT (round robin).")
+                   "list of IPv4 HOST:PORTs (each account to its home node, with failover), "
+                   "or dns:///NAME:PORT (round robin).")
 @click.option("--timeout", "timeout_s", metavar="SECONDS", type=click.FloatRange(min=0,
               min_open=True), default=DEFAULT_TIMEOUT_S, show_default=True,
               help="Deadline of each call (a call that may be retried gets it on each try).")

@@ -316,8 +316,7 @@ class _Coalesced:
 
     async def close(self) -> int:
         await self.client.close()
-        assert self.client.coalescer is not None
-        return self.client.coalescer.calls_sent
+        return sum(c.calls_sent for c in self.client.coalescers)
 
 
 async def run_load(config: LoadConfig, *, on_tick: Callable[[dict[str, Any]], None] | None
