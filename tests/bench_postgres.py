@@ -1,5 +1,6 @@
 """`make bench-postgres` (also the end of `make bench`): the ledger on PostgreSQL, one node
-and two nodes on one database, beside the same ledger on SQLite (issue 11).
+and two nodes on one database (every account on both, and with account affinity: each
+node its home accounts, issue 20), beside the same ledger on SQLite (issue 11).
 
     python -m tests.bench_postgres [--runs 3] [--seconds 6] [--accounts 1000]
 
@@ -29,12 +30,13 @@ from rich.console import Console
 from rich.table import Table
 
 from clients.loadgen import LoadConfig, LoadResult, prepare_accounts
+from clients.routing import ranking
 from ledger.store import is_pg_url
 
 from .bench import LOAD_REQUESTS_CAP, ROOT, Proc, drive, machine
 from .pg_cluster import PgCluster, find_bindir
 
-BATCH_TARGET_PER_S = 30_000  # issue 11: one node's ConsumeBatch, spread over 1,000 accounts
+BATCH_TARGET_PER_S = 40_000  # issue 20: one node's ConsumeBatch, spread over 1,000 accounts
 LOADS = (
     ("unary64", "Consume, 64 in flight", {"shape": "unary", "concurrency": 64}, "calls/s"),
     ("stream", "ConsumeStream, 4 streams x 16", {"shape": "stream", "concurrency": 64,
@@ -89,8 +91,9 @@ def value(key: str, r: LoadResult) -> float:
 class Config:
     """One ledger configuration: its nodes (subprocesses) and its database."""
 
-    def __init__(self, name: str, db: str, nodes: int, tmp: Path) -> None:
-        self.name, self.db = name, db
+    def __init__(self, name: str, db: str, nodes: int, tmp: Path, affinity: bool = False
+                 ) -> None:
+        self.name, self.db, self.affinity = name, db, affinity
         py = sys.executable
         self.procs = []
         for i in range(nodes):
@@ -112,13 +115,18 @@ class Config:
 
     async def drive(self, accounts: list[str], load: dict[str, Any], seconds: float
                     ) -> list[LoadResult]:
-        """The load split over the nodes, all at once."""
+        """The load split over the nodes, all at once: each node gets every account
+        (round robin), or with ``affinity`` the accounts whose home it is, as the clients
+        route them (issue 20, ``clients/routing.py``)."""
         n = len(self.procs)
         part = {**load, "concurrency": max(1, load["concurrency"] // n)}
         if "streams" in load:
             part["streams"] = max(1, load["streams"] // n)
-        return list(await asyncio.gather(*(drive(p.target, accounts, part, seconds)
-                                           for p in self.procs)))
+        targets = [p.target for p in self.procs]
+        mine = {t: [a for a in accounts if ranking(targets, a)[0] == t] if self.affinity
+                else accounts for t in targets}
+        return list(await asyncio.gather(*(drive(t, mine[t], part, seconds)
+                                           for t in targets)))
 
 
 async def prepare(cfg: Config, accounts: int) -> list[str]:
@@ -166,16 +174,19 @@ def report(figures: dict[str, dict[str, list[float]]], console: Console) -> None
         table.add_row(f"{label} ({unit})",
                       *(f"{statistics.median(figures[n][key]):,.0f}" for n in names))
     console.print(table)
-    one, two = figures.get("postgres 1 node"), figures.get("postgres 2 nodes")
+    one = figures.get("postgres 1 node")
     if one:
         batch = statistics.median(one["batch_compact"])
         console.print(f"one node's ConsumeBatch x1,000 COMPACT over 1,000 accounts: {batch:,.0f}"
                       f"/s; target >= {BATCH_TARGET_PER_S:,}/s: "
                       f"{'MET' if batch >= BATCH_TARGET_PER_S else 'MISSED'}")
-    if one and two:
+    for name in ("postgres 2 nodes", "2 nodes, affinity"):
+        two = figures.get(name)
+        if not (one and two):
+            continue
         for key, label, _, _ in LOADS:
             a, b = statistics.median(one[key]), statistics.median(two[key])
-            console.print(f"two nodes / one node, {label}: {b / a:.2f}x "
+            console.print(f"{name} / one node, {label}: {b / a:.2f}x "
                           f"({'not slower' if b >= a else 'SLOWER'})")
 
 
@@ -201,6 +212,8 @@ def main(runs: int, seconds: float, accounts: int, no_sqlite: bool) -> None:
             configs.append(Config("sqlite", str(base / "sqlite" / "ledger.db"), 1, base))
         configs.append(Config("postgres 1 node", cluster.create_database("one"), 1, base))
         configs.append(Config("postgres 2 nodes", cluster.create_database("two"), 2, base))
+        configs.append(Config("2 nodes, affinity", cluster.create_database("aff"), 2, base,
+                              affinity=True))
         for cfg in configs:
             cfg.start()
         figures = asyncio.run(bench(configs, runs, seconds, accounts, console))
