@@ -51,13 +51,12 @@ def open_group(engine: Engine, cmds: list[Any], rows: list[tuple] = (),  # type:
     if exclusive is None:
         exclusive = any(type(c) in GLOBAL_COMMANDS for c in cmds)
     versions = None
-    if try_only or any(type(c) is RefundPlan for c in cmds):
+    if try_only or any(type(c) is RefundPlan for c in cmds):  # its account: a query
         meta = engine.store.open_group(exclusive, try_only=try_only)
         if meta is None:
             return False
     else:
-        ids = sorted({*(getattr(c, "account_id", None) or "" for c in cmds),
-                      *(r[0] for r in rows)} - {""})
+        ids = _accounts(engine, cmds, rows)
         meta, versions = engine.store.open_group_with(exclusive, ids, keys or [])
     engine._exclusive = exclusive
     engine._now = None
@@ -71,10 +70,15 @@ def open_group(engine: Engine, cmds: list[Any], rows: list[tuple] = (),  # type:
                        *(c.to_us for c in cmds if type(c) is AdvanceClock)])
         engine._load_due(horizon)
     if versions is None:
-        hold(engine, sorted({*group_accounts(engine, cmds), *(r[0] for r in rows)}))
+        hold(engine, _accounts(engine, cmds, rows))
     else:
         hold(engine, ids, versions)
     return True
+
+
+def _accounts(engine: Engine, cmds: list[Any], rows: list[tuple]) -> list[str]:
+    """The accounts a group's commands and consume rows name, sorted."""
+    return sorted({*group_accounts(engine, cmds), *(r[0] for r in rows)})
 
 
 def group_accounts(engine: Engine, cmds: list[Any]) -> list[str]:

@@ -19,10 +19,14 @@ Key = tuple[str, str]  # (account_id, request_id)
 Location = tuple[int, int]  # (journal seq, index in its block; -1: a one-row entry)
 
 
+def _digest(account_id: str, request_id: str) -> bytes:
+    """A consume key's 8-byte BLAKE2b digest: the one hash of the index (big-endian)."""
+    return hashlib.blake2b(f"{account_id}\x00{request_id}".encode(), digest_size=8).digest()
+
+
 def hash_keys(keys: Iterable[Key]) -> np.ndarray:
     """Signed 64-bit hashes (SQLite INTEGER) of consume keys, as one int64 array."""
-    b2 = hashlib.blake2b
-    digests = b"".join([b2(f"{a}\x00{r}".encode(), digest_size=8).digest() for a, r in keys])
+    digests = b"".join([_digest(a, r) for a, r in keys])
     return np.frombuffer(digests, dtype=">i8").astype(np.int64)
 
 
@@ -33,9 +37,7 @@ def hash_ints(keys: list[Key]) -> list[int]:
     """The same hashes as Python ints; a few keys skip numpy's fixed cost."""
     if len(keys) > SMALL_KEYS_MAX:
         return hash_keys(keys).tolist()
-    b2 = hashlib.blake2b
-    return [int.from_bytes(b2(f"{a}\x00{r}".encode(), digest_size=8).digest(), "big",
-                           signed=True) for a, r in keys]
+    return [int.from_bytes(_digest(a, r), "big", signed=True) for a, r in keys]
 
 
 def key_hash(account_id: str, request_id: str) -> int:

@@ -263,7 +263,7 @@ class PgStore(StoreReads):
                 c.execute(*settle)
                 meta = c.execute("SELECT key, value FROM meta")
                 clocks = []  # the server's clock around the accounts' locks: their wait
-                if account_ids and lock_keys:
+                if lock_keys:  # none for an exclusive group, or one naming no account
                     clocks.append(c.execute(CLOCK_SQL))
                 versions = queue_hold(c, account_ids, lock_keys) if account_ids else []
                 if clocks:
