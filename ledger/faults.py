@@ -39,3 +39,32 @@ def fault(point: str) -> None:
             time.sleep(_ARMED[3])
         else:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- planted bugs (issue 23) -------------------------------------------------------------
+# Known bugs that the history checker (tests/histories) must catch: never set in production.
+# ``QUOTA_LEDGER_PLANT=<name>`` turns one on in the process; an unknown name stops it at start.
+PLANTS = {
+    "reply_before_commit": "a group's replies leave before its commit, which follows "
+                           "PLANT_COMMIT_DELAY_S later (R11 broken)",
+    "key_outside_lock": "a group's consume keys are read before the accounts' locks and "
+                        "claimed with ON CONFLICT DO NOTHING (R12 broken across nodes)",
+    "stale_cache": "a cached account is kept when another node moved its version "
+                   "(the shared store's reload skipped)",
+}
+PLANT_ENV = "QUOTA_LEDGER_PLANT"
+PLANT_COMMIT_DELAY_S = 0.05  # reply_before_commit: how long a replied group waits to commit
+
+
+def _plant(name: str | None) -> str | None:
+    if name and name not in PLANTS:
+        raise ValueError(f"{PLANT_ENV}: unknown bug {name!r}; one of {', '.join(PLANTS)}")
+    return name or None
+
+
+PLANTED = _plant(os.environ.get(PLANT_ENV))
+
+
+def planted(name: str) -> bool:
+    """True when the named bug is planted in this process (one comparison when not)."""
+    return PLANTED == name

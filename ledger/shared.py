@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import calendar as cal
 from .errors import Unavailable
+from .faults import planted
 from .lifecycle import CLOCK_META_KEY, SETTLED_META_KEY
 from .model import AdvanceClock, RefundPlan, SettleDay
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-GLOBAL_COMMANDS = (SettleDay, AdvanceClock)  # run with the settlement lock exclusive
+GLOBAL_COMMANDS = (SettleDay, AdvanceClock)
+_STALE_CACHE = planted("stale_cache")  # run with the settlement lock exclusive
 
 
 def open_group(engine: Engine, cmds: list[Any], rows: list[tuple] = (),  # type: ignore[assignment]
@@ -108,7 +110,8 @@ def hold(engine: Engine, account_ids: list[str], versions: dict[str, int] | None
         versions = engine.store.hold_accounts(want, lock=not engine._exclusive)
     for account_id in want:
         version = versions.get(account_id)
-        if account_id in engine.accounts and engine.versions.get(account_id) != version:
+        if (account_id in engine.accounts and engine.versions.get(account_id) != version
+                and not _STALE_CACHE):  # planted bug "stale_cache" (issue 23) skips this
             evict(engine, account_id)
             engine.reloads += 1  # another node changed it (issue 20: contention)
         if version is not None:

@@ -34,7 +34,7 @@ from typing import Any
 from .consume_group import ConsumeRows, GroupResult
 from .engine import Engine
 from .errors import LedgerError, Overloaded, Unavailable
-from .faults import fault
+from .faults import PLANT_COMMIT_DELAY_S, fault, planted
 from .threads import name_this_thread
 
 log = logging.getLogger("quota_ledger.writer")
@@ -45,6 +45,7 @@ log = logging.getLogger("quota_ledger.writer")
 # and the thresholds are raised: nothing on the hot path makes reference cycles.
 GC_THRESHOLDS = (50_000, 20, 10)
 QUEUE_DEPTH_MAX = 10_000  # queued submissions (a batch counts once)
+_EARLY_REPLIES = planted("reply_before_commit")
 GROUP_REQUESTS_MAX = 4_096  # requests committed together at most
 IDLE_WAKE_S = 0.5  # how often an idle writer looks for due work (expiries, settlements)
 LINGER_S_MAX = 0.001  # under load, how long a group waits at most for its callers to return
@@ -142,6 +143,7 @@ class Writer:
         did not queue up behind the previous commit; then the engine lock keeps the writer
         thread out while the group of one runs here."""
         if (not self.inline or self._last_items > 1 or not self._q.empty() or self._stopping
+                or _EARLY_REPLIES  # a planted bug (issue 23) needs replies off the loop
                 # asyncio's queue of ready callbacks: handlers of other requests wait to run
                 # (a burst after a blocking commit), so this is not a lone request. A loop
                 # without it (not asyncio's own) never commits inline.
@@ -281,6 +283,7 @@ class Writer:
         engine = self.engine
         engine.begin()
         outcomes: list[Any] = []
+        replied = False
         try:
             engine.open(*_flatten(group))
             if not engine.clock.is_test_clock and not engine.shared:  # shared: _due_shared
@@ -294,21 +297,28 @@ class Writer:
                     outcomes.append(done)
                 else:
                     outcomes.append(self._one(item.cmd))
+            if _EARLY_REPLIES:  # planted bug "reply_before_commit" (issue 23): R11 broken
+                self._deliver(group, outcomes, direct)
+                replied = True
+                time.sleep(PLANT_COMMIT_DELAY_S)
             t0 = time.perf_counter()
             engine.commit()
             elapsed = time.perf_counter() - t0
         except LedgerError as exc:  # the commit failed: nothing of this group is written
             engine.abort()
             failed = Outcome(error=exc)
-            self._deliver(group, [_failed_all(i, failed) for i in group], direct)
+            if not replied:
+                self._deliver(group, [_failed_all(i, failed) for i in group], direct)
             return
         except BaseException as exc:
             engine.abort()
             failed = Outcome(error=Unavailable(f"internal error: {exc!r}", reason="INTERNAL"))
-            self._deliver(group, [_failed_all(i, failed) for i in group], direct)
+            if not replied:
+                self._deliver(group, [_failed_all(i, failed) for i in group], direct)
             raise
         fault("after_commit")
-        self._deliver(group, outcomes, direct)
+        if not replied:
+            self._deliver(group, outcomes, direct)
         if not group:  # an idle wake-up (due work only): not a group commit
             return
         n = sum(i.size for i in group)

@@ -278,11 +278,12 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
         acct = self.ctx.account(request.account_id)
         now = self.ctx.clock.now_us()
         day = cal.billing_day(now)
-        plans = [p for p in q.read_plans(
-            self.ctx.reader(), "WHERE account_id = ? AND refunded_at_us IS NULL"
-            " AND units_remaining > 0 AND expires_at_us > ?", (acct.account_id, now))
-            if p.can_offset_at(now)]
-        payg, _ = q.read_usage(self.ctx.reader(), acct.account_id, day, day)
+        with self.ctx.store.snapshot() as conn:  # plans and usage of one moment (issue 23)
+            plans = [p for p in q.read_plans(
+                conn, "WHERE account_id = ? AND refunded_at_us IS NULL"
+                " AND units_remaining > 0 AND expires_at_us > ?", (acct.account_id, now))
+                if p.can_offset_at(now)]
+            payg, _ = q.read_usage(conn, acct.account_id, day, day)
         return qpb.GetRemainingResponse(
             plans=[convert.plan(p, now) for p in plans],
             units_remaining_total=sum(p.units_remaining for p in plans),
@@ -302,7 +303,8 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
     async def GetUsage(self, request, context):  # noqa: N802
         acct = self.ctx.account(request.account_id)
         days = _day_range(request.from_day, request.to_day)
-        payg, offsets = q.read_usage(self.ctx.reader(), acct.account_id, days[0], days[-1])
+        with self.ctx.store.snapshot() as conn:  # payg and offsets of one moment
+            payg, offsets = q.read_usage(conn, acct.account_id, days[0], days[-1])
         rows = {d: qpb.UsageDay(billing_day=d) for d in days}
         for day, region, units, micros in payg:
             rows[day].payg.append(qpb.RegionUsage(region=region, units=units,

@@ -28,8 +28,10 @@ class ServerProcess:
     """`python -m server serve` in a subprocess, so tests can SIGKILL and restart it."""
 
     def __init__(self, tmp: Path, *, test_clock: bool = True, extra: list[str] | None = None,
-                 db: str | None = None, command: list[str] | None = None):
+                 db: str | None = None, command: list[str] | None = None,
+                 listen_port: int = 0):
         self.tmp = tmp
+        self.listen_port = listen_port  # 0: any free port, chosen anew at each start
         # how to run `quota-ledger` (the wheel test runs an installed one, outside the tree)
         self.command = command or [sys.executable, "-m", "server"]
         self.db: Path | str = db or tmp / "ledger.db"  # a path, or a postgresql:// URL
@@ -45,7 +47,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         port_file = self.tmp / "ports.json"
         port_file.unlink(missing_ok=True)
-        cmd = [*self.command, "serve", "--listen", "127.0.0.1:0",
+        cmd = [*self.command, "serve", "--listen", f"127.0.0.1:{self.listen_port}",
                "--db", str(self.db), "--port-file", str(port_file),
                "--metrics-listen", "127.0.0.1:0", "--log-level", "warning", *self.extra]
         if self.test_clock:

@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 
+from ..faults import planted
 from .journal import UnitOfWork
 
 SCALAR_ROWS_MAX = 4  # rows up to which a statement is sent once per row, with scalars
@@ -53,6 +54,9 @@ OFFSETS_SQL = ("INSERT INTO offsets_daily SELECT * FROM unnest(%b::text[], %b::t
 KEYS_ONE_INSERT_SQL = "INSERT INTO consume_keys VALUES (%s, %s, %s, %s, %s)"
 KEYS_INSERT_SQL = ("INSERT INTO consume_keys SELECT * FROM unnest(%b::text[], %b::text[],"
                    " %b::int[], %b::bigint[], %b::int[])")
+if planted("key_outside_lock"):  # issue 23: a claim that cannot fail, so a duplicate lands
+    KEYS_ONE_INSERT_SQL += " ON CONFLICT DO NOTHING"
+    KEYS_INSERT_SQL += " ON CONFLICT DO NOTHING"
 BUMP_ONE_SQL = ("UPDATE accounts SET version = version + 1 WHERE account_id = %s"
                 " RETURNING account_id, version")
 BUMP_SQL = ("UPDATE accounts SET version = version + 1 WHERE account_id = ANY(%s)"

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -34,7 +36,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from ..errors import Unavailable
-from ..faults import fault
+from ..faults import fault, planted
 from . import blocks
 from .base import StoreReads
 from .journal import GENESIS_HASH, UnitOfWork
@@ -57,6 +59,7 @@ READERS_MAX = 8  # pooled connections for the read RPCs
 CONNECT_TIMEOUT_S = 5
 BLOCK_CACHE_MAX = 64  # decoded blocks kept for replays (R12)
 CLOCK_SQL = "SELECT clock_timestamp()"
+_KEYS_OUTSIDE_LOCK = planted("key_outside_lock")  # issue 23: a known bug, planted
 
 def account_lock_key(account_id: str) -> int:
     """A signed 64-bit advisory-lock key for an account (a collision only serializes two
@@ -108,6 +111,18 @@ class PgReader:
             with self.pool.connection() as conn:
                 cur = conn.execute(pg_sql(sql), params)
                 return _Rows(cur.fetchall() if cur.description else [], cur.description)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise Unavailable(f"the journal database cannot be read: {exc}") from exc
+
+
+    @contextmanager
+    def snapshot(self) -> Iterator[PgConn]:
+        """One pooled connection in a read-only REPEATABLE READ transaction: every statement
+        sees one snapshot (see ``Store.snapshot``)."""
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield PgConn(conn)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise Unavailable(f"the journal database cannot be read: {exc}") from exc
 
@@ -207,6 +222,9 @@ class PgStore(StoreReads):
     def reader(self) -> PgReader:
         return self._reader
 
+    def snapshot(self) -> AbstractContextManager[PgConn]:
+        return self._reader.snapshot()
+
     # ------------------------------------------------------------------ writer-side loads
 
     def journal_tail(self) -> tuple[int, bytes, int]:
@@ -258,6 +276,10 @@ class PgStore(StoreReads):
         lock_keys = None if exclusive else _lock_keys(account_ids)
         try:
             c = self._ensure()
+            early = None
+            if keys and _KEYS_OUTSIDE_LOCK:  # planted bug (issue 23): read before the locks
+                with c.pipeline():
+                    early = fetch_all(queue_keys(c, keys))
             with c.pipeline():
                 c.execute("BEGIN")
                 c.execute(*settle)
@@ -268,8 +290,8 @@ class PgStore(StoreReads):
                 versions = queue_hold(c, account_ids, lock_keys) if account_ids else []
                 if clocks:
                     clocks.append(c.execute(CLOCK_SQL))
-                found = queue_keys(c, keys) if keys else []
-            self._key_rows = (keys, fetch_all(found))
+                found = queue_keys(c, keys) if keys and early is None else []
+            self._key_rows = (keys, early if early is not None else fetch_all(found))
             if clocks:
                 t0, t1 = (cur.fetchone()[0] for cur in clocks)  # type: ignore[index]
                 self.lock_wait_s += max(0.0, (t1 - t0).total_seconds())

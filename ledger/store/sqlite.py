@@ -14,6 +14,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlite_utils
@@ -142,6 +143,18 @@ class Store(StoreReads):
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """The calling thread's reader inside one read transaction: every statement sees
+        the same committed state (a read of two tables is never torn by a commit between
+        them; issue 23 found GetRemaining's plans and usage read at two moments)."""
+        conn = self.reader()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
 
     # ------------------------------------------------------------------ writer-side loads
 
