@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import AccountModel, FinalPlan, final_matches, matches
+from .model import APPLIED, AccountModel, FinalPlan, final_matches, matches
 
 CONFIGS_MAX = 200_000  # candidates explored for one completion, at most
 
@@ -69,7 +69,8 @@ def _place(model: AccountModel, configs: set, open_ops: dict[str, dict], op: dic
             done.add((state, placed - {op["id"]}))
             continue
         for o_id, o in open_ops.items():
-            if o_id in placed or (o["e"] == "unknown" and o["req"].get("rid") in state[5]):
+            if o_id in placed or (o["e"] == "unknown"
+                                  and o["req"].get("rid") in state[APPLIED]):
                 continue
             after = _step(model, state, o)
             if after is None:
@@ -90,7 +91,7 @@ def _close(model: AccountModel, configs: set, open_ops: dict[str, dict]) -> set:
     while frontier:
         state = frontier.pop()
         for o in open_ops.values():
-            if o["req"].get("rid") in state[5]:
+            if o["req"].get("rid") in state[APPLIED]:
                 continue
             after = _step(model, state, o)
             if after is not None and after not in states:

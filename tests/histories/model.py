@@ -2,10 +2,14 @@
 
 A state is a plain tuple, hashable, so that the checker can keep sets of them:
 
-    (cash, voucher, plans, payg_units, payg_micros, applied)
+    (cash, voucher, live, done, bought, payg_units, payg_micros, applied)
 
-- ``plans``: one ``(rid, remaining, refunded, paid_voucher, paid_cash)`` per plan bought,
-  in purchase order;
+- ``live``: the plans that can still change, in R8 order (expiry, then purchase order), each
+  ``(index, rid, remaining, paid_voucher, paid_cash)``; ``index`` is the purchase order;
+- ``done``: the plans that never change again (used up, or refunded) as a frozenset of
+  ``(index, rid, remaining, refunded, paid_voucher, paid_cash)``: a frozenset keeps its
+  hash, so an account that bought hundreds of plans hashes in constant time;
+- ``bought``: how many plans were bought;
 - ``payg_units``, ``payg_micros``: the day's pay-as-you-go (the test clock never moves);
 - ``applied``: the ``request_id`` s applied so far, among those that the checker tracks
   (every id that more than one operation carries, or that an unknown outcome carries).
@@ -32,8 +36,9 @@ PRICE_MICROS = {1: 700, 2: 1000}  # R10, per region
 SPECS = {"h-month-8": (8, 1_000_000), "h-year-12": (12, 1_500_000)}  # run.CATALOG
 FAIL = "fail"
 
-State = tuple  # (cash, voucher, plans, payg_units, payg_micros, applied)
-INITIAL: State = (0, 0, (), 0, 0, frozenset())
+State = tuple  # (cash, voucher, live, done, bought, payg_units, payg_micros, applied)
+INITIAL: State = (0, 0, (), frozenset(), 0, 0, 0, frozenset())
+APPLIED = 7  # where a state keeps its applied request ids
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class AccountModel:
     def __init__(self, final_plans: list[FinalPlan], tracked: set[str]) -> None:
         self.final_plans = final_plans
         self.tracked = tracked
+        self.index = {p.plan_id: i for i, p in enumerate(final_plans)}
 
     def apply(self, s: State, kind: str, req: dict) -> tuple[Any, State] | None:
         """The outcome of one request in state ``s`` and the state after it; None when the
@@ -55,7 +61,7 @@ class AccountModel:
 
     # -- requests -----------------------------------------------------------------------
     def _consume(self, s: State, req: dict) -> tuple[Any, State]:
-        cash, voucher, plans, payg, payg_m, applied = s
+        cash, voucher, live, done, bought, payg, payg_m, applied = s
         rid = req["rid"]
         if not req["billable"]:  # R3: acknowledged, nothing changes, no key claimed (R12)
             return {"billable": False, "alloc": [], "payg": 0, "payg_micros": 0,
@@ -63,85 +69,103 @@ class AccountModel:
         if rid in applied:
             return {"replayed": True}, s
         need = req["qty"]
-        order = sorted((i for i, p in enumerate(plans) if not p[2] and p[1] > 0),
-                       key=lambda i: (self.final_plans[i].expires_us, i))  # R8
-        new = list(plans)
         alloc = []
-        for i in order:
-            if need == 0:
-                break
-            rid_i, rem, refunded, pv, pc = new[i]
+        new_live = []
+        used_up = []
+        for plan in live:  # R8 order
+            i, rid_i, rem, pv, pc = plan
             take = min(rem, need)
-            new[i] = (rid_i, rem - take, refunded, pv, pc)
-            alloc.append([self.final_plans[i].plan_id, take])
-            need -= take
+            if take:
+                alloc.append([self.final_plans[i].plan_id, take])
+                need -= take
+                if rem == take:
+                    used_up.append((i, rid_i, 0, False, pv, pc))
+                    continue
+                plan = (i, rid_i, rem - take, pv, pc)
+            new_live.append(plan)
         cost = need * PRICE_MICROS[req["region"]]
-        remaining = sum(p[1] for p in new if not p[2])
-        after = (cash, voucher, tuple(new), payg + need, payg_m + cost, self._claim(applied, rid))
+        after = (cash, voucher, tuple(new_live), done.union(used_up) if used_up else done,
+                 bought, payg + need, payg_m + cost, self._claim(applied, rid))
         return {"billable": True, "alloc": alloc, "payg": need, "payg_micros": cost,
-                "replayed": False, "remaining": remaining}, after
+                "replayed": False, "remaining": sum(p[2] for p in new_live)}, after
 
     def _purchase(self, s: State, req: dict) -> tuple[Any, State] | None:
-        cash, voucher, plans, payg, payg_m, applied = s
+        cash, voucher, live, done, bought, payg, payg_m, applied = s
         rid = req["rid"]
         if rid in applied:  # a replay answers the plan as it is now (R12)
-            i = next(i for i, p in enumerate(plans) if p[0] == rid)
-            return self._plan(plans, i), s
+            return self._plan(s, rid=rid), s
         units, price = SPECS[req["spec"]]
         if cash + voucher < price:  # R16: refused, nothing changed, no key (R12)
             return (FAIL, "FAILED_PRECONDITION", "INSUFFICIENT_FUNDS"), s
-        n = len(plans)
+        n = bought
         if n >= len(self.final_plans) or self.final_plans[n].spec != req["spec"]:
             return None
         pv = min(voucher, price)
         pc = price - pv
-        new = (*plans, (rid, units, False, pv, pc))
-        return self._plan(new, n), (cash - pc, voucher - pv, new, payg, payg_m,
-                                    self._claim(applied, rid))
+        key = self._r8
+        new_live = tuple(sorted((*live, (n, rid, units, pv, pc)), key=key))
+        after = (cash - pc, voucher - pv, new_live, done, n + 1, payg, payg_m,
+                 self._claim(applied, rid))
+        return self._plan(after, index=n), after
 
     def _top_up(self, s: State, req: dict) -> tuple[Any, State]:
-        cash, voucher, plans, payg, payg_m, applied = s
+        cash, voucher, live, done, bought, payg, payg_m, applied = s
         if req["rid"] not in applied:
             if req["kind"] == 1:  # FUNDS_KIND_CASH
                 cash += req["amount"]
             else:
                 voucher += req["amount"]
         return ({"cash": cash, "voucher": voucher, "outstanding": 0},
-                (cash, voucher, plans, payg, payg_m, self._claim(applied, req["rid"])))
+                (cash, voucher, live, done, bought, payg, payg_m,
+                 self._claim(applied, req["rid"])))
 
     def _refund(self, s: State, req: dict) -> tuple[Any, State]:
-        cash, voucher, plans, payg, payg_m, applied = s
-        i = next((i for i in range(len(plans))
-                  if self.final_plans[i].plan_id == req["plan_id"]), None)
-        if i is None:
+        cash, voucher, live, done, bought, payg, payg_m, applied = s
+        i = self.index.get(req["plan_id"])
+        if i is None or i >= bought:
             return (FAIL, "NOT_FOUND", "PLAN_NOT_FOUND"), s
         if req["rid"] in applied:
-            return self._plan(plans, i), s
-        rid_i, rem, refunded, pv, pc = plans[i]
-        if refunded:
-            return (FAIL, "FAILED_PRECONDITION", "PLAN_REFUNDED"), s
+            return self._plan(s, index=i), s
+        plan = next((p for p in live if p[0] == i), None)
+        if plan is None:
+            refunded = next(p[3] for p in done if p[0] == i)
+            return (FAIL, "FAILED_PRECONDITION", "PLAN_REFUNDED" if refunded else "PLAN_USED"), s
+        _, rid_i, rem, pv, pc = plan
         if rem < SPECS[self.final_plans[i].spec][0]:  # R21: a used plan
             return (FAIL, "FAILED_PRECONDITION", "PLAN_USED"), s
-        new = list(plans)
-        new[i] = (rid_i, rem, True, pv, pc)
-        return self._plan(new, i), (cash + pc, voucher + pv, tuple(new), payg, payg_m,
-                                    self._claim(applied, req["rid"]))
+        after = (cash + pc, voucher + pv, tuple(p for p in live if p is not plan),
+                 done | {(i, rid_i, rem, True, pv, pc)}, bought, payg, payg_m,
+                 self._claim(applied, req["rid"]))
+        return self._plan(after, index=i), after
 
     def _remaining(self, s: State, req: dict) -> tuple[Any, State]:
-        plans = s[2]
-        live = {self.final_plans[i].plan_id: p[1] for i, p in enumerate(plans)
-                if not p[2] and p[1] > 0}
-        return {"total": sum(live.values()), "payg": s[3], "payg_micros": s[4],
+        live = {self.final_plans[p[0]].plan_id: p[2] for p in s[2]}
+        return {"total": sum(live.values()), "payg": s[5], "payg_micros": s[6],
                 "plans": live}, s
 
     # -- helpers ------------------------------------------------------------------------
+    def _r8(self, plan: tuple) -> tuple[int, int]:
+        return (self.final_plans[plan[0]].expires_us, plan[0])
+
     def _claim(self, applied: frozenset, rid: str) -> frozenset:
         return applied | {rid} if rid in self.tracked else applied
 
-    def _plan(self, plans: tuple | list, i: int) -> dict:
-        rid, rem, refunded, pv, pc = plans[i]
+    def _plan(self, s: State, *, index: int | None = None, rid: str | None = None) -> dict:
+        """A plan as PurchasePlan and RefundPlan answer it, found by index or by rid."""
+        for p in s[2]:
+            if p[0] == index or p[1] == rid:
+                i, _, rem, pv, pc = p
+                refunded = False
+                break
+        else:
+            i, _, rem, refunded, pv, pc = next(p for p in s[3] if p[0] == index or p[1] == rid)
         return {"plan_id": self.final_plans[i].plan_id, "spec": self.final_plans[i].spec,
                 "remaining": rem, "paid_v": pv, "paid_c": pc, "refunded": refunded}
+
+
+def plans_of(s: State) -> dict[int, tuple[int, bool]]:
+    """Every plan bought, by index: (remaining, refunded)."""
+    return {**{p[0]: (p[2], False) for p in s[2]}, **{p[0]: (p[2], p[3]) for p in s[3]}}
 
 
 def matches(kind: str, recorded: dict, outcome: Any) -> bool:
@@ -168,15 +192,15 @@ def matches(kind: str, recorded: dict, outcome: Any) -> bool:
 
 def final_matches(s: State, final: dict, final_plans: list[FinalPlan]) -> bool:
     """Whether a model state is the final state that the API reported."""
-    cash, voucher, plans, payg, payg_m, _ = s
+    cash, voucher, _, _, bought, payg, payg_m, _ = s
     if (cash, voucher, payg, payg_m) != (final["cash"], final["voucher"], final["payg"],
                                          final["payg_micros"]):
         return False
-    if len(plans) != len(final["plan_list"]):
+    if bought != len(final["plan_list"]):
         return False
     by_id = {p["plan_id"]: p for p in final["plan_list"]}
-    for i, p in enumerate(plans):
+    for i, (rem, refunded) in plans_of(s).items():
         got = by_id[final_plans[i].plan_id]
-        if (got["remaining"], got["status"] == "PLAN_STATUS_REFUNDED") != (p[1], p[2]):
+        if (got["remaining"], got["status"] == "PLAN_STATUS_REFUNDED") != (rem, refunded):
             return False
     return True
