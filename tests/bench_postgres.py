@@ -5,7 +5,8 @@ node its home accounts, issue 20), beside the same ledger on SQLite (issue 11).
     python -m tests.bench_postgres [--runs 3] [--seconds 6] [--accounts 1000]
 
 A throwaway PostgreSQL cluster (tests/pg_cluster.py: the machine's PostgreSQL, 127.0.0.1,
-synchronous_commit=on; fsync off only in that throwaway cluster) holds one fresh database
+fsync, full_page_writes and synchronous_commit on, as in production; --no-fsync turns the
+first two off, as the test suite's cluster has them) holds one fresh database
 per configuration. Each configuration gets the same accounts (spread: --accounts accounts,
 each with a year-100m plan) and the same loads: unary Consume at 64 in flight, ConsumeStream
 (4 streams x 16), ConsumeBatch x1,000 in both views (4 calls in flight). With two nodes,
@@ -196,16 +197,21 @@ def report(figures: dict[str, dict[str, list[float]]], console: Console) -> None
 @click.option("--accounts", default=1_000, show_default=True, help="Accounts the load spreads "
               "over (each with a plan).")
 @click.option("--no-sqlite", is_flag=True, help="Only the PostgreSQL configurations.")
-def main(runs: int, seconds: float, accounts: int, no_sqlite: bool) -> None:
+@click.option("--no-fsync", is_flag=True, help="fsync and full_page_writes off in the "
+              "benchmark's cluster (the test suite's setting; not production's).")
+def main(runs: int, seconds: float, accounts: int, no_sqlite: bool, no_fsync: bool) -> None:
     console = Console()
     if find_bindir() is None:
         console.print("[red]no PostgreSQL server binaries: apt-get install postgresql[/red]")
         sys.exit(2)
     info = machine()
     console.print(f"machine: {info}; loads bounded at {LOAD_REQUESTS_CAP:,} requests")
+    console.print("PostgreSQL: synchronous_commit=on, "
+                  + ("fsync=off, full_page_writes=off (--no-fsync)" if no_fsync
+                     else "fsync=on, full_page_writes=on"))
     base = Path(tempfile.mkdtemp(prefix="quota-ledger-benchpg-"))
     base.chmod(0o755)  # the cluster runs as the postgres user (tests/pg_cluster.py)
-    cluster = PgCluster(base / "pg").start()
+    cluster = PgCluster(base / "pg", durable=not no_fsync).start()
     configs: list[Config] = []
     try:
         if not no_sqlite:

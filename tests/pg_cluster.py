@@ -87,8 +87,10 @@ def free_port() -> int:
 class PgCluster:
     """One postgres server on 127.0.0.1, its data, socket and log under ``base_dir``."""
 
-    def __init__(self, base_dir: Path, port: int | None = None, *, bindir: Path | None = None):
+    def __init__(self, base_dir: Path, port: int | None = None, *, bindir: Path | None = None,
+                 durable: bool = False):
         self.base_dir = Path(base_dir).resolve()
+        self.durable = durable  # fsync and full page writes on, as in production (benchmarks)
         self.data_dir = self.base_dir / "data"
         self.sock_dir = self.base_dir / "sock"
         self.log_file = self.base_dir / "postgres.log"
@@ -130,8 +132,8 @@ class PgCluster:
             "listen_addresses": "127.0.0.1",
             "port": str(self.port),
             "unix_socket_directories": str(self.sock_dir),
-            "fsync": "off",
-            "full_page_writes": "off",
+            "fsync": "on" if self.durable else "off",
+            "full_page_writes": "on" if self.durable else "off",
             "synchronous_commit": "on",
             "max_connections": "200",
         }
