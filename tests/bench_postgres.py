@@ -19,6 +19,7 @@ the median of --runs rounds, the configurations taking turns within a round.
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from clients.routing import ranking
 from ledger.store import is_pg_url
 
 from .bench import LOAD_REQUESTS_CAP, ROOT, Proc, drive, machine
+from .bench_cpu import process_cpu_s
 from .pg_cluster import PgCluster, find_bindir
 
 BATCH_TARGET_PER_S = 40_000  # issue 20: one node's ConsumeBatch, spread over 1,000 accounts
@@ -81,6 +83,20 @@ class Units:
         return acked
 
 
+def postgres_cpu_s() -> float:
+    """CPU seconds so far of every PostgreSQL process on the machine (the benchmark's
+    cluster is the only one running): the postmaster, its workers and the backends."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/comm").read_text().strip() == "postgres":
+                    total += process_cpu_s(int(entry))
+            except OSError:  # ended meanwhile
+                continue
+    return total
+
+
 def value(key: str, r: LoadResult) -> float:
     if key == "unary64":
         return r.calls_per_s
@@ -113,6 +129,10 @@ class Config:
     def stop(self) -> None:
         for p in self.procs:
             p.stop()
+
+    def cpu_s(self) -> float:
+        """CPU seconds so far of this configuration's ledger nodes."""
+        return sum(process_cpu_s(p.pid) for p in self.procs)
 
     async def drive(self, accounts: list[str], load: dict[str, Any], seconds: float
                     ) -> list[LoadResult]:
@@ -149,19 +169,32 @@ async def bench(configs: list[Config], runs: int, seconds: float, accounts: int,
                       f"{time.perf_counter() - t0:.1f} s")
     figures: dict[str, dict[str, list[float]]] = {c.name: {k: [] for k, *_ in LOADS}
                                                   for c in configs}
+    cpu: dict[str, dict[str, list[tuple[float, float]]]] = {
+        c.name: {k: [] for k, *_ in LOADS} for c in configs}
     units = {c.name: Units(c.db) for c in configs}
     for run in range(runs):
         for key, label, load, unit in LOADS:
             order = configs if run % 2 == 0 else list(reversed(configs))
             for cfg in order:
+                node0, pg0 = cfg.cpu_s(), postgres_cpu_s()
                 results = await cfg.drive(ids[cfg.name], load, seconds)
+                node_us = (cfg.cpu_s() - node0) * 1e6
+                pg_us = (postgres_cpu_s() - pg0) * 1e6
                 acked = units[cfg.name].check(results, f"{cfg.name} {label}")
+                cpu[cfg.name][key].append((node_us / max(acked, 1), pg_us / max(acked, 1)))
                 v = sum(value(key, r) for r in results)
                 figures[cfg.name][key].append(v)
                 errors = {k: n for r in results for k, n in r.errors.items()}
                 console.print(f"  run {run + 1} {cfg.name:<16} {label:<42} {v:>10,.0f} {unit}"
-                              f"  (acknowledged {acked:,} = recorded)"
+                              f"  (acknowledged {acked:,} = recorded; CPU per request: "
+                              f"nodes {cpu[cfg.name][key][-1][0]:,.0f} µs, PostgreSQL "
+                              f"{cpu[cfg.name][key][-1][1]:,.0f} µs)"
                               + (f"  errors {errors}" if errors else ""))
+    for cfg in configs:
+        for key, *_ in LOADS:
+            got = cpu[cfg.name][key]
+            figures[cfg.name][f"{key}_node_us"] = [n for n, _ in got]
+            figures[cfg.name][f"{key}_pg_us"] = [p for _, p in got]
     return figures
 
 
@@ -174,6 +207,10 @@ def report(figures: dict[str, dict[str, list[float]]], console: Console) -> None
     for key, label, _, unit in LOADS:
         table.add_row(f"{label} ({unit})",
                       *(f"{statistics.median(figures[n][key]):,.0f}" for n in names))
+        for part, who in (("node", "ledger nodes"), ("pg", "PostgreSQL")):
+            table.add_row(f"  CPU per request, {who} (µs)",
+                          *(f"{statistics.median(figures[n][f'{key}_{part}_us']):,.0f}"
+                            for n in names))
     console.print(table)
     one = figures.get("postgres 1 node")
     if one:
