@@ -172,6 +172,12 @@ class AccountCommands:
         return plan
 
     def plan(self, plan_id: str) -> PlanState:
+        if self.shared and self.uow is not None:
+            # bought or changed earlier in this very group: not in the database yet (a
+            # retry that joined its own first attempt's group; found by issue 23's checker)
+            mine = self.uow.plans.get(plan_id)
+            if mine is not None:
+                return mine
         held = None if self.shared else self.plan_index.get(plan_id)
         if held is not None:
             return held
