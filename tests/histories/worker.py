@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from quota_ledger.v1 import accounts_pb2 as apb
 from quota_ledger.v1 import accounts_pb2_grpc as apb_grpc
@@ -135,7 +136,6 @@ def call(node: Node, kind: str, req: dict) -> tuple[str, dict]:
 
 def error_reason(exc: grpc.RpcError) -> str:
     """The ErrorInfo reason of a refusal (CONTRACT), or "" when it carries none."""
-    from google.rpc import error_details_pb2
     status = rpc_status.from_call(exc)  # type: ignore[arg-type]
     for detail in status.details if status else ():
         info = error_details_pb2.ErrorInfo()
