@@ -8,6 +8,7 @@ from typing import Any
 
 from ..calendar import day_end
 from ..model import AccountState, AccountStatus, PlanState, Validity
+from ..money import Region
 from ..settlement import Bill, BillLine, DayFigures
 from . import blocks
 from .journal import GENESIS_HASH
@@ -206,3 +207,18 @@ def consume_entries(conn: sqlite3.Connection, where: str = "", params: tuple = (
         for item in items:
             yield (seq, at_us, item[blocks.ACCOUNT], item[blocks.REQUEST],
                    blocks.entry_payload(day, item))
+
+
+def read_window(conn: sqlite3.Connection, account_id: str, from_day: str, to_day: str
+                ) -> tuple[int, int, int]:
+    """Runway's window (issue 22): (units plans offset, pay-as-you-go units in the Chinese
+    mainland, outside it) over the days, from the derived rows, not a journal scan."""
+    (offset,) = conn.execute(
+        "SELECT coalesce(sum(units), 0) FROM offsets_daily"
+        " WHERE account_id = ? AND day BETWEEN ? AND ?", (account_id, from_day, to_day)).fetchone()
+    by_region = dict(conn.execute(
+        "SELECT region, sum(payg_units) FROM usage_daily"
+        " WHERE account_id = ? AND day BETWEEN ? AND ? GROUP BY region",
+        (account_id, from_day, to_day)).fetchall())
+    return (int(offset), int(by_region.get(int(Region.CHINESE_MAINLAND), 0)),
+            int(by_region.get(int(Region.OUTSIDE_CHINESE_MAINLAND), 0)))
