@@ -14,7 +14,6 @@ from ledger.calendar import BILLING_TZ, US_PER_DAY, US_PER_HOUR, add_months, fro
 from ledger.model import AccountStatus, PlanState, Validity
 
 NOW = from_datetime(datetime(2027, 1, 20, 15, 30, tzinfo=BILLING_TZ))
-HORIZON = NOW + 30 * US_PER_DAY
 
 
 def plan(seq: int, remaining: int, expires_at: int, bought: int = NOW - US_PER_DAY) -> PlanState:
@@ -34,17 +33,18 @@ class Expected:
     payg_units: int
 
 
-def reference(units: int, days: int, plans: list[PlanState]) -> Expected:
-    """Unit k is asked at the first microsecond t with units * (t - NOW) >= k * span: walk
+def reference(units: int, days: int, plans: list[PlanState], now: int = NOW) -> Expected:
+    """Unit k is asked at the first microsecond t with units * (t - now) >= k * span: walk
     the units one by one, each to the first plan (by expiry, then purchase) valid at t."""
     span = days * US_PER_DAY
+    horizon = now + 30 * US_PER_DAY
     left = {p.plan_id: p.units_remaining for p in plans}
     order = sorted(plans, key=lambda p: (p.expires_at, p.purchase_seq))
     used_up: dict[str, int | None] = {p.plan_id: None for p in plans}
     payg_start, payg_units, k = None, 0, 0
     while units:
         k += 1
-        t = NOW + (k * span + units - 1) // units
+        t = now + (k * span + units - 1) // units
         live = [p for p in order if left[p.plan_id] and t < p.expires_at]
         if live:
             p = live[0]
@@ -54,7 +54,7 @@ def reference(units: int, days: int, plans: list[PlanState]) -> Expected:
             continue
         if payg_start is None:
             payg_start = t
-        if t >= HORIZON and not any(left[p.plan_id] and t < p.expires_at for p in order):
+        if t >= horizon:
             break
         payg_units += 1
     forfeit = {p.plan_id: left[p.plan_id] for p in plans}
