@@ -159,6 +159,11 @@ class LedgerApi:
     def get_account(self, account_id: str) -> Any:
         return self._call("accounts", "GetAccount", apb.GetAccountRequest(account_id=account_id))
 
+    def get_runway(self, account_id: str, window_days: int = 0) -> Any:
+        """How long the plans last at the recent rate (docs/runway.md; 0: a 7-day window)."""
+        return self._call("accounts", "GetRunway", apb.GetRunwayRequest(
+            account_id=account_id, window_days=window_days))
+
     def list_accounts(self, prefix: str = "", page_size: int = 0, page_token: str = "") -> Any:
         """One page of accounts by id (page_size 0 means the ledger's default)."""
         return self._call("accounts", "ListAccounts", apb.ListAccountsRequest(

@@ -32,11 +32,11 @@ from ledger.store.urls import is_pg_url, mask_url
 from ledger.verify import ChainBroken, check_node_tail, check_tail
 from ledger.writer import Writer, tune_gc
 
+from .account_services import AccountsService
 from .auth import Authorizer, is_loopback
 from .config import ServerConfig
 from .metrics import Metrics
 from .services import (
-    AccountsService,
     Context,
     QuotaLedgerService,
     SettlementService,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from quota_ledger.v1 import accounts_pb2 as apb
 from quota_ledger.v1 import common_pb2 as pb
 from quota_ledger.v1 import quota_ledger_pb2 as qpb
 
 from ledger import model as m
+from ledger.calendar import US_PER_DAY, billing_day
 from ledger.consume_group import GroupResult
 from ledger.engine import ConsumeOutcome
 from ledger.errors import InvalidArgument
 from ledger.money import Region
+from ledger.runway import Runway
 from ledger.settlement import Bill
 
 US = 1_000_000
@@ -185,3 +188,27 @@ def bill(b: Bill) -> pb.Bill:
 def plan_spec(s: m.PlanSpec) -> pb.PlanSpec:
     return pb.PlanSpec(spec_id=s.spec_id, units=s.units, validity=int(s.validity),
                        price_micros=s.price_micros)
+
+
+def runway(account_id: str, r: Runway) -> apb.Runway:
+    """docs/runway.md; with no estimate only the reason is set (proto field comments)."""
+    out = apb.Runway(account_id=account_id, as_of=ts(r.now), estimated=r.estimated,
+                     no_estimate_reason=r.no_estimate_reason)
+    if not r.estimated or r.window is None:
+        return out
+    w = r.window
+    out.window_from_day, out.window_to_day, out.window_days = w.from_day, w.to_day, w.days
+    out.window_units, out.daily_rate_units = w.units, r.daily_rate_units
+    out.window_payg_mainland_units = w.payg_mainland_units
+    out.window_payg_outside_units = w.payg_outside_units
+    out.plans.extend(apb.PlanRunway(
+        plan_id=p.plan_id, spec_id=p.spec_id, units_remaining=p.units_remaining,
+        expires_at=ts(p.expires_at), used_up_at=ts(p.used_up_at),
+        expires_first=p.used_up_at is None, forfeit_units=p.forfeit_units) for p in r.plans)
+    if r.payg_starts_at is not None:
+        out.payg_starts_at.CopyFrom(ts(r.payg_starts_at))
+        out.payg_starts_day = billing_day(r.payg_starts_at)
+    out.horizon_days = (r.horizon_end - r.now) // US_PER_DAY
+    out.payg_units, out.payg_cost_micros, out.price_basis = (
+        r.payg_units, r.payg_cost_micros, r.price_basis)
+    return out

@@ -73,6 +73,17 @@ def test_every_page_is_html_with_real_tables(history):
         assert "<table" in body and "<th" in body and "<script" not in body, path
 
 
+def test_runway_without_an_estimate_says_why(history):
+    """An account created today has no complete billing day: the account page's runway
+    panel says there is no estimate, and why, in the ledger's words (issue 22)."""
+    ledger, console = history
+    with ledger.client() as c:
+        c.create_account("fresh")
+        reason = c.get_runway("fresh").no_estimate_reason
+    status, _, body = get(console.url + "/accounts/fresh")
+    assert status == 200 and reason and f"No estimate: {reason}." in body
+
+
 def test_read_only_headers_and_methods(history):
     """No scripts, no framing, no outside resources; only GET and HEAD."""
     _, console = history

@@ -180,6 +180,46 @@ def test_usage_page_equals_the_api(site):
     assert page.locator("script").count() == 0
 
 
+def test_runway_panel_equals_the_api(site):
+    """The account page's runway (issue 22): window, rate, each plan's use-up or forfeit,
+    pay-as-you-go start, units and cost, as GetRunway says; the chart draws a line per
+    plan and marks the expiries."""
+    page = open_page(site, "/accounts/acme", "runway-acme")
+    r = site["api"].get_runway("acme")
+    assert r.estimated and r.plans and r.window_to_day == DAYS[1]
+    panel = page.locator("#runway")
+    assert text(panel, "[data-k=window]") == f"{r.window_from_day} to {r.window_to_day}"
+    assert text(panel, "[data-k=window_units]") == f"{r.window_units:,}"
+    assert text(panel, "[data-k=daily_rate]") == f"{r.daily_rate_units:,}"
+    rows = panel.locator("#runway-plans tbody tr")
+    assert [row.get_attribute("data-plan") for row in rows.all()] == [
+        p.plan_id for p in r.plans]
+    for row, p in zip(rows.all(), r.plans, strict=True):
+        assert text(row, "[data-k=units_remaining]") == f"{p.units_remaining:,}"
+        assert text(row, "[data-k=expires]") == when(p, "expires_at")
+        assert text(row, "[data-k=used_up]") == (
+            "expires first" if p.expires_first else when(p, "used_up_at"))
+        assert text(row, "[data-k=forfeit]") == f"{p.forfeit_units:,}"
+    assert text(panel, "[data-k=payg_starts]") == when(r, "payg_starts_at")
+    assert text(panel, "[data-k=payg_units]") == f"{r.payg_units:,}"
+    assert text(panel, "[data-k=payg_cost]") == usd(r.payg_cost_micros)
+    assert text(panel, "[data-k=price_basis]") == r.price_basis
+    legend = page.locator("#runway-chart svg .legends").text_content() or ""
+    assert all(p.plan_id in legend for p in r.plans) and "expiry" in legend
+    assert page.locator("script").count() == 0
+
+
+def test_runway_panel_of_an_account_that_used_nothing(site):
+    """"other" existed through its window and used nothing: a rate of 0, no plan, and
+    pay-as-you-go that never starts, said in words."""
+    page = open_page(site, "/accounts/other", "runway-other")
+    r = site["api"].get_runway("other")
+    assert r.estimated and r.window_units == 0 and not r.plans
+    assert page.locator("#runway-plans tbody tr").count() == 0
+    assert text(page, "#runway [data-k=payg_starts]") == "never at this rate"
+    assert text(page, "#runway [data-k=payg_units]") == "0"
+
+
 def test_range_form_works_without_javascript(site):
     """The date form is a plain GET: submitting it shows the chosen range (one day)."""
     page = open_page(site, "/accounts/acme/usage", "usage-default")

@@ -162,6 +162,26 @@ def test_usage_csv_has_header_and_a_row_per_plan_and_region(server):
     assert ok(server.target, "--json", "usage", "acme", DAY, DAY, "--csv").stdout == out
 
 
+def test_runway_table_json_and_no_estimate(server):
+    """`runway`: with no complete day it says there is no estimate and why; a day later the
+    table shows the plan used up at the rate, and --json carries the same figures."""
+    setup_account(server.target)
+    plan = json.loads(ok(server.target, "--json", "buy", "acme", "month-100k").stdout)
+    out = ok(server.target, "runway", "acme").stdout
+    assert "none" in out and "no complete billing day" in out
+    ok(server.target, "time", "set", "2027-03-11T00:00:00")
+    ok(server.target, "consume", "acme", "--quantity", "50000")  # all on 03-11
+    ok(server.target, "time", "set", "2027-03-12T00:00:00")
+    out = ok(server.target, "runway", "acme", "--window", "1").stdout
+    # 50,000 a day from 03-12 00:00: the other 50,000 last exactly one more day
+    assert plan["plan_id"] in out and "50,000 units/day" in out
+    assert "2027-03-13T00:00:00+08:00" in out and "2027-03-11 to 2027-03-11" in out
+    data = json.loads(ok(server.target, "--json", "runway", "acme", "--window", "1").stdout)
+    assert data["estimated"] is True and data["plans"][0]["used_up_at"] == "2027-03-12T16:00:00Z"
+    assert data["payg_starts_day"] == "2027-03-13" and data["price_basis"]
+    refused(run(server.target, "runway", "nobody"), "NOT_FOUND")
+
+
 def test_json_output_parses_for_every_read_command(server):
     """With --json, each read verb prints one JSON document with the .proto field names."""
     setup_account(server.target)

@@ -13,6 +13,7 @@ from clients.ledgerctl import (  # noqa: F401  (each registers its verbs on main
     clock,
     consumption,
     plans,
+    runway,
     settlement,
     spool,
 )

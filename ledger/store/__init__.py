@@ -36,6 +36,7 @@ from .queries import (
     read_bills,
     read_plans,
     read_usage,
+    read_window,
 )
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .sqlite import DatabaseLocked, Store
@@ -57,5 +58,5 @@ __all__ = [
     "UnitOfWork", "backup_to", "bill_row", "canonical_json",
     "consume_entries", "chain_hash", "day_figures",
     "dump_derived", "hash_before", "iter_journal", "journal_count", "read_account",
-    "read_accounts", "read_bills", "read_plans", "read_usage",
+    "read_accounts", "read_bills", "read_plans", "read_usage", "read_window",
 ]

@@ -51,3 +51,28 @@ def _without_scripts(root: ElementTree.Element) -> str:
     ElementTree.register_namespace("", "http://www.w3.org/2000/svg")
     ElementTree.register_namespace("xlink", "http://www.w3.org/1999/xlink")
     return ElementTree.tostring(root, encoding="unicode")
+
+
+RUNWAY_EXPIRY_COLOR = "#555"
+
+
+def runway_chart(plans: list[tuple[str, list[tuple[float, int]], float]]) -> str:
+    """Projected remaining units per plan against days from now (issue 22): one line per
+    plan, each ``(title, points, expires_in_days)``, and the expiries marked as dots on the
+    x axis. Days are a drawing coordinate only; every figure shown as text is exact."""
+    colors = tuple(PLAN_COLORS[i % len(PLAN_COLORS)] for i in range(len(plans)))
+    chart = pygal.XY(
+        style=Style(colors=colors + (RUNWAY_EXPIRY_COLOR,), **_STYLE_BASE),
+        js=[], disable_xml_declaration=True, explicit_size=True,
+        width=CHART_WIDTH_PX, height=CHART_HEIGHT_PX,
+        title="Projected remaining units per plan at the recent rate (expiries marked)",
+        legend_at_bottom=True, legend_at_bottom_columns=4, x_title="days from now",
+        y_title="units", include_x_axis=True, dots_size=2,
+        value_formatter=lambda v: f"{int(v or 0):,}",
+        x_value_formatter=lambda v: f"{v:,.1f} d", no_data_text="No live plan")
+    for title, points, _ in plans:
+        chart.add(title, points)
+    if plans:
+        chart.add("expiry", [(expires, 0) for _, _, expires in plans], stroke=False,
+                  dots_size=6)
+    return _without_scripts(chart.render_tree())

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from clients.client import AsyncLedgerClient, LedgerError
-from ledger.calendar import billing_day, clip, parse_day
+from ledger.calendar import US_PER_DAY, billing_day, clip, parse_day
 from ledger.errors import LedgerError as DomainError
 from ledger.model import ACCOUNT_ID_LEN_MAX, check_id, check_text
 
@@ -135,3 +135,27 @@ def first_day(account: Any, today: str) -> str:
 
 def plan_specs(plans: Any) -> dict[str, str]:
     return {p.plan_id: p.spec_id for p in plans}
+
+
+def runway_series(runway: Any) -> list[tuple[str, list[tuple[float, int]], float]]:
+    """The runway chart's lines (docs/runway.md, step 3): a plan keeps its units until the
+    one before it is used up or expires, then falls at the rate until it is used up, or
+    until its expiry, where what is left is forfeited (R9)."""
+    if not runway.estimated:
+        return []
+    now = runway.as_of.ToMicroseconds()
+
+    def days(t_us: int) -> float:
+        return (t_us - now) / US_PER_DAY  # a drawing coordinate, never a figure
+
+    out, start = [], now
+    for p in runway.plans:
+        expires = p.expires_at.ToMicroseconds()
+        end = p.used_up_at.ToMicroseconds() if p.HasField("used_up_at") else expires
+        points = [(0.0, p.units_remaining), (days(start), p.units_remaining),
+                  (days(end), 0 if p.HasField("used_up_at") else p.forfeit_units)]
+        if not p.HasField("used_up_at"):
+            points.append((days(expires), 0))
+        out.append((p.plan_id, points, days(expires)))
+        start = end
+    return out

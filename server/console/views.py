@@ -18,7 +18,7 @@ from starlette.responses import RedirectResponse, Response
 from ledger.money import format_usd
 
 from . import formatting as fmt
-from .charts import usage_chart
+from .charts import runway_chart, usage_chart
 from .ledgerdata import (
     USAGE_DAYS_DEFAULT,
     Console,
@@ -31,6 +31,7 @@ from .ledgerdata import (
     first_day,
     list_accounts,
     plan_specs,
+    runway_series,
 )
 
 BILLS_DAYS_DEFAULT = 366
@@ -79,14 +80,16 @@ async def go(request: Request) -> Response:
 async def account(request: Request) -> Response:
     console = console_of(request)
     account_id = account_id_of(request)
-    acct, remaining, plans = await ask(
+    acct, remaining, plans, runway = await ask(
         console, console.client.get_account(account_id), console.client.get_remaining(account_id),
-        console.client.list_plans(account_id, include_inactive=True))
+        console.client.list_plans(account_id, include_inactive=True),
+        console.client.get_runway(account_id))
     active_ids = {p.plan_id for p in remaining.plans}
     others = sorted((p for p in plans.plans if p.plan_id not in active_ids),
                     key=lambda p: fmt.plan_sort_key(p.plan_id))
     return render(request, "account.html", account=acct, remaining=remaining,
                   active_plans=list(remaining.plans), other_plans=others,
+                  runway=runway, runway_svg=runway_chart(runway_series(runway)),
                   base=account_path(account_id))
 
 

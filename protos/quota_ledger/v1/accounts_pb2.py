@@ -22,38 +22,45 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from quota_ledger.v1 import common_pb2 as quota__ledger_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1equota_ledger/v1/accounts.proto\x12\x0fquota_ledger.v1\x1a\x1cquota_ledger/v1/common.proto\"L\n\x13ListAccountsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x14ListAccountsResponse\x12*\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x18.quota_ledger.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x14\x43reateAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"w\n\x0cTopUpRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.quota_ledger.v1.FundsKind\x12\x15\n\ramount_micros\x18\x04 \x01(\x03\"t\n\x15UpdateFeaturesRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x14\n\x0cscenario_ids\x18\x03 \x03(\t\x12\x1d\n\x15\x63ustom_policy_enabled\x18\x04 \x01(\x08\";\n\x11ReactivateRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x16\n\x14ListPlanSpecsRequest\"A\n\x15ListPlanSpecsResponse\x12(\n\x05specs\x18\x01 \x03(\x0b\x32\x19.quota_ledger.v1.PlanSpec\"N\n\x13PurchasePlanRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07spec_id\x18\x03 \x01(\t\"H\n\x11RefundPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xdd\x05\n\x08\x41\x63\x63ounts\x12P\n\rCreateAccount\x12%.quota_ledger.v1.CreateAccountRequest\x1a\x18.quota_ledger.v1.Account\x12J\n\nGetAccount\x12\".quota_ledger.v1.GetAccountRequest\x1a\x18.quota_ledger.v1.Account\x12@\n\x05TopUp\x12\x1d.quota_ledger.v1.TopUpRequest\x1a\x18.quota_ledger.v1.Account\x12R\n\x0eUpdateFeatures\x12&.quota_ledger.v1.UpdateFeaturesRequest\x1a\x18.quota_ledger.v1.Account\x12J\n\nReactivate\x12\".quota_ledger.v1.ReactivateRequest\x1a\x18.quota_ledger.v1.Account\x12^\n\rListPlanSpecs\x12%.quota_ledger.v1.ListPlanSpecsRequest\x1a&.quota_ledger.v1.ListPlanSpecsResponse\x12K\n\x0cPurchasePlan\x12$.quota_ledger.v1.PurchasePlanRequest\x1a\x15.quota_ledger.v1.Plan\x12G\n\nRefundPlan\x12\".quota_ledger.v1.RefundPlanRequest\x1a\x15.quota_ledger.v1.Plan\x12[\n\x0cListAccounts\x12$.quota_ledger.v1.ListAccountsRequest\x1a%.quota_ledger.v1.ListAccountsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1equota_ledger/v1/accounts.proto\x12\x0fquota_ledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cquota_ledger/v1/common.proto\"L\n\x13ListAccountsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x14ListAccountsResponse\x12*\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x18.quota_ledger.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x14\x43reateAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"w\n\x0cTopUpRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.quota_ledger.v1.FundsKind\x12\x15\n\ramount_micros\x18\x04 \x01(\x03\"t\n\x15UpdateFeaturesRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x14\n\x0cscenario_ids\x18\x03 \x03(\t\x12\x1d\n\x15\x63ustom_policy_enabled\x18\x04 \x01(\x08\";\n\x11ReactivateRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x16\n\x14ListPlanSpecsRequest\"A\n\x15ListPlanSpecsResponse\x12(\n\x05specs\x18\x01 \x03(\x0b\x32\x19.quota_ledger.v1.PlanSpec\"N\n\x13PurchasePlanRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07spec_id\x18\x03 \x01(\t\"H\n\x11RefundPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\";\n\x10GetRunwayRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0bwindow_days\x18\x02 \x01(\x05\"\xd5\x01\n\nPlanRunway\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x0f\n\x07spec_id\x18\x02 \x01(\t\x12\x17\n\x0funits_remaining\x18\x03 \x01(\x03\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nused_up_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rexpires_first\x18\x06 \x01(\x08\x12\x15\n\rforfeit_units\x18\x07 \x01(\x03\"\x84\x04\n\x06Runway\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\testimated\x18\x03 \x01(\x08\x12\x1a\n\x12no_estimate_reason\x18\x04 \x01(\t\x12\x17\n\x0fwindow_from_day\x18\x05 \x01(\t\x12\x15\n\rwindow_to_day\x18\x06 \x01(\t\x12\x13\n\x0bwindow_days\x18\x07 \x01(\x05\x12\x14\n\x0cwindow_units\x18\x08 \x01(\x03\x12\x18\n\x10\x64\x61ily_rate_units\x18\t \x01(\x03\x12*\n\x05plans\x18\n \x03(\x0b\x32\x1b.quota_ledger.v1.PlanRunway\x12\x32\n\x0epayg_starts_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fpayg_starts_day\x18\x0c \x01(\t\x12\x14\n\x0chorizon_days\x18\r \x01(\x05\x12\x12\n\npayg_units\x18\x0e \x01(\x03\x12\x18\n\x10payg_cost_micros\x18\x0f \x01(\x03\x12\x13\n\x0bprice_basis\x18\x10 \x01(\t\x12\"\n\x1awindow_payg_mainland_units\x18\x11 \x01(\x03\x12!\n\x19window_payg_outside_units\x18\x12 \x01(\x03\x32\xa6\x06\n\x08\x41\x63\x63ounts\x12P\n\rCreateAccount\x12%.quota_ledger.v1.CreateAccountRequest\x1a\x18.quota_ledger.v1.Account\x12J\n\nGetAccount\x12\".quota_ledger.v1.GetAccountRequest\x1a\x18.quota_ledger.v1.Account\x12@\n\x05TopUp\x12\x1d.quota_ledger.v1.TopUpRequest\x1a\x18.quota_ledger.v1.Account\x12R\n\x0eUpdateFeatures\x12&.quota_ledger.v1.UpdateFeaturesRequest\x1a\x18.quota_ledger.v1.Account\x12J\n\nReactivate\x12\".quota_ledger.v1.ReactivateRequest\x1a\x18.quota_ledger.v1.Account\x12^\n\rListPlanSpecs\x12%.quota_ledger.v1.ListPlanSpecsRequest\x1a&.quota_ledger.v1.ListPlanSpecsResponse\x12K\n\x0cPurchasePlan\x12$.quota_ledger.v1.PurchasePlanRequest\x1a\x15.quota_ledger.v1.Plan\x12G\n\nRefundPlan\x12\".quota_ledger.v1.RefundPlanRequest\x1a\x15.quota_ledger.v1.Plan\x12[\n\x0cListAccounts\x12$.quota_ledger.v1.ListAccountsRequest\x1a%.quota_ledger.v1.ListAccountsResponse\x12G\n\tGetRunway\x12!.quota_ledger.v1.GetRunwayRequest\x1a\x17.quota_ledger.v1.Runwayb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'quota_ledger.v1.accounts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTACCOUNTSREQUEST']._serialized_start=81
-  _globals['_LISTACCOUNTSREQUEST']._serialized_end=157
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=159
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=250
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=252
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=316
-  _globals['_GETACCOUNTREQUEST']._serialized_start=318
-  _globals['_GETACCOUNTREQUEST']._serialized_end=357
-  _globals['_TOPUPREQUEST']._serialized_start=359
-  _globals['_TOPUPREQUEST']._serialized_end=478
-  _globals['_UPDATEFEATURESREQUEST']._serialized_start=480
-  _globals['_UPDATEFEATURESREQUEST']._serialized_end=596
-  _globals['_REACTIVATEREQUEST']._serialized_start=598
-  _globals['_REACTIVATEREQUEST']._serialized_end=657
-  _globals['_LISTPLANSPECSREQUEST']._serialized_start=659
-  _globals['_LISTPLANSPECSREQUEST']._serialized_end=681
-  _globals['_LISTPLANSPECSRESPONSE']._serialized_start=683
-  _globals['_LISTPLANSPECSRESPONSE']._serialized_end=748
-  _globals['_PURCHASEPLANREQUEST']._serialized_start=750
-  _globals['_PURCHASEPLANREQUEST']._serialized_end=828
-  _globals['_REFUNDPLANREQUEST']._serialized_start=830
-  _globals['_REFUNDPLANREQUEST']._serialized_end=902
-  _globals['_ACCOUNTS']._serialized_start=905
-  _globals['_ACCOUNTS']._serialized_end=1638
+  _globals['_LISTACCOUNTSREQUEST']._serialized_start=114
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=190
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=192
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=283
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=285
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=349
+  _globals['_GETACCOUNTREQUEST']._serialized_start=351
+  _globals['_GETACCOUNTREQUEST']._serialized_end=390
+  _globals['_TOPUPREQUEST']._serialized_start=392
+  _globals['_TOPUPREQUEST']._serialized_end=511
+  _globals['_UPDATEFEATURESREQUEST']._serialized_start=513
+  _globals['_UPDATEFEATURESREQUEST']._serialized_end=629
+  _globals['_REACTIVATEREQUEST']._serialized_start=631
+  _globals['_REACTIVATEREQUEST']._serialized_end=690
+  _globals['_LISTPLANSPECSREQUEST']._serialized_start=692
+  _globals['_LISTPLANSPECSREQUEST']._serialized_end=714
+  _globals['_LISTPLANSPECSRESPONSE']._serialized_start=716
+  _globals['_LISTPLANSPECSRESPONSE']._serialized_end=781
+  _globals['_PURCHASEPLANREQUEST']._serialized_start=783
+  _globals['_PURCHASEPLANREQUEST']._serialized_end=861
+  _globals['_REFUNDPLANREQUEST']._serialized_start=863
+  _globals['_REFUNDPLANREQUEST']._serialized_end=935
+  _globals['_GETRUNWAYREQUEST']._serialized_start=937
+  _globals['_GETRUNWAYREQUEST']._serialized_end=996
+  _globals['_PLANRUNWAY']._serialized_start=999
+  _globals['_PLANRUNWAY']._serialized_end=1212
+  _globals['_RUNWAY']._serialized_start=1215
+  _globals['_RUNWAY']._serialized_end=1731
+  _globals['_ACCOUNTS']._serialized_start=1734
+  _globals['_ACCOUNTS']._serialized_end=2540
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ and resource plans.
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from quota_ledger.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -323,3 +324,175 @@ class RefundPlanRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RefundPlanRequest: _TypeAlias = RefundPlanRequest  # noqa: Y015
+
+@_typing.final
+class GetRunwayRequest(_message.Message):
+    """Asks for an account's runway."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    WINDOW_DAYS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The identifier of the account."""
+    window_days: _builtins.int
+    """How many complete billing days before today the daily rate is taken from; 0 means 7, at most 90 (R1)."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        window_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "window_days", b"window_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunwayRequest: _TypeAlias = GetRunwayRequest  # noqa: Y015
+
+@_typing.final
+class PlanRunway(_message.Message):
+    """One live plan's projection, under the assumption that the window's rate goes on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    SPEC_ID_FIELD_NUMBER: _builtins.int
+    UNITS_REMAINING_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    USED_UP_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIRST_FIELD_NUMBER: _builtins.int
+    FORFEIT_UNITS_FIELD_NUMBER: _builtins.int
+    plan_id: _builtins.str
+    """The identifier of the plan."""
+    spec_id: _builtins.str
+    """The catalog specification the plan was bought from."""
+    units_remaining: _builtins.int
+    """The units the plan holds now."""
+    expires_first: _builtins.bool
+    """True when the plan is projected to expire before the rate uses it up."""
+    forfeit_units: _builtins.int
+    """The units projected to be left at expiry and forfeited (R9); 0 when the plan is used up first."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """The instant the plan stops being valid (exclusive, R6)."""
+
+    @_builtins.property
+    def used_up_at(self) -> _timestamp_pb2.Timestamp:
+        """The projected instant the plan's last unit is used; unset when the plan expires first."""
+
+    def __init__(
+        self,
+        *,
+        plan_id: _builtins.str = ...,
+        spec_id: _builtins.str = ...,
+        units_remaining: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        used_up_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_first: _builtins.bool = ...,
+        forfeit_units: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "used_up_at", b"used_up_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "expires_first", b"expires_first", "forfeit_units", b"forfeit_units", "plan_id", b"plan_id", "spec_id", b"spec_id", "units_remaining", b"units_remaining", "used_up_at", b"used_up_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanRunway: _TypeAlias = PlanRunway  # noqa: Y015
+
+@_typing.final
+class Runway(_message.Message):
+    """An account's runway: a projection from its recent usage, not a promise."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AS_OF_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
+    NO_ESTIMATE_REASON_FIELD_NUMBER: _builtins.int
+    WINDOW_FROM_DAY_FIELD_NUMBER: _builtins.int
+    WINDOW_TO_DAY_FIELD_NUMBER: _builtins.int
+    WINDOW_DAYS_FIELD_NUMBER: _builtins.int
+    WINDOW_UNITS_FIELD_NUMBER: _builtins.int
+    DAILY_RATE_UNITS_FIELD_NUMBER: _builtins.int
+    PLANS_FIELD_NUMBER: _builtins.int
+    PAYG_STARTS_AT_FIELD_NUMBER: _builtins.int
+    PAYG_STARTS_DAY_FIELD_NUMBER: _builtins.int
+    HORIZON_DAYS_FIELD_NUMBER: _builtins.int
+    PAYG_UNITS_FIELD_NUMBER: _builtins.int
+    PAYG_COST_MICROS_FIELD_NUMBER: _builtins.int
+    PRICE_BASIS_FIELD_NUMBER: _builtins.int
+    WINDOW_PAYG_MAINLAND_UNITS_FIELD_NUMBER: _builtins.int
+    WINDOW_PAYG_OUTSIDE_UNITS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The identifier of the account."""
+    estimated: _builtins.bool
+    """False when there is no estimate; no_estimate_reason then says why, and no figure below is set."""
+    no_estimate_reason: _builtins.str
+    """Why there is no estimate: no complete billing day since the account was created, or the account is suspended (R23)."""
+    window_from_day: _builtins.str
+    """The first billing day of the window the rate is taken from, YYYY-MM-DD in UTC+8 (R1)."""
+    window_to_day: _builtins.str
+    """The last billing day of the window, the day before today (R1)."""
+    window_days: _builtins.int
+    """The number of complete billing days in the window: the days asked for, fewer if the account is younger."""
+    window_units: _builtins.int
+    """The billable units of the window: pay-as-you-go of every region plus the units plans offset."""
+    daily_rate_units: _builtins.int
+    """window_units / window_days rounded down, for display; the projection uses the exact ratio."""
+    payg_starts_day: _builtins.str
+    """The billing day of payg_starts_at, YYYY-MM-DD in UTC+8; empty when it is unset."""
+    horizon_days: _builtins.int
+    """The length of the pay-as-you-go projection, from as_of: 30 days."""
+    payg_units: _builtins.int
+    """The projected pay-as-you-go units over the horizon."""
+    payg_cost_micros: _builtins.int
+    """Their projected cost in micro-USD at the R10 prices and the window's region mix (R15)."""
+    price_basis: _builtins.str
+    """How payg_cost_micros was priced: "recent_mix", or "no_recent_payg_priced_outside_mainland" (the higher price) when the window had no pay-as-you-go."""
+    window_payg_mainland_units: _builtins.int
+    """The window's pay-as-you-go units in the Chinese mainland, the mix's first share."""
+    window_payg_outside_units: _builtins.int
+    """The window's pay-as-you-go units outside the Chinese mainland, the mix's second share."""
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp:
+        """The ledger's instant the projection starts from (R2)."""
+
+    @_builtins.property
+    def plans(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanRunway]:
+        """The plans that can offset now, in consumption order (R8)."""
+
+    @_builtins.property
+    def payg_starts_at(self) -> _timestamp_pb2.Timestamp:
+        """The projected instant of the first request no plan covers; unset when the rate is 0 (never)."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
+        estimated: _builtins.bool = ...,
+        no_estimate_reason: _builtins.str = ...,
+        window_from_day: _builtins.str = ...,
+        window_to_day: _builtins.str = ...,
+        window_days: _builtins.int = ...,
+        window_units: _builtins.int = ...,
+        daily_rate_units: _builtins.int = ...,
+        plans: _abc.Iterable[Global___PlanRunway] | None = ...,
+        payg_starts_at: _timestamp_pb2.Timestamp | None = ...,
+        payg_starts_day: _builtins.str = ...,
+        horizon_days: _builtins.int = ...,
+        payg_units: _builtins.int = ...,
+        payg_cost_micros: _builtins.int = ...,
+        price_basis: _builtins.str = ...,
+        window_payg_mainland_units: _builtins.int = ...,
+        window_payg_outside_units: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "payg_starts_at", b"payg_starts_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "as_of", b"as_of", "daily_rate_units", b"daily_rate_units", "estimated", b"estimated", "horizon_days", b"horizon_days", "no_estimate_reason", b"no_estimate_reason", "payg_cost_micros", b"payg_cost_micros", "payg_starts_at", b"payg_starts_at", "payg_starts_day", b"payg_starts_day", "payg_units", b"payg_units", "plans", b"plans", "price_basis", b"price_basis", "window_days", b"window_days", "window_from_day", b"window_from_day", "window_payg_mainland_units", b"window_payg_mainland_units", "window_payg_outside_units", b"window_payg_outside_units", "window_to_day", b"window_to_day", "window_units", b"window_units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Runway: _TypeAlias = Runway  # noqa: Y015

@@ -82,6 +82,11 @@ class AccountsStub:
                 request_serializer=quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsRequest.SerializeToString,
                 response_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsResponse.FromString,
                 _registered_method=True)
+        self.GetRunway = channel.unary_unary(
+                '/quota_ledger.v1.Accounts/GetRunway',
+                request_serializer=quota__ledger_dot_v1_dot_accounts__pb2.GetRunwayRequest.SerializeToString,
+                response_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.Runway.FromString,
+                _registered_method=True)
 
 
 class AccountsServicer:
@@ -152,6 +157,13 @@ class AccountsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunway(self, request, context):
+        """Projects how long the account's plans last if its recent daily rate goes on: each plan's use-up or forfeit (R8, R9) and the pay-as-you-go that follows (R10); integer arithmetic, the method is in docs/runway.md (issue 22).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +211,11 @@ def add_AccountsServicer_to_server(servicer, server):
                     servicer.ListAccounts,
                     request_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsRequest.FromString,
                     response_serializer=quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsResponse.SerializeToString,
+            ),
+            'GetRunway': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunway,
+                    request_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.GetRunwayRequest.FromString,
+                    response_serializer=quota__ledger_dot_v1_dot_accounts__pb2.Runway.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +463,33 @@ class Accounts:
             '/quota_ledger.v1.Accounts/ListAccounts',
             quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsRequest.SerializeToString,
             quota__ledger_dot_v1_dot_accounts__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunway(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota_ledger.v1.Accounts/GetRunway',
+            quota__ledger_dot_v1_dot_accounts__pb2.GetRunwayRequest.SerializeToString,
+            quota__ledger_dot_v1_dot_accounts__pb2.Runway.FromString,
             options,
             channel_credentials,
             insecure,

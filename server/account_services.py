@@ -1,0 +1,146 @@
+"""The Accounts servicer: accounts, funds, features, plans, and the runway (issue 22)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quota_ledger.v1 import accounts_pb2 as apb
+from quota_ledger.v1 import accounts_pb2_grpc as apb_grpc
+from quota_ledger.v1 import common_pb2 as pb
+
+from ledger import model as m
+from ledger import runway as rw
+from ledger import store as q
+from ledger.engine import Replayed
+from ledger.errors import InvalidArgument
+
+from . import convert
+from .errors import rpc
+from .services import Context
+
+LIST_ACCOUNTS_PAGE_DEFAULT = 100
+LIST_ACCOUNTS_PAGE_MAX = 1_000
+
+
+def _account_reply(result: Any) -> pb.Account:
+    return convert.account(result.value if isinstance(result, Replayed) else result)
+
+
+class AccountsService(apb_grpc.AccountsServicer):
+    SERVICE = "Accounts"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    @rpc
+    async def CreateAccount(self, request, context):  # noqa: N802
+        cmd = m.CreateAccount(
+            m.check_id(request.account_id, "account_id"),
+            m.check_text(request.display_name, "display_name", m.DISPLAY_NAME_LEN_MAX,
+                         allow_empty=True))
+        return _account_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def GetAccount(self, request, context):  # noqa: N802
+        return convert.account(self.ctx.account(request.account_id))
+
+    @rpc
+    async def TopUp(self, request, context):  # noqa: N802
+        cmd = m.TopUp(m.check_id(request.account_id, "account_id"),
+                      m.check_request_id(request.request_id),
+                      m.parse_enum(m.FundsKind, request.kind, "kind"),
+                      m.check_amount(request.amount_micros))
+        return _account_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def UpdateFeatures(self, request, context):  # noqa: N802
+        if len(request.scenario_ids) > m.SCENARIOS_PER_ACCOUNT_MAX:
+            raise InvalidArgument(
+                f"at most {m.SCENARIOS_PER_ACCOUNT_MAX} scenarios; got {len(request.scenario_ids)}")
+        ids = tuple(m.check_id(s, "scenario_ids[]", m.SCENARIO_ID_LEN_MAX)
+                    for s in request.scenario_ids)
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("scenario_ids lists the same scenario twice")
+        cmd = m.UpdateFeatures(m.check_id(request.account_id, "account_id"),
+                               m.check_request_id(request.request_id), ids,
+                               request.custom_policy_enabled)
+        return _account_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def ListPlanSpecs(self, request, context):  # noqa: N802
+        return apb.ListPlanSpecsResponse(
+            specs=[convert.plan_spec(s) for s in self.ctx.catalog.values()])
+
+    @rpc
+    async def PurchasePlan(self, request, context):  # noqa: N802
+        cmd = m.PurchasePlan(m.check_id(request.account_id, "account_id"),
+                             m.check_request_id(request.request_id),
+                             m.check_id(request.spec_id, "spec_id"))
+        return self._plan_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def RefundPlan(self, request, context):  # noqa: N802
+        cmd = m.RefundPlan(m.check_id(request.plan_id, "plan_id"),
+                           m.check_request_id(request.request_id),
+                           m.check_text(request.reason, "reason", m.REASON_LEN_MAX,
+                                        allow_empty=True))
+        return self._plan_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def Reactivate(self, request, context):  # noqa: N802
+        cmd = m.Reactivate(m.check_id(request.account_id, "account_id"),
+                           m.check_request_id(request.request_id))
+        return _account_reply(await self.ctx.write(cmd))
+
+    @rpc
+    async def ListAccounts(self, request, context):  # noqa: N802
+        prefix = m.check_text(request.prefix, "prefix", m.ACCOUNT_ID_LEN_MAX, allow_empty=True)
+        after = m.check_text(request.page_token, "page_token", m.ACCOUNT_ID_LEN_MAX,
+                             allow_empty=True)
+        size = request.page_size or LIST_ACCOUNTS_PAGE_DEFAULT
+        if not 1 <= size <= LIST_ACCOUNTS_PAGE_MAX:
+            raise InvalidArgument(
+                f"page_size must be 1..{LIST_ACCOUNTS_PAGE_MAX} (0 means "
+                f"{LIST_ACCOUNTS_PAGE_DEFAULT}); got {request.page_size}")
+        allowed = None
+        if self.ctx.auth.enabled:  # a token limited to accounts lists only those
+            allowed = self.ctx.auth.authenticate(context.invocation_metadata()).accounts
+        conn = self.ctx.reader()
+        if allowed is None:
+            found = q.read_accounts(conn, prefix, after, size + 1)
+        else:
+            ids = sorted(a for a in allowed if a.startswith(prefix) and a > after)
+            found = [a for i in ids[:size + 1] if (a := q.read_account(conn, i)) is not None]
+        more = len(found) > size
+        page = found[:size]
+        return apb.ListAccountsResponse(
+            accounts=[convert.account(a) for a in page],
+            next_page_token=page[-1].account_id if more else "")
+
+    @rpc
+    async def GetRunway(self, request, context):  # noqa: N802
+        """docs/runway.md: the account, its plans and its window's usage read in one
+        snapshot, projected by ``ledger.runway``."""
+        wanted = request.window_days or rw.RUNWAY_WINDOW_DAYS_DEFAULT
+        if not 1 <= wanted <= rw.RUNWAY_WINDOW_DAYS_MAX:
+            raise InvalidArgument(
+                f"window_days must be 1..{rw.RUNWAY_WINDOW_DAYS_MAX} (0 means "
+                f"{rw.RUNWAY_WINDOW_DAYS_DEFAULT}); got {request.window_days}")
+        account_id = self.ctx.account(request.account_id).account_id
+        now = self.ctx.clock.now_us()
+        with self.ctx.store.snapshot() as conn:  # status, plans and usage of one moment
+            acct = q.read_account(conn, account_id)
+            assert acct is not None  # accounts are never removed
+            plans = q.read_plans(conn, "WHERE account_id = ? AND refunded_at_us IS NULL"
+                                 " AND units_remaining > 0 AND expires_at_us > ?",
+                                 (account_id, now))
+            window = None
+            if days := rw.window_days(acct.created_at, now, wanted):
+                offset, mainland, outside = q.read_window(conn, account_id, days[0], days[1])
+                window = rw.Window(days[0], days[1], days[2], offset + mainland + outside,
+                                   mainland, outside)
+        return convert.runway(account_id, rw.project(now, acct.status, window, plans))
+
+    def _plan_reply(self, result: Any) -> pb.Plan:
+        plan = result.value if isinstance(result, Replayed) else result
+        return convert.plan(plan, self.ctx.clock.now_us())
