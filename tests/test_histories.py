@@ -151,6 +151,50 @@ def test_pay_as_you_go_at_the_regions_price_after_the_plans(h: History) -> None:
                          "PLAN_STATUS_EXHAUSTED")], 1, 1000))
 
 
+def test_unknowns_that_nothing_can_tell_apart_are_counted_not_enumerated(h: History) -> None:
+    """Thirty unknown consumes of one unit, each under its own id: 2^30 subsets, but only
+    how many took effect matters once their ids are settled (any number from 0 to 8 fits
+    the plan, and one more unit is pay-as-you-go)."""
+    for i in range(30):
+        h.consume(f"u{i}", 1, 10 + i, None, outcome="unknown")
+    h.consume("x", 1, 100, 110, took([["plan-1", 1]], remaining=2))  # so 5 took effect
+    left_2 = final(4_000_000, [plan("plan-1", "h-month-8", 2, 6, MONTH_END, 1_000_000)])
+    assert h.check(left_2) == []
+    assert h.check(final(4_000_000, [plan("plan-1", "h-month-8", 0, 8, MONTH_END, 1_000_000,
+                                          "PLAN_STATUS_EXHAUSTED")], 2, 1400)) == []
+    assert h.check(final(4_000_000, [plan("plan-1", "h-month-8", 0, 8, MONTH_END, 1_000_000,
+                                          "PLAN_STATUS_EXHAUSTED")], 26, 26 * 700)) \
+        == ["final_state"]  # 2 + 8 + 26 > 31 consumes
+
+
+def test_a_killed_nodes_unknowns_take_effect_before_its_successor_or_never(h: History
+                                                                          ) -> None:
+    """windows(): sent to a process killed later, an unknown takes effect before the
+    successor is spawned; sent while no process was there and given up before one was, it
+    never does."""
+    h.consume("before", 2, 10, None, outcome="unknown")  # the process dies at 15
+    h.consume("dead", 3, 16, None, outcome="unknown")
+    h.lines[-1:] = [h.lines[-1], {"e": "unknown", "id": h.lines[-1]["id"], "t": 20,
+                                  "code": "UNAVAILABLE"}]  # gave up at 20, spawned at 30
+    h.op("remaining", {"acct": "a"}, 40, 41,
+         ans={"total": 8, "payg": 0, "payg_micros": 0, "plans": {"plan-1": 8}})
+    (h.folder / "faults.json").write_text(json.dumps([
+        {"kind": "kill_node", "target": 0, "at_s": 0, "start": 14, "end": 31,
+         "dead_from": 15, "spawned": 30}]))
+    untouched = final(4_000_000, [plan("plan-1", "h-month-8", 8, 0, MONTH_END, 1_000_000)])
+    assert h.check(untouched) == []
+    after_read = final(4_000_000, [plan("plan-1", "h-month-8", 6, 2, MONTH_END, 1_000_000)])
+    assert h.check(after_read) == ["final_state"]  # "before" cannot land after 30
+    (h.folder / "faults.json").unlink()
+    assert h.check(after_read) == []  # with no kill logged, it could have
+    h.lines.pop()  # the read
+    (h.folder / "faults.json").write_text(json.dumps([
+        {"kind": "kill_node", "target": 0, "at_s": 0, "start": 14, "end": 31,
+         "dead_from": 15, "spawned": 30}]))
+    dead_applied = final(4_000_000, [plan("plan-1", "h-month-8", 5, 3, MONTH_END, 1_000_000)])
+    assert h.check(dead_applied) == ["final_state"]  # no process ever had "dead"
+
+
 # -- recorded runs: two nodes on PostgreSQL, faults from a seeded schedule -----------------
 SHORT_SECONDS = 15.0
 SHORT_SEEDS = (5, 23)  # their schedules include a PostgreSQL restart and a paused node

@@ -57,7 +57,42 @@ def load_ops(folder: Path) -> list[dict]:
                 op.update({k: v for k, v in ev.items() if k != "t"}, t_done=ev["t"])
                 if ev["e"] == "unknown":
                     op["t_done"] = None  # may take effect at any time after its invoke
+                    op["t_ret"] = ev["t"]  # when the caller gave up
     return list(ops.values())
+
+
+def windows(ops: list[dict], faults: list[dict]) -> list[dict]:
+    """Bound when each unknown outcome can take effect, from the node kills in the fault log
+    (``dead_from``: the process is gone; ``spawned``: its successor starts):
+
+    - sent while its node had no process and given up before the successor was spawned:
+      no process ever had it, so it never took effect: it is left out, like a refusal;
+    - sent to a process that was killed later: it took effect by the time the successor
+      was spawned (``until``), or never. This assumes a transaction that a killed node left
+      at PostgreSQL ends within the down time (1.2 s at least): a wrong assumption could
+      only raise a false alarm, never hide a defect, since it removes explanations.
+
+    Operations of other faults (a pause, a PostgreSQL restart, a killed client) keep no
+    bound: a resumed or reconnected node may still apply them."""
+    kills: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for f in faults:
+        if f["kind"] == "kill_node" and "dead_from" in f:
+            kills[f["target"]].append((f["dead_from"], f["spawned"]))
+    kept = []
+    for op in ops:
+        if op["e"] == "unknown":
+            for dead_from, spawned in sorted(kills.get(op["node"], ())):
+                if dead_from <= op["t_inv"] < spawned:
+                    if op.get("t_ret") is not None and op["t_ret"] < spawned:
+                        break  # never reached a process
+                elif op["t_inv"] < dead_from:
+                    kept.append({**op, "until": spawned})
+                    break
+            else:
+                kept.append(op)
+            continue
+        kept.append(op)
+    return kept
 
 
 def describe(op: dict) -> str:
@@ -201,12 +236,15 @@ def check_folder(folder: Path) -> dict:
     """Check one run's folder: its histories against its final.json."""
     ops = load_ops(folder)
     final = json.loads((folder / "final.json").read_text())
+    faults = folder / "faults.json"
+    bounded = windows(ops, json.loads(faults.read_text())) if faults.exists() else ops
     by_account: dict[str, list[dict]] = defaultdict(list)
-    for op in ops:
+    for op in bounded:
         by_account[op["acct"]].append(op)
     anomalies = []
     for account in sorted(final):
         anomalies += check_account(account, by_account.get(account, []), final[account])
     return {"operations": len(ops), "unknown": sum(op["e"] == "unknown" for op in ops),
+            "unknown_unsent": len(ops) - len(bounded),
             "ok": sum(op["e"] == "ok" for op in ops),
             "accounts": len(final), "anomalies": anomalies}

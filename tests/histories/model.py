@@ -153,14 +153,25 @@ class AccountModel:
     def _plan(self, s: State, *, index: int | None = None, rid: str | None = None) -> dict:
         """A plan as PurchasePlan and RefundPlan answer it, found by index or by rid."""
         for p in s[2]:
-            if p[0] == index or p[1] == rid:
+            if p[0] == index or (rid is not None and p[1] == rid):
                 i, _, rem, pv, pc = p
                 refunded = False
                 break
         else:
-            i, _, rem, refunded, pv, pc = next(p for p in s[3] if p[0] == index or p[1] == rid)
+            i, _, rem, refunded, pv, pc = next(p for p in s[3] if p[0] == index
+                                               or (rid is not None and p[1] == rid))
         return {"plan_id": self.final_plans[i].plan_id, "spec": self.final_plans[i].spec,
                 "remaining": rem, "paid_v": pv, "paid_c": pc, "refunded": refunded}
+
+
+def forget(s: State, rid: str) -> State:
+    """``s`` without ``rid``: out of the applied set, and off the plan it bought (a settled
+    id, see :mod:`.linearize`: nothing to come carries it)."""
+    cash, voucher, live, done, bought, payg, payg_m, applied = s
+    live = tuple((p[0], None, *p[2:]) if p[1] == rid else p for p in live)
+    if any(p[1] == rid for p in done):
+        done = frozenset((p[0], None, *p[2:]) if p[1] == rid else p for p in done)
+    return (cash, voucher, live, done, bought, payg, payg_m, applied - {rid})
 
 
 def plans_of(s: State) -> dict[int, tuple[int, bool]]:

@@ -2,7 +2,10 @@
 
 Kinds:
 
-- ``kill_node``: SIGKILL a ledger node, restart it ``down_s`` later on the same port;
+- ``kill_node``: SIGKILL a ledger node, restart it ``down_s`` later on the same port; the
+  log gives when the process was gone (``dead_from``) and when its successor was spawned
+  (``spawned``), which bound when an unknown outcome sent to it can take effect
+  (:func:`.checker.windows`);
 - ``pause_node``: SIGSTOP a node for ``down_s`` (longer than the callers' deadline), then
   SIGCONT: its in-flight calls time out at the clients and may still commit afterwards;
 - ``restart_pg``: ``pg_ctl restart -m immediate`` (a crash of PostgreSQL, WAL replay);
@@ -57,10 +60,13 @@ class Nemesis:
 
     def apply(self, f: Fault) -> None:
         start = time.monotonic_ns()
+        extra = {}
         if f.kind == "kill_node":
             node = self.nodes[f.target]
-            node.kill()
+            node.kill()  # returns once the process is gone
+            extra["dead_from"] = time.monotonic_ns()
             time.sleep(f.down_s)
+            extra["spawned"] = time.monotonic_ns()  # no process on that port until now
             node.start()
         elif f.kind == "pause_node":
             proc = self.nodes[f.target].proc
@@ -74,7 +80,7 @@ class Nemesis:
         elif f.kind == "kill_client":
             self.clients.kill_and_replace(f.target)
         self.log.append({"kind": f.kind, "target": f.target, "at_s": f.at_s,
-                         "start": start, "end": time.monotonic_ns()})
+                         "start": start, "end": time.monotonic_ns(), **extra})
 
     def heal(self) -> None:
         """Every node running and resumed (the final state is read from them)."""
