@@ -164,6 +164,20 @@ class LedgerApi:
         return self._call("accounts", "GetRunway", apb.GetRunwayRequest(
             account_id=account_id, window_days=window_days))
 
+    def list_notices(self, account_id: str = "", *, since: datetime | None = None,
+                     undelivered_only: bool = False, page_size: int = 0,
+                     page_token: str = "") -> Any:
+        """One page of notices, oldest first (docs/notices.md)."""
+        req = apb.ListNoticesRequest(account_id=account_id, undelivered_only=undelivered_only,
+                                     page_size=page_size, page_token=page_token)
+        if since is not None:
+            req.since.FromDatetime(since)
+        return self._call("accounts", "ListNotices", req)
+
+    def resend_notice(self, notice_id: str) -> Any:
+        return self._call("accounts", "ResendNotice",
+                          apb.ResendNoticeRequest(notice_id=notice_id), retry=False)
+
     def list_accounts(self, prefix: str = "", page_size: int = 0, page_token: str = "") -> Any:
         """One page of accounts by id (page_size 0 means the ledger's default)."""
         return self._call("accounts", "ListAccounts", apb.ListAccountsRequest(

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import calendar as cal
 from . import model as m
+from . import notices as nt
 from .errors import AlreadyExists, FailedPrecondition, NotFound
 from .model import (
     AccountState,
@@ -242,5 +243,6 @@ class AccountCommands:
         now = self.now()
         acct.status, acct.suspended_at, acct.overdue_since = AccountStatus.ACTIVE, None, None
         self._touch(acct)
-        self._append(now, "reactivate", c.account_id, {}, c.request_id, c.fingerprint())
+        seq = self._append(now, "reactivate", c.account_id, {}, c.request_id, c.fingerprint())
+        self._uow.add_notice(nt.reactivated(c.account_id, now, seq))
         return acct

@@ -13,10 +13,12 @@ import time
 from typing import Any
 
 from . import calendar as cal
+from . import notices as nt
+from . import runway as rw
 from .errors import FailedPrecondition
 from .model import AccountState, AccountStatus, AdvanceClock, SettleDay
 from .settlement import Bill, make_bill
-from .store import bill_row, day_figures, read_bills
+from .store import accounts_with_live_plans, bill_row, day_figures, read_bills, read_window
 
 log = logging.getLogger("quota_ledger.engine")
 
@@ -30,6 +32,8 @@ class Lifecycle:
 
     expiries: list[tuple[int, int, str, str]]
     suspensions: list[tuple[int, str, int]]
+    warnings: list[tuple[int, str, int]]  # (instant, account, overdue since): R23 ahead
+    notice_limits: nt.Thresholds = nt.Thresholds()
     next_settle_day: str | None
     on_settled: Any = None  # callback(day, bills, seconds), e.g. metrics
 
@@ -44,6 +48,8 @@ class Lifecycle:
             due.append((self.expiries[0][0], 1))
         if self.suspensions:
             due.append((self.suspensions[0][0], 2))
+        if self.warnings:
+            due.append((self.warnings[0][0], 3))
         return due
 
     def next_due_us(self) -> int | None:
@@ -59,9 +65,12 @@ class Lifecycle:
             elif nxt[1] == 1:
                 expires_at, _, plan_id, account_id = heapq.heappop(self.expiries)
                 self._expire(self.account(account_id), plan_id, expires_at, now)
-            else:
+            elif nxt[1] == 2:
                 _, account_id, since = heapq.heappop(self.suspensions)
                 self._suspend(self.account(account_id), since, now)
+            else:
+                at, account_id, since = heapq.heappop(self.warnings)
+                self._warn(self.account(account_id), since, at)
 
     def _expire(self, acct: AccountState, plan_id: str, expires_at: int, now: int) -> None:
         plan = next((p for p in acct.live_plans if p.plan_id == plan_id), None)
@@ -118,6 +127,8 @@ class Lifecycle:
             self._touch(acct)
             seq = self._append(now, "bill", account_id, bill.to_payload())
             self._uow.bills.append(bill_row(bill, seq))
+            self._uow.add_notice(nt.bill_issued(account_id, now, bill.to_payload()))
+        self._forecast(now)
         self._append(now, "day_settled", None, {"day": day, "bills": len(figures)})
         self._uow.meta[SETTLED_META_KEY] = day
         self.next_settle_day = cal.next_day(day)
@@ -134,6 +145,9 @@ class Lifecycle:
             acct.overdue_since = now
             heapq.heappush(self.suspensions,
                            (now + OVERDUE_SUSPEND_AFTER_US + 1, acct.account_id, now))
+            for at in warning_instants(now):
+                heapq.heappush(self.warnings, (at, acct.account_id, now))
+            self._uow.add_notice(nt.overdue(acct.account_id, now, acct.outstanding_micros))
         if acct.status is AccountStatus.ACTIVE:
             acct.status = AccountStatus.OVERDUE
 
@@ -155,3 +169,42 @@ class Lifecycle:
         self._append(now, "account_suspended", acct.account_id,
                      {"overdue_since_us": since, "outstanding_micros": acct.outstanding_micros,
                       "deleted": deleted})
+        self._uow.add_notice(nt.suspended(acct.account_id, now, since, acct.outstanding_micros))
+
+    # ------------------------------------------------------------------ notices (issue 22)
+
+    def _warn(self, acct: AccountState, since: int, at: int) -> None:
+        """R23 is coming: the 72 h or 24 h warning due at ``at``, if the account still owes
+        what it owed since ``since`` (a payment or a suspension makes it moot)."""
+        if (acct.overdue_since != since or acct.outstanding_micros == 0
+                or acct.status is AccountStatus.SUSPENDED):
+            return
+        for n in nt.suspension_warnings(acct.account_id, since, acct.outstanding_micros, at):
+            if n.at_us == at:
+                self._uow.add_notice(n)
+
+    def _forecast(self, now: int) -> None:
+        """Once per settled day, in settlement's transaction: ``plan_low`` and
+        ``forfeit_ahead`` from each account's runway (docs/runway.md). The ids are per plan,
+        so a warning already given is kept once (the outbox ignores it)."""
+        conn = self.store.conn
+        for account_id in accounts_with_live_plans(conn, now):
+            acct = self.account(account_id)
+            plans = [p for p in acct.live_plans if p.refunded_at is None
+                     and p.units_remaining > 0 and p.expires_at > now]
+            days = rw.window_days(acct.created_at, now, rw.RUNWAY_WINDOW_DAYS_DEFAULT)
+            if not plans or days is None:
+                continue
+            offset, mainland, outside = read_window(conn, account_id, days[0], days[1])
+            window = rw.Window(days[0], days[1], days[2], offset + mainland + outside,
+                               mainland, outside)
+            runway = rw.project(now, acct.status, window, plans)
+            for n in nt.forecast(account_id, runway, {p.plan_id: p.units_total for p in plans},
+                                 self.notice_limits):
+                self._uow.add_notice(n)
+
+
+def warning_instants(since: int) -> list[int]:
+    """When R23's warnings fall due for an account overdue since ``since``."""
+    suspend_at = since + OVERDUE_SUSPEND_AFTER_US + 1
+    return [suspend_at - h * cal.US_PER_HOUR for h in nt.SUSPENSION_WARNINGS_H]

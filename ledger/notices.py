@@ -114,3 +114,28 @@ def forecast(account_id: str, runway: Runway, units_total: dict[str, int],
                 "plan_id": p.plan_id, "expires_at_us": p.expires_at,
                 "forfeit_units": p.forfeit_units, "units_remaining": p.units_remaining}))
     return out
+
+
+# -- event notices: built where the entry that causes them is appended ------------------------
+def bill_issued(account_id: str, at_us: int, bill: dict) -> Notice:
+    """R18: the day's bill, with what vouchers and cash paid and what is left owed."""
+    return notice("bill_issued", account_id, at_us, (bill["day"],), {
+        k: bill[k] for k in ("day", "bill_date", "total_micros", "amount_due_micros",
+                             "paid_voucher_micros", "paid_cash_micros", "outstanding_micros")})
+
+
+def overdue(account_id: str, since_us: int, outstanding_micros: int) -> Notice:
+    """R22: an amount went unpaid; R23 suspends 168 h later unless it is paid."""
+    return notice("overdue", account_id, since_us, (since_us,), {
+        "overdue_since_us": since_us, "outstanding_micros": outstanding_micros,
+        "suspends_at_us": since_us + 168 * US_PER_HOUR + 1})
+
+
+def suspended(account_id: str, at_us: int, overdue_since_us: int, outstanding_micros: int
+              ) -> Notice:
+    return notice("suspended", account_id, at_us, (at_us,), {
+        "overdue_since_us": overdue_since_us, "outstanding_micros": outstanding_micros})
+
+
+def reactivated(account_id: str, at_us: int, journal_seq: int) -> Notice:
+    return notice("reactivated", account_id, at_us, (journal_seq,), {"journal_seq": journal_seq})

@@ -12,7 +12,7 @@ from ledger import model as m
 from ledger import runway as rw
 from ledger import store as q
 from ledger.engine import Replayed
-from ledger.errors import InvalidArgument
+from ledger.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from . import convert
 from .errors import rpc
@@ -20,6 +20,7 @@ from .services import Context
 
 LIST_ACCOUNTS_PAGE_DEFAULT = 100
 LIST_ACCOUNTS_PAGE_MAX = 1_000
+NOTICE_ID_LEN_MAX = 400  # kind/account/fact
 
 
 def _account_reply(result: Any) -> pb.Account:
@@ -141,6 +142,55 @@ class AccountsService(apb_grpc.AccountsServicer):
                                    mainland, outside)
         return convert.runway(account_id, rw.project(now, acct.status, window, plans))
 
+    @rpc
+    async def ListNotices(self, request, context):  # noqa: N802
+        """docs/notices.md: the outbox in (instant, id) order, a page at a time, with each
+        webhook delivery's state when this node delivers."""
+        account_id = (self.ctx.account(request.account_id).account_id
+                      if request.account_id else None)
+        since = convert.from_ts(request.since, "since") if request.HasField("since") else 0
+        size = request.page_size or LIST_ACCOUNTS_PAGE_DEFAULT
+        if not 1 <= size <= LIST_ACCOUNTS_PAGE_MAX:
+            raise InvalidArgument(
+                f"page_size must be 1..{LIST_ACCOUNTS_PAGE_MAX} (0 means "
+                f"{LIST_ACCOUNTS_PAGE_DEFAULT}); got {request.page_size}")
+        after = _notice_cursor(request.page_token)
+        queue = self.ctx.notices
+        conn = self.ctx.reader()
+        if request.undelivered_only:
+            ids = [] if queue is None else queue.undelivered(account_id, since, after, size + 1)
+            rows = q.read_notices_by_id(conn, ids)
+        else:
+            rows = q.read_notices(conn, account_id, since, after, size + 1)
+        page = rows[:size]
+        states = {} if queue is None else queue.of_notices([r[0] for r in page])
+        return apb.ListNoticesResponse(
+            notices=[convert.notice(r, states.get(r[0], [])) for r in page],
+            next_page_token=f"{page[-1][3]}/{page[-1][0]}" if len(rows) > size else "")
+
+    @rpc
+    async def ResendNotice(self, request, context):  # noqa: N802
+        notice_id = m.check_text(request.notice_id, "notice_id", NOTICE_ID_LEN_MAX)
+        rows = q.read_notices_by_id(self.ctx.reader(), [notice_id])
+        if not rows:
+            raise NotFound(f"no notice {notice_id!r}", reason="NOTICE_NOT_FOUND")
+        queue = self.ctx.notices
+        if queue is None:
+            raise FailedPrecondition("no webhook is configured on this node (--notices)",
+                                     reason="NO_WEBHOOK")
+        queue.resend(notice_id, self.ctx.delivery_clock())
+        return convert.notice(rows[0], queue.of_notices([notice_id]).get(notice_id, []))
+
     def _plan_reply(self, result: Any) -> pb.Plan:
         plan = result.value if isinstance(result, Replayed) else result
         return convert.plan(plan, self.ctx.clock.now_us())
+
+
+def _notice_cursor(token: str) -> tuple[int, str] | None:
+    """A ListNotices page token: "<at_us>/<notice_id>" of the previous page's last notice."""
+    if not token:
+        return None
+    at, _, notice_id = token.partition("/")
+    if not at.isdigit() or not notice_id or len(token) > NOTICE_ID_LEN_MAX + 20:
+        raise InvalidArgument("page_token is not one that ListNotices gave")
+    return int(at), notice_id

@@ -26,16 +26,19 @@ from ledger import calendar as cal
 from ledger import catalog as catalog_mod
 from ledger.clock import SharedTestClock, SystemClock, TestClock
 from ledger.engine import CLOCK_META_KEY, SETTLED_META_KEY, Engine
-from ledger.errors import Unavailable
+from ledger.errors import InvalidArgument, Unavailable
 from ledger.store import open_store
 from ledger.store.urls import is_pg_url, mask_url
 from ledger.verify import ChainBroken, check_node_tail, check_tail
 from ledger.writer import Writer, tune_gc
 
+from . import notice_config
 from .account_services import AccountsService
 from .auth import Authorizer, is_loopback
 from .config import ServerConfig
 from .metrics import Metrics
+from .notice_delivery import Delivery
+from .notice_queue import open_queue
 from .services import (
     Context,
     QuotaLedgerService,
@@ -80,6 +83,11 @@ class LedgerServer:
         if bool(cfg.tls_cert) != bool(cfg.tls_key) or (cfg.tls_client_ca and not cfg.tls_cert):
             raise StartupError("TLS needs both --tls-cert and --tls-key (and they are needed "
                                "for --tls-client-ca)")
+        try:
+            self.notice_cfg = notice_config.load(cfg.notices, insecure=cfg.insecure)
+        except InvalidArgument as exc:
+            raise StartupError(exc.message) from None
+        self.delivery: Delivery | None = None
         self.catalog = catalog_mod.load(cfg.catalog)
         # SQLite: raises DatabaseLocked for a second server; PostgreSQL: claims a node number
         try:
@@ -99,6 +107,7 @@ class LedgerServer:
                           else SharedTestClock(self._db_clock_us) if self.store.shared
                           else TestClock())
             self.engine = Engine(self.store, self.clock, self.catalog)
+            self.engine.notice_limits = self.notice_cfg.thresholds
             self.writer = Writer(self.engine, on_commit=self._on_commit,
                                  queue_depth_max=cfg.queue_depth_max,
                                  group_requests_max=cfg.group_requests_max)
@@ -113,6 +122,10 @@ class LedgerServer:
                 self.metrics.watch_contention(lambda: store.lock_wait_s, lambda: engine.reloads)
             tune_gc()
             self.writer.start()
+            if self.notice_cfg.endpoints:
+                queue = open_queue(cfg.db)
+                counters = self.metrics.watch_notices(queue.stats, time.time)
+                self.delivery = Delivery(queue, self.notice_cfg, counters).start()
             if cfg.metrics_listen:
                 self.metrics_port = self.metrics.serve(cfg.metrics_listen)
             await self._serve()
@@ -128,6 +141,7 @@ class LedgerServer:
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
         ])
         ctx = self.ctx = Context(self.writer, self.clock, self.catalog, self.metrics, self.auth)
+        ctx.notices = self.delivery.queue if self.delivery else None
         quota_ledger_pb2_grpc.add_QuotaLedgerServicer_to_server(QuotaLedgerService(ctx), server)
         accounts_pb2_grpc.add_AccountsServicer_to_server(AccountsService(ctx), server)
         settlement_pb2_grpc.add_SettlementServicer_to_server(SettlementService(ctx), server)
@@ -213,6 +227,9 @@ class LedgerServer:
                 await asyncio.sleep(min(DRAIN_REFUSE_S, self.config.grace_s))
             await self.server.stop(max(0.0, deadline - time.monotonic()))
             self.server = None
+        if self.delivery is not None:
+            self.delivery.stop()
+            self.delivery.queue.close()
         self.writer.stop()
         self.store.close()
         log.info("stopped", extra={"event": "stop"})

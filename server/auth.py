@@ -36,7 +36,7 @@ CONSUMER_METHODS = frozenset({"QuotaLedger/Consume", "QuotaLedger/ConsumeBatch",
 READER_METHODS = frozenset({
     "QuotaLedger/GetRemaining", "QuotaLedger/ListPlans", "QuotaLedger/GetUsage",
     "Accounts/GetAccount", "Accounts/ListAccounts", "Accounts/ListPlanSpecs",
-    "Accounts/GetRunway",
+    "Accounts/GetRunway", "Accounts/ListNotices",
     "Settlement/GetBill",
     "Settlement/ListBills", "TestClock/GetTime"})
 # ListAccounts names no account; a token limited to accounts is answered with only those.

@@ -42,6 +42,7 @@ class ServerConfig:
     group_requests_max: int = 4_096
     slow_commit_ms: float = 100.0
     metrics_top_accounts: int = 0
+    notices: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slow_commit_ms", "milliseconds", "Commits slower than this are logged."),
     Setting("metrics_top_accounts", "accounts", "Export units remaining for this many accounts "
             "with the most (0: off; keeps label cardinality bounded)."),
+    Setting("notices", "path", "TOML file of webhook endpoints and notice thresholds "
+            "(docs/notices.md); notices are listed either way, delivered only with it."),
 )
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
 assert {s.name for s in SETTINGS} == set(_FIELDS), "every setting documented, once"

@@ -212,3 +212,15 @@ def runway(account_id: str, r: Runway) -> apb.Runway:
     out.payg_units, out.payg_cost_micros, out.price_basis = (
         r.payg_units, r.payg_cost_micros, r.price_basis)
     return out
+
+
+def notice(row: tuple, deliveries: list[tuple]) -> apb.Notice:
+    """An outbox row (notice_id, account_id, kind, at_us, payload) and its deliveries
+    (endpoint, state, attempts, delivered_at_s, last_error)."""
+    notice_id, account_id, kind, at_us, payload = row
+    return apb.Notice(notice_id=notice_id, account_id=account_id, kind=kind, at=ts(at_us),
+                      payload_json=payload, deliveries=[
+                          apb.NoticeDelivery(endpoint=ep, state=state, attempts=attempts,
+                                             delivered_at=None if at_s is None
+                                             else ts(int(at_s * US)), last_error=err or "")
+                          for ep, state, attempts, at_s, err in deliveries])

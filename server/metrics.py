@@ -63,6 +63,21 @@ class _ContentionCollector(Collector):
             " node had changed them", value=self.reloads())
 
 
+class _NoticeCollector(Collector):
+    def __init__(self, stats: Callable[[], tuple[int, float | None]],
+                 now_s: Callable[[], float]) -> None:
+        self.stats, self.now_s = stats, now_s
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        pending, oldest = self.stats()
+        yield GaugeMetricFamily("ledger_notices_pending", "Notice deliveries not yet "
+                                "acknowledged by their webhook (retried until 24 h)",
+                                value=pending)
+        yield GaugeMetricFamily("ledger_notice_oldest_pending_age_seconds", "Age of the oldest "
+                                "pending notice delivery; 0 when none is pending",
+                                value=0 if oldest is None else max(0.0, self.now_s() - oldest))
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -104,6 +119,17 @@ class Metrics:
             "ledger_settlement_duration_seconds", "Time to settle one billing day",
             buckets=SETTLEMENT_BUCKETS_S, registry=r)
         self.settlement_bills = Counter("ledger_settlement_bills", "Bills issued", registry=r)
+
+    def watch_notices(self, stats: Callable[[], tuple[int, float | None]],
+                      now_s: Callable[[], float]) -> tuple[Any, Any]:
+        """Webhook delivery (issue 22): pending and the oldest pending's age, read at scrape
+        time; returns the (delivered, failed attempts) counters the delivery thread adds to."""
+        self.registry.register(_NoticeCollector(stats, now_s))
+        return (Counter("ledger_notices_delivered", "Notice deliveries a webhook acknowledged "
+                        "(2xx)", registry=self.registry),
+                Counter("ledger_notice_delivery_failures", "Delivery attempts that failed "
+                        "(no 2xx, a timeout, a refused connection); each is retried",
+                        registry=self.registry))
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """One call's count and latency, through cached label children (the hot path)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from quota_ledger.v1 import common_pb2 as pb
@@ -47,6 +48,8 @@ class Context:
         self.clock = clock
         self.catalog = catalog
         self.draining = False  # SIGTERM: every new call is answered UNAVAILABLE (server/app.py)
+        self.notices: Any = None  # the delivery queue when webhooks are configured (issue 22)
+        self.delivery_clock: Any = time.time  # wall time of webhook deliveries
 
     async def write(self, cmd: Any) -> Any:
         return unwrap(await self.writer.submit_async(cmd))

@@ -43,10 +43,10 @@ def verify(secret: str, header: str, body: bytes, now_s: int,
     return hmac.compare_digest(signature(secret, t, body), f"t={t},v1={fields.get('v1', '')}")
 
 
-def retry_delay_s(attempts: int, rng: random.Random) -> float:
+def retry_delay_s(attempts: int, rng: random.Random, first_s: float = RETRY_FIRST_S) -> float:
     """Exponential backoff with full jitter: after the n-th failed attempt, a wait drawn
-    from [0, min(RETRY_DELAY_MAX_S, RETRY_FIRST_S * 2**(n-1))]."""
-    ceiling = min(RETRY_DELAY_MAX_S, RETRY_FIRST_S * 2 ** min(max(attempts - 1, 0), 20))
+    from [0, min(RETRY_DELAY_MAX_S, first_s * 2**(n-1))]."""
+    ceiling = min(RETRY_DELAY_MAX_S, first_s * 2 ** min(max(attempts - 1, 0), 20))
     return rng.uniform(0, ceiling)
 
 

@@ -238,7 +238,8 @@ def module_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 LEDGER_TABLES = ("journal", "accounts", "plans", "usage_daily", "offsets_daily",
-                 "features_daily", "bills", "meta", "consume_keys")
+                 "features_daily", "bills", "meta", "consume_keys", "notices",
+                 "notice_deliveries")
 
 
 def empty_pg_ledger(url: str) -> None:

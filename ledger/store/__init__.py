@@ -23,6 +23,7 @@ writes it in one transaction (group commit: one fsync for the whole group).
 
 from .journal import GENESIS_HASH, Entry, UnitOfWork, canonical_json, chain_hash
 from .queries import (
+    accounts_with_live_plans,
     backup_to,
     bill_row,
     consume_entries,
@@ -34,6 +35,8 @@ from .queries import (
     read_account,
     read_accounts,
     read_bills,
+    read_notices,
+    read_notices_by_id,
     read_plans,
     read_usage,
     read_window,
@@ -59,4 +62,5 @@ __all__ = [
     "consume_entries", "chain_hash", "day_figures",
     "dump_derived", "hash_before", "iter_journal", "journal_count", "read_account",
     "read_accounts", "read_bills", "read_plans", "read_usage", "read_window",
+    "accounts_with_live_plans", "read_notices", "read_notices_by_id",
 ]

@@ -60,6 +60,8 @@ class UnitOfWork:
     features: dict[tuple[str, str], tuple[int, int, int, int]] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)
     bills: list[tuple] = field(default_factory=list)
+    # Notices (issue 22): (notice_id, account_id, kind, at_us, payload JSON), kept once
+    notices: list[tuple] = field(default_factory=list)
     keys: dict[tuple[str, str, str], int] = field(default_factory=dict)
     # Consume keys claimed in this group: (account_id, request_id) -> (seq, index, at_us, day,
     # item)
@@ -141,8 +143,13 @@ class UnitOfWork:
         return [(p.units_remaining, p.units_forfeited, p.refunded_at, p.plan_id)
                 for plan_id, p in self.plans.items() if plan_id not in self.new_plans]
 
+    def add_notice(self, n: Any) -> None:
+        """Queue a :class:`ledger.notices.Notice` into this group's transaction."""
+        self.notices.append((n.notice_id, n.account_id, n.kind, n.at_us,
+                             canonical_json(n.payload)))
+
     def __bool__(self) -> bool:
-        return bool(self.rows or self.meta or self.block_items)
+        return bool(self.rows or self.meta or self.block_items or self.notices)
 
     def __len__(self) -> int:
         return len(self.rows)

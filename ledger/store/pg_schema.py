@@ -130,6 +130,38 @@ CREATE FUNCTION json_array_length(text) RETURNS integer LANGUAGE sql IMMUTABLE
     AS 'SELECT json_array_length($1::json)';
 """
 
+# The notice outbox (issue 22), as in SQLite's SCHEMA_V5, and the deliveries any node may
+# claim (FOR UPDATE SKIP LOCKED: one node at a time delivers one notice to one endpoint).
+# ``queued`` marks a notice whose deliveries exist; the writer never updates a notice.
+PG_SCHEMA_V2 = """
+CREATE TABLE notices (
+    notice_id text PRIMARY KEY,
+    account_id text NOT NULL,
+    kind text NOT NULL,
+    at_us bigint NOT NULL,
+    payload text NOT NULL,
+    queued boolean NOT NULL DEFAULT false
+);
+CREATE INDEX notices_by_account ON notices (account_id, at_us);
+CREATE INDEX notices_by_time ON notices (at_us);
+CREATE INDEX notices_to_queue ON notices (at_us) WHERE NOT queued;
+CREATE TABLE notice_deliveries (
+    notice_id text NOT NULL,
+    endpoint text NOT NULL,
+    account_id text NOT NULL,
+    at_us bigint NOT NULL,
+    created_s double precision NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    next_at_s double precision NOT NULL,
+    delivered_at_s double precision,
+    failed boolean NOT NULL DEFAULT false,
+    last_error text,
+    PRIMARY KEY (notice_id, endpoint)
+);
+CREATE INDEX notice_deliveries_due ON notice_deliveries (next_at_s)
+    WHERE delivered_at_s IS NULL AND NOT failed;
+"""
+
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
-PG_MIGRATIONS: list[str] = [PG_SCHEMA_V1]
+PG_MIGRATIONS: list[str] = [PG_SCHEMA_V1, PG_SCHEMA_V2]
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

@@ -165,6 +165,10 @@ def queue_write(c: psycopg.Connection, node: int, uow: UnitOfWork
     if uow.meta:
         cur.executemany("INSERT INTO meta VALUES (%s,%s) ON CONFLICT (key) DO UPDATE"
                         " SET value = excluded.value", list(uow.meta.items()))
+    if uow.notices:
+        cur.executemany("INSERT INTO notices (notice_id, account_id, kind, at_us, payload)"
+                        " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (notice_id) DO NOTHING",
+                        uow.notices)
     if uow.consumed:
         queue_rows(cur, [(a, r, node, v[0], v[1]) for (a, r), v in uow.consumed.items()],
                    KEYS_ONE_INSERT_SQL, KEYS_INSERT_SQL)

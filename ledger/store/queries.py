@@ -222,3 +222,48 @@ def read_window(conn: sqlite3.Connection, account_id: str, from_day: str, to_day
         (account_id, from_day, to_day)).fetchall())
     return (int(offset), int(by_region.get(int(Region.CHINESE_MAINLAND), 0)),
             int(by_region.get(int(Region.OUTSIDE_CHINESE_MAINLAND), 0)))
+
+
+def accounts_with_live_plans(conn: sqlite3.Connection, now: int) -> list[str]:
+    """Accounts holding a plan that can still be used (the forecast notices, issue 22)."""
+    return [r[0] for r in conn.execute(
+        "SELECT DISTINCT account_id FROM plans WHERE units_remaining > 0"
+        " AND refunded_at_us IS NULL AND expires_at_us > ? ORDER BY account_id",
+        (now,)).fetchall()]
+
+
+NOTICE_COLUMNS = "notice_id, account_id, kind, at_us, payload"
+
+
+def notice_filter(account_id: str | None, since_us: int, after: tuple[int, str] | None
+                  ) -> tuple[list[str], list]:
+    """The conditions of a page of notices (or deliveries): an account, an instant, and the
+    keyset cursor (at_us, notice_id) of the previous page's last row."""
+    where: list[str] = ["at_us >= ?"]
+    params: list = [since_us]
+    if account_id is not None:
+        where.append("account_id = ?")
+        params.append(account_id)
+    if after is not None:
+        where.append("(at_us > ? OR (at_us = ? AND notice_id > ?))")
+        params += [after[0], after[0], after[1]]
+    return where, params
+
+
+def read_notices(conn: sqlite3.Connection, account_id: str | None, since_us: int,
+                 after: tuple[int, str] | None, limit: int) -> list[tuple]:
+    """Notices in (at_us, notice_id) order from ``since_us``, after the page cursor
+    ``after``: rows (notice_id, account_id, kind, at_us, payload JSON)."""
+    where, params = notice_filter(account_id, since_us, after)
+    return [tuple(r) for r in conn.execute(
+        f"SELECT {NOTICE_COLUMNS} FROM notices WHERE {' AND '.join(where)}"
+        " ORDER BY at_us, notice_id LIMIT ?", (*params, limit)).fetchall()]
+
+
+def read_notices_by_id(conn: sqlite3.Connection, ids: list[str]) -> list[tuple]:
+    """The outbox rows of these notices, in (at_us, notice_id) order."""
+    if not ids:
+        return []
+    return [tuple(r) for r in conn.execute(
+        f"SELECT {NOTICE_COLUMNS} FROM notices WHERE notice_id IN ({','.join('?' * len(ids))})"
+        " ORDER BY at_us, notice_id", ids).fetchall()]

@@ -146,8 +146,23 @@ CREATE TABLE key_filter_chunks (
 );
 """
 
+# The notice outbox (issue 22): written in the transaction of the entry that causes each
+# notice; the id is the fact's, so a fact noticed again (a restart, R19) adds nothing.
+# Delivery state lives elsewhere (server/notice_queue.py): the writer never waits on it.
+SCHEMA_V5 = """
+CREATE TABLE notices (
+    notice_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    at_us INTEGER NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX notices_by_account ON notices (account_id, at_us);
+CREATE INDEX notices_by_time ON notices (at_us);
+"""
+
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4]
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

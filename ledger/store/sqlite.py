@@ -303,6 +303,8 @@ class Store(StoreReads):
             c.executemany("INSERT INTO bills VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", uow.bills)
         if uow.meta:
             c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", list(uow.meta.items()))
+        if uow.notices:
+            c.executemany("INSERT OR IGNORE INTO notices VALUES (?,?,?,?,?)", uow.notices)
 
 
 class Checkpointer:

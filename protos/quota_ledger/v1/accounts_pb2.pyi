@@ -496,3 +496,179 @@ class Runway(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Runway: _TypeAlias = Runway  # noqa: Y015
+
+@_typing.final
+class ListNoticesRequest(_message.Message):
+    """Asks for a page of notices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    UNDELIVERED_ONLY_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """Only this account's notices; empty for every account the caller may read."""
+    page_size: _builtins.int
+    """The most notices to return, 1 to 1,000; 0 means 100."""
+    page_token: _builtins.str
+    """Pass the previous page's next_page_token; empty to start at the oldest."""
+    undelivered_only: _builtins.bool
+    """Only notices that some endpoint has not yet acknowledged (pending or failed)."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only notices of facts at or after this instant; unset for all."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        undelivered_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "page_size", b"page_size", "page_token", b"page_token", "since", b"since", "undelivered_only", b"undelivered_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNoticesRequest: _TypeAlias = ListNoticesRequest  # noqa: Y015
+
+@_typing.final
+class ResendNoticeRequest(_message.Message):
+    """Asks to deliver a notice again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTICE_ID_FIELD_NUMBER: _builtins.int
+    notice_id: _builtins.str
+    """The notice's id, as ListNotices gives it."""
+    def __init__(
+        self,
+        *,
+        notice_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notice_id", b"notice_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResendNoticeRequest: _TypeAlias = ResendNoticeRequest  # noqa: Y015
+
+@_typing.final
+class ListNoticesResponse(_message.Message):
+    """A page of notices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTICES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty when this page is the last."""
+    @_builtins.property
+    def notices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Notice]:
+        """The notices of this page, by the instant of their fact, then by notice_id."""
+
+    def __init__(
+        self,
+        *,
+        notices: _abc.Iterable[Global___Notice] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "notices", b"notices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNoticesResponse: _TypeAlias = ListNoticesResponse  # noqa: Y015
+
+@_typing.final
+class Notice(_message.Message):
+    """A fact the customer should hear about, as a webhook delivers it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTICE_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    notice_id: _builtins.str
+    """Stable per fact: "kind/account/fact", so a receiver deduplicates by it."""
+    account_id: _builtins.str
+    """The account the notice is about."""
+    kind: _builtins.str
+    """plan_low, forfeit_ahead, bill_issued, overdue, suspension_ahead, suspended or reactivated."""
+    payload_json: _builtins.str
+    """The JSON body a webhook POSTs: id, kind, account_id, at_us and the kind's data."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """The ledger's instant of the fact (R2)."""
+
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___NoticeDelivery]:
+        """One per configured endpoint that wants this account; empty when none does."""
+
+    def __init__(
+        self,
+        *,
+        notice_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        payload_json: _builtins.str = ...,
+        deliveries: _abc.Iterable[Global___NoticeDelivery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "at", b"at", "deliveries", b"deliveries", "kind", b"kind", "notice_id", b"notice_id", "payload_json", b"payload_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Notice: _TypeAlias = Notice  # noqa: Y015
+
+@_typing.final
+class NoticeDelivery(_message.Message):
+    """A notice's delivery to one endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    DELIVERED_AT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint's name in the configuration."""
+    state: _builtins.str
+    """"pending" (not yet acknowledged; retried), "delivered" (a 2xx came back) or "failed" (retries gave up after 24 h)."""
+    attempts: _builtins.int
+    """The attempts made so far."""
+    last_error: _builtins.str
+    """The last attempt's error, in words; empty when there was none."""
+    @_builtins.property
+    def delivered_at(self) -> _timestamp_pb2.Timestamp:
+        """When a 2xx came back; unset otherwise."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        state: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        delivered_at: _timestamp_pb2.Timestamp | None = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "delivered_at", b"delivered_at", "endpoint", b"endpoint", "last_error", b"last_error", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NoticeDelivery: _TypeAlias = NoticeDelivery  # noqa: Y015

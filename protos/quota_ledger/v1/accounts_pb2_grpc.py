@@ -87,6 +87,16 @@ class AccountsStub:
                 request_serializer=quota__ledger_dot_v1_dot_accounts__pb2.GetRunwayRequest.SerializeToString,
                 response_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.Runway.FromString,
                 _registered_method=True)
+        self.ListNotices = channel.unary_unary(
+                '/quota_ledger.v1.Accounts/ListNotices',
+                request_serializer=quota__ledger_dot_v1_dot_accounts__pb2.ListNoticesRequest.SerializeToString,
+                response_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.ListNoticesResponse.FromString,
+                _registered_method=True)
+        self.ResendNotice = channel.unary_unary(
+                '/quota_ledger.v1.Accounts/ResendNotice',
+                request_serializer=quota__ledger_dot_v1_dot_accounts__pb2.ResendNoticeRequest.SerializeToString,
+                response_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.Notice.FromString,
+                _registered_method=True)
 
 
 class AccountsServicer:
@@ -164,6 +174,20 @@ class AccountsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNotices(self, request, context):
+        """Lists the notices the ledger derived from its own facts (plan_low, forfeit_ahead, bill_issued, overdue, suspension_ahead, suspended, reactivated), oldest first, a page at a time, with each webhook delivery's state; docs/notices.md (issue 22).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResendNotice(self, request, context):
+        """Queues a notice for delivery again to every endpoint that wants its account, delivered or failed alike, with a fresh 24 h of retries (admin); NOT_FOUND when there is no such notice, FAILED_PRECONDITION when no endpoint is configured on this node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +240,16 @@ def add_AccountsServicer_to_server(servicer, server):
                     servicer.GetRunway,
                     request_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.GetRunwayRequest.FromString,
                     response_serializer=quota__ledger_dot_v1_dot_accounts__pb2.Runway.SerializeToString,
+            ),
+            'ListNotices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNotices,
+                    request_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.ListNoticesRequest.FromString,
+                    response_serializer=quota__ledger_dot_v1_dot_accounts__pb2.ListNoticesResponse.SerializeToString,
+            ),
+            'ResendNotice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResendNotice,
+                    request_deserializer=quota__ledger_dot_v1_dot_accounts__pb2.ResendNoticeRequest.FromString,
+                    response_serializer=quota__ledger_dot_v1_dot_accounts__pb2.Notice.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +524,60 @@ class Accounts:
             '/quota_ledger.v1.Accounts/GetRunway',
             quota__ledger_dot_v1_dot_accounts__pb2.GetRunwayRequest.SerializeToString,
             quota__ledger_dot_v1_dot_accounts__pb2.Runway.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNotices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota_ledger.v1.Accounts/ListNotices',
+            quota__ledger_dot_v1_dot_accounts__pb2.ListNoticesRequest.SerializeToString,
+            quota__ledger_dot_v1_dot_accounts__pb2.ListNoticesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResendNotice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota_ledger.v1.Accounts/ResendNotice',
+            quota__ledger_dot_v1_dot_accounts__pb2.ResendNoticeRequest.SerializeToString,
+            quota__ledger_dot_v1_dot_accounts__pb2.Notice.FromString,
             options,
             channel_credentials,
             insecure,
