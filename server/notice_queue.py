@@ -90,6 +90,9 @@ def state_of(delivered_at_s: float | None, failed: Any) -> str:
 class _Reads:
     """The reads both queues answer alike (``ListNotices``, metrics)."""
 
+    OUTBOX = "notices"
+    UNQUEUED = "NOT queued"  # outbox rows not yet turned into deliveries
+
     def _rows(self, sql: str, params: tuple | list = ()) -> list[tuple]:
         raise NotImplementedError
 
@@ -110,10 +113,12 @@ class _Reads:
                     after: tuple[int, str] | None, limit: int) -> list[str]:
         """Ids of notices some endpoint has not acknowledged, in (at_us, notice_id) order."""
         where, params = notice_filter(account_id, since_us, after)
-        where.append("delivered_at_s IS NULL")
+        cond = " AND ".join(where)
         return [r[0] for r in self._rows(
-            f"SELECT DISTINCT notice_id, at_us FROM notice_deliveries WHERE {' AND '.join(where)}"
-            " ORDER BY at_us, notice_id LIMIT ?", (*params, limit))]
+            f"SELECT notice_id, at_us FROM notice_deliveries WHERE delivered_at_s IS NULL"
+            f" AND {cond} UNION SELECT notice_id, at_us FROM {self.OUTBOX} WHERE"
+            f" {self.UNQUEUED} AND {cond} ORDER BY at_us, notice_id LIMIT ?",
+            (*params, *params, limit))]
 
     def stats(self) -> tuple[int, float | None]:
         """(deliveries pending, creation instant of the oldest pending one)."""
@@ -123,6 +128,9 @@ class _Reads:
 
 
 class SqliteQueue(_Reads):
+    OUTBOX = "ledger.notices"
+    UNQUEUED = "rowid > (SELECT coalesce(max(outbox_rowid), 0) FROM cursor)"
+
     def __init__(self, db_path: str) -> None:
         self.side = sqlite3.connect(f"file:{quote(db_path + SIDECAR_SUFFIX)}", uri=True,
                                     isolation_level=None, check_same_thread=False)

@@ -12,6 +12,7 @@ from clients.ledgerctl import (  # noqa: F401  (each registers its verbs on main
     accounts,
     clock,
     consumption,
+    notices,
     plans,
     runway,
     settlement,
