@@ -84,6 +84,23 @@ def test_runway_without_an_estimate_says_why(history):
     assert status == 200 and reason and f"No estimate: {reason}." in body
 
 
+def test_account_page_lists_the_latest_notices(history):
+    """The account page's notices (issue 22): ListNotices' latest, newest first, each with
+    its delivery (this ledger has no webhook); an account without one says so."""
+    ledger, console = history
+    with ledger.client() as c:
+        want = [n.notice_id for n in c.list_notices("acme").notices][::-1]
+        c.create_account("quiet")
+    assert want, "the history's settled days issued bills"
+    status, _, body = get(console.url + "/accounts/acme")
+    assert status == 200
+    shown = [part.split('"', 1)[0] for part in body.split('data-notice="')[1:]]
+    assert shown == want[:20]
+    assert "not delivered by webhook" in body and "bill_issued" in body
+    status, _, body = get(console.url + "/accounts/quiet")
+    assert status == 200 and 'data-k="no_notices">No notice yet.' in body
+
+
 def test_read_only_headers_and_methods(history):
     """No scripts, no framing, no outside resources; only GET and HEAD."""
     _, console = history

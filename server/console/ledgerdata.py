@@ -159,3 +159,20 @@ def runway_series(runway: Any) -> list[tuple[str, list[tuple[float, int]], float
         out.append((p.plan_id, points, days(expires)))
         start = end
     return out
+
+
+NOTICES_SHOWN = 20  # the latest notices an account page lists (docs/notices.md)
+NOTICES_PAGE = 1_000  # the server's page limit
+
+
+async def latest_notices(console: Console, account_id: str) -> list[Any]:
+    """The account's latest notices, newest first: ListNotices pages oldest first, so the
+    pages are walked to the end (an account has a few notices a day at most)."""
+    found, token = [], ""
+    while True:
+        page = await console.client.list_notices(account_id, page_size=NOTICES_PAGE,
+                                                 page_token=token)
+        found = (found + list(page.notices))[-NOTICES_SHOWN:]
+        token = page.next_page_token
+        if not token:
+            return found[::-1]

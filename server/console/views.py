@@ -29,6 +29,7 @@ from .ledgerdata import (
     checked_text,
     day_range,
     first_day,
+    latest_notices,
     list_accounts,
     plan_specs,
     runway_series,
@@ -80,16 +81,17 @@ async def go(request: Request) -> Response:
 async def account(request: Request) -> Response:
     console = console_of(request)
     account_id = account_id_of(request)
-    acct, remaining, plans, runway = await ask(
+    acct, remaining, plans, runway, notices = await ask(
         console, console.client.get_account(account_id), console.client.get_remaining(account_id),
         console.client.list_plans(account_id, include_inactive=True),
-        console.client.get_runway(account_id))
+        console.client.get_runway(account_id), latest_notices(console, account_id))
     active_ids = {p.plan_id for p in remaining.plans}
     others = sorted((p for p in plans.plans if p.plan_id not in active_ids),
                     key=lambda p: fmt.plan_sort_key(p.plan_id))
     return render(request, "account.html", account=acct, remaining=remaining,
                   active_plans=list(remaining.plans), other_plans=others,
                   runway=runway, runway_svg=runway_chart(runway_series(runway)),
+                  notices=notices,
                   base=account_path(account_id))
 
 
