@@ -78,9 +78,15 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
 	$(BIN)/python -m tests.bench_client
+	$(BIN)/python -m tests.bench_notices
 	@if $(BIN)/python -c 'import sys, tests.pg_cluster as p; sys.exit(p.find_bindir() is None)'; then \
 	  $(BIN)/python -m tests.bench_postgres; \
 	else echo "!!! POSTGRESQL BENCH SKIPPED: no PostgreSQL server binaries (apt-get install postgresql) !!!"; fi
+
+## bench-notices: Consume throughput with notices configured against without (issue 22)
+.PHONY: bench-notices
+bench-notices: $(STAMP)
+	$(BIN)/python -m tests.bench_notices
 
 ## bench-postgres: the ledger on PostgreSQL, one node and two nodes, beside SQLite (issue 11)
 .PHONY: bench-postgres
