@@ -127,11 +127,10 @@ class AccountsService(apb_grpc.AccountsServicer):
             raise InvalidArgument(
                 f"window_days must be 1..{rw.RUNWAY_WINDOW_DAYS_MAX} (0 means "
                 f"{rw.RUNWAY_WINDOW_DAYS_DEFAULT}); got {request.window_days}")
-        account_id = self.ctx.account(request.account_id).account_id
         now = self.ctx.clock.now_us()
         with self.ctx.store.snapshot() as conn:  # status, plans and usage of one moment
-            acct = q.read_account(conn, account_id)
-            assert acct is not None  # accounts are never removed
+            acct = self.ctx.account(request.account_id, conn)
+            account_id = acct.account_id
             plans = q.read_plans(conn, "WHERE account_id = ? AND refunded_at_us IS NULL"
                                  " AND units_remaining > 0 AND expires_at_us > ?",
                                  (account_id, now))

@@ -57,9 +57,11 @@ class Context:
     def reader(self):  # noqa: ANN201
         return self.store.reader()
 
-    def account(self, account_id: str) -> m.AccountState:
+    def account(self, account_id: str, conn: Any = None) -> m.AccountState:
+        """The account, read from ``conn`` (a snapshot) or the committed state; NOT_FOUND
+        when there is none."""
         m.check_id(account_id, "account_id")
-        acct = q.read_account(self.reader(), account_id)
+        acct = q.read_account(conn if conn is not None else self.reader(), account_id)
         if acct is None:
             raise NotFound(f"no account {account_id!r}", reason="ACCOUNT_NOT_FOUND",
                            account_id=account_id)
