@@ -1,6 +1,6 @@
 """`make bench` (issue 22): Consume throughput with notices configured, against without.
 
-    python -m tests.bench_notices [--runs 3] [--seconds 8]
+    python -m tests.bench_notices [--runs 5] [--seconds 8]
 
 Two ledgers side by side, each `python -m server serve` on a temporary SQLite journal (the
 durable default), identical but for ``--notices FILE`` (one webhook, a receiver on
@@ -44,7 +44,8 @@ def serve(tmp: Path, name: str, extra: list[str]) -> Proc:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--runs", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1),
+              help="Repeat; the medians are compared (3 proved too few to beat the noise).")
 @click.option("--seconds", default=8.0, show_default=True, type=click.FloatRange(0.2),
               help="Duration of each load.")
 def main(runs: int, seconds: float) -> None:

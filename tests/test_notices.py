@@ -128,3 +128,7 @@ def test_each_kind_is_noticed_once_and_delivered_signed(ledger: ServerProcess,
         assert [n.notice_id for n in all_notices(c, "late")] == [
             n.notice_id for n in notices if n.account_id == "late"]
         assert not c.list_notices(undelivered_only=True).notices
+        april = datetime(2027, 4, 1, 0, 0, tzinfo=BILLING_TZ)
+        later = c.list_notices(since=april, page_size=1_000).notices
+        assert later and [n.notice_id for n in later] == [
+            n.notice_id for n in notices if n.at.ToMicroseconds() >= from_datetime(april)]
