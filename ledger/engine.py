@@ -24,7 +24,6 @@ from .lifecycle import (
     OVERDUE_SUSPEND_AFTER_US,
     SETTLED_META_KEY,
     Lifecycle,
-    warning_instants,
 )
 from .model import (
     AccountState,
@@ -102,9 +101,7 @@ class Engine(AccountCommands, Lifecycle):
             (since + OVERDUE_SUSPEND_AFTER_US + 1, acct, since)
             for acct, since in self.store.overdue_accounts()]
         heapq.heapify(self.suspensions)
-        self.warnings: list[tuple[int, str, int]] = [
-            (at, acct, since) for _, acct, since in self.suspensions
-            for at in warning_instants(since)]  # those past are noticed again: kept once
+        self.warnings: list[tuple[int, str, int]] = self._pending_warnings()
         heapq.heapify(self.warnings)
         settled = self.store.meta_get(SETTLED_META_KEY)
         first_at = self.store.first_entry_at()

@@ -18,7 +18,14 @@ from . import runway as rw
 from .errors import FailedPrecondition
 from .model import AccountState, AccountStatus, AdvanceClock, SettleDay
 from .settlement import Bill, make_bill
-from .store import accounts_with_live_plans, bill_row, day_figures, read_bills, read_window
+from .store import (
+    accounts_with_live_plans,
+    bill_row,
+    day_figures,
+    existing_notices,
+    read_bills,
+    read_window,
+)
 
 log = logging.getLogger("quota_ledger.engine")
 
@@ -145,7 +152,7 @@ class Lifecycle:
             acct.overdue_since = now
             heapq.heappush(self.suspensions,
                            (now + OVERDUE_SUSPEND_AFTER_US + 1, acct.account_id, now))
-            for at in warning_instants(now):
+            for _, at in warning_instants(now):
                 heapq.heappush(self.warnings, (at, acct.account_id, now))
             self._uow.add_notice(nt.overdue(acct.account_id, now, acct.outstanding_micros))
         if acct.status is AccountStatus.ACTIVE:
@@ -204,7 +211,24 @@ class Lifecycle:
                 self._uow.add_notice(n)
 
 
-def warning_instants(since: int) -> list[int]:
-    """When R23's warnings fall due for an account overdue since ``since``."""
+    def _pending_warnings(self) -> list[tuple[int, str, int]]:
+        """The R23 warnings still to give, from the overdue accounts (``suspensions``):
+        those ahead, and those whose instant passed without their notice being written (a
+        restart in between), found with one read of the outbox, not written again."""
+        now = self.clock.now_us()
+        ahead, past = [], {}
+        for _, account_id, since in self.suspensions:
+            for hours, at in warning_instants(since):
+                if at > now:
+                    ahead.append((at, account_id, since))
+                else:
+                    past[nt.notice_id("suspension_ahead", account_id,
+                                      nt.warning_fact(since, hours))] = (at, account_id, since)
+        have = existing_notices(self.store.conn, list(past)) if past else set()
+        return ahead + [w for nid, w in past.items() if nid not in have]
+
+
+def warning_instants(since: int) -> list[tuple[int, int]]:
+    """(hours ahead, instant) of R23's warnings for an account overdue since ``since``."""
     suspend_at = since + OVERDUE_SUSPEND_AFTER_US + 1
-    return [suspend_at - h * cal.US_PER_HOUR for h in nt.SUSPENSION_WARNINGS_H]
+    return [(h, suspend_at - h * cal.US_PER_HOUR) for h in nt.SUSPENSION_WARNINGS_H]

@@ -76,7 +76,7 @@ class Notice:
 
 def notice(kind: str, account_id: str, at_us: int, fact: tuple, data: dict) -> Notice:
     assert kind in KINDS, kind
-    return Notice("/".join((kind, account_id, *map(str, fact))), account_id, kind, at_us, data)
+    return Notice(notice_id(kind, account_id, fact), account_id, kind, at_us, data)
 
 
 def suspension_warnings(account_id: str, overdue_since: int, outstanding_micros: int,
@@ -88,11 +88,19 @@ def suspension_warnings(account_id: str, overdue_since: int, outstanding_micros:
     for hours in SUSPENSION_WARNINGS_H:
         at = suspend_at - hours * US_PER_HOUR
         if at <= now:
-            out.append(notice("suspension_ahead", account_id, at, (overdue_since, f"{hours}h"),
-                              {"overdue_since_us": overdue_since, "suspends_at_us": suspend_at,
-                               "hours_ahead": hours,
-                               "outstanding_micros": outstanding_micros}))
+            fact = warning_fact(overdue_since, hours)
+            out.append(notice("suspension_ahead", account_id, at, fact, {
+                "overdue_since_us": overdue_since, "suspends_at_us": suspend_at,
+                "hours_ahead": hours, "outstanding_micros": outstanding_micros}))
     return out
+
+
+def warning_fact(overdue_since: int, hours: int) -> tuple:
+    return (overdue_since, f"{hours}h")
+
+
+def notice_id(kind: str, account_id: str, fact: tuple) -> str:
+    return "/".join((kind, account_id, *map(str, fact)))
 
 
 def forecast(account_id: str, runway: Runway, units_total: dict[str, int],

@@ -29,6 +29,7 @@ from .queries import (
     consume_entries,
     day_figures,
     dump_derived,
+    existing_notices,
     hash_before,
     iter_journal,
     journal_count,
@@ -62,5 +63,5 @@ __all__ = [
     "consume_entries", "chain_hash", "day_figures",
     "dump_derived", "hash_before", "iter_journal", "journal_count", "read_account",
     "read_accounts", "read_bills", "read_plans", "read_usage", "read_window",
-    "accounts_with_live_plans", "read_notices", "read_notices_by_id",
+    "accounts_with_live_plans", "existing_notices", "read_notices", "read_notices_by_id",
 ]

@@ -267,3 +267,17 @@ def read_notices_by_id(conn: sqlite3.Connection, ids: list[str]) -> list[tuple]:
     return [tuple(r) for r in conn.execute(
         f"SELECT {NOTICE_COLUMNS} FROM notices WHERE notice_id IN ({','.join('?' * len(ids))})"
         " ORDER BY at_us, notice_id", ids).fetchall()]
+
+
+NOTICE_IDS_PER_READ = 500
+
+
+def existing_notices(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
+    """Which of these notices the outbox already holds."""
+    out: set[str] = set()
+    for i in range(0, len(ids), NOTICE_IDS_PER_READ):
+        chunk = ids[i:i + NOTICE_IDS_PER_READ]
+        out.update(r[0] for r in conn.execute(
+            f"SELECT notice_id FROM notices WHERE notice_id IN ({','.join('?' * len(chunk))})",
+            chunk).fetchall())
+    return out
