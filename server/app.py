@@ -126,6 +126,8 @@ class LedgerServer:
                 queue = open_queue(cfg.db)
                 counters = self.metrics.watch_notices(queue.stats, time.time)
                 self.delivery = Delivery(queue, self.notice_cfg, counters).start()
+            else:  # the series exist on every node (at 0), so alerts read the same names
+                self.metrics.watch_notices(lambda: (0, None), time.time)
             if cfg.metrics_listen:
                 self.metrics_port = self.metrics.serve(cfg.metrics_listen)
             await self._serve()

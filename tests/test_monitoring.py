@@ -42,7 +42,7 @@ SEVERITIES = frozenset({"critical", "warning"})
 RULE_METRICS = frozenset({
     "up", "ledger_ready", "ledger_commit_latency_seconds_bucket", "ledger_writer_queue_depth",
     "ledger_writer_queue_limit", "ledger_rpc_requests_total",
-    "ledger_last_settled_day_end_timestamp_seconds"})
+    "ledger_last_settled_day_end_timestamp_seconds", "ledger_notice_oldest_pending_age_seconds"})
 
 
 # ------------------------------------------------------------------ reading the artefacts
