@@ -8,9 +8,10 @@ A throwaway PostgreSQL cluster (tests/pg_cluster.py: the machine's PostgreSQL, 1
 fsync, full_page_writes and synchronous_commit on, as in production; --no-fsync turns the
 first two off, as the test suite's cluster has them) holds one fresh database
 per configuration. Each configuration gets the same accounts (spread: --accounts accounts,
-each with a year-100m plan) and the same loads: unary Consume at 64 in flight, ConsumeStream
-(4 streams x 16), ConsumeBatch x1,000 in both views (4 calls in flight). With two nodes,
-the load is split in half and sent to both nodes at once, and the figure is their sum.
+each with a year-100m plan) and the same loads: unary Consume at 64 in flight and at 1 in
+flight per node (p50), ConsumeStream (4 streams x 16), ConsumeBatch x1,000 in both views
+(4 calls in flight). With two nodes, the load is split in half and sent to both nodes at
+once, and the figure is their sum (a p50 their mean).
 After every load, requests acknowledged must equal units recorded (plans' offsets plus
 pay-as-you-go, from the database). Every load is bounded in count and time; each figure is
 the median of --runs rounds, the configurations taking turns within a round.
@@ -40,8 +41,12 @@ from .bench_cpu import process_cpu_s
 from .pg_cluster import PgCluster, find_bindir
 
 BATCH_TARGET_PER_S = 40_000  # issue 20: one node's ConsumeBatch, spread over 1,000 accounts
+UNARY_VS_SQLITE_MIN = 0.8  # issue 20: one node's unary at 64 in flight against SQLite's
+UNARY1_P50_MARGIN_MS = 0.5  # issue 20: one node's p50 at 1 in flight, at most SQLite's + this
 LOADS = (
     ("unary64", "Consume, 64 in flight", {"shape": "unary", "concurrency": 64}, "calls/s"),
+    ("unary1", "Consume, 1 in flight (per node)", {"shape": "unary", "concurrency": 1},
+     "p50 ms"),
     ("stream", "ConsumeStream, 4 streams x 16", {"shape": "stream", "concurrency": 64,
                                                   "streams": 4}, "messages/s"),
     ("batch_full", "ConsumeBatch x1,000 FULL, 4 in flight",
@@ -100,6 +105,8 @@ def postgres_cpu_s() -> float:
 def value(key: str, r: LoadResult) -> float:
     if key == "unary64":
         return r.calls_per_s
+    if key == "unary1":
+        return r.p50_ms
     if key == "stream":
         return r.rate_per_s
     return r.billable / r.elapsed_s
@@ -179,10 +186,11 @@ async def bench(configs: list[Config], runs: int, seconds: float, accounts: int,
                 node0, pg0 = cfg.cpu_s(), postgres_cpu_s()
                 results = await cfg.drive(ids[cfg.name], load, seconds)
                 node_us = (cfg.cpu_s() - node0) * 1e6
-                pg_us = (postgres_cpu_s() - pg0) * 1e6
+                pg_us = (postgres_cpu_s() - pg0) * 1e6 if is_pg_url(cfg.db) else 0.0
                 acked = units[cfg.name].check(results, f"{cfg.name} {label}")
                 cpu[cfg.name][key].append((node_us / max(acked, 1), pg_us / max(acked, 1)))
-                v = sum(value(key, r) for r in results)
+                v = (statistics.mean(value(key, r) for r in results) if unit == "p50 ms"
+                     else sum(value(key, r) for r in results))  # a latency is not summed
                 figures[cfg.name][key].append(v)
                 errors = {k: n for r in results for k, n in r.errors.items()}
                 console.print(f"  run {run + 1} {cfg.name:<16} {label:<42} {v:>10,.0f} {unit}"
@@ -205,8 +213,9 @@ def report(figures: dict[str, dict[str, list[float]]], console: Console) -> None
     for name in names:
         table.add_column(name, justify="right")
     for key, label, _, unit in LOADS:
+        shown = "{:,.2f}" if unit == "p50 ms" else "{:,.0f}"
         table.add_row(f"{label} ({unit})",
-                      *(f"{statistics.median(figures[n][key]):,.0f}" for n in names))
+                      *(shown.format(statistics.median(figures[n][key])) for n in names))
         for part, who in (("node", "ledger nodes"), ("pg", "PostgreSQL")):
             table.add_row(f"  CPU per request, {who} (µs)",
                           *(f"{statistics.median(figures[n][f'{key}_{part}_us']):,.0f}"
@@ -218,11 +227,24 @@ def report(figures: dict[str, dict[str, list[float]]], console: Console) -> None
         console.print(f"one node's ConsumeBatch x1,000 COMPACT over 1,000 accounts: {batch:,.0f}"
                       f"/s; target >= {BATCH_TARGET_PER_S:,}/s: "
                       f"{'MET' if batch >= BATCH_TARGET_PER_S else 'MISSED'}")
+    lite = figures.get("sqlite")
+    if one and lite:  # issue 20's targets against SQLite in the same run
+        u64 = statistics.median(one["unary64"]) / statistics.median(lite["unary64"])
+        verdict = "MET" if u64 >= UNARY_VS_SQLITE_MIN else "MISSED"
+        console.print(f"one node's unary at 64 in flight: {u64:.2f}x SQLite; target >= "
+                      f"{UNARY_VS_SQLITE_MIN}x: {verdict}")
+        p50, p50_lite = statistics.median(one["unary1"]), statistics.median(lite["unary1"])
+        ok = p50 <= p50_lite + UNARY1_P50_MARGIN_MS
+        console.print(f"one node's unary at 1 in flight: p50 {p50:.2f} ms, SQLite {p50_lite:.2f}"
+                      f" ms; target <= SQLite + {UNARY1_P50_MARGIN_MS} ms: "
+                      f"{'MET' if ok else 'MISSED'}")
     for name in ("postgres 2 nodes", "2 nodes, affinity"):
         two = figures.get(name)
         if not (one and two):
             continue
-        for key, label, _, _ in LOADS:
+        for key, label, _, unit in LOADS:
+            if unit == "p50 ms":
+                continue
             a, b = statistics.median(one[key]), statistics.median(two[key])
             console.print(f"{name} / one node, {label}: {b / a:.2f}x "
                           f"({'not slower' if b >= a else 'SLOWER'})")
