@@ -40,6 +40,7 @@ from .model import (
     UpdateFeatures,
 )
 from .money import Region
+from .notices import suspends_at
 from .store import Entry, Store, UnitOfWork
 from .store.blocks import Prior
 
@@ -98,7 +99,7 @@ class Engine(AccountCommands, Lifecycle):
             horizon_us)
         heapq.heapify(self.expiries)
         self.suspensions: list[tuple[int, str, int]] = [
-            (since + OVERDUE_SUSPEND_AFTER_US + 1, acct, since)
+            (suspends_at(since), acct, since)
             for acct, since in self.store.overdue_accounts()]
         heapq.heapify(self.suspensions)
         self.warnings: list[tuple[int, str, int]] = self._pending_warnings()

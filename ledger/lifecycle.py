@@ -24,14 +24,14 @@ from .store import (
     day_figures,
     existing_notices,
     read_bills,
-    read_window,
+    read_runway_window,
 )
 
 log = logging.getLogger("quota_ledger.engine")
 
 CLOCK_META_KEY = "clock_us"
 SETTLED_META_KEY = "settled_through"
-OVERDUE_SUSPEND_AFTER_US = 168 * cal.US_PER_HOUR  # R23: strictly more than 7 days
+OVERDUE_SUSPEND_AFTER_US = nt.OVERDUE_SUSPEND_AFTER_US  # R23: strictly more than 7 days
 
 
 class Lifecycle:
@@ -150,9 +150,8 @@ class Lifecycle:
         acct.outstanding_micros += micros
         if acct.overdue_since is None:
             acct.overdue_since = now
-            heapq.heappush(self.suspensions,
-                           (now + OVERDUE_SUSPEND_AFTER_US + 1, acct.account_id, now))
-            for _, at in warning_instants(now):
+            heapq.heappush(self.suspensions, (nt.suspends_at(now), acct.account_id, now))
+            for at in nt.warning_instants(now):
                 heapq.heappush(self.warnings, (at, acct.account_id, now))
             self._uow.add_notice(nt.overdue(acct.account_id, now, acct.outstanding_micros))
         if acct.status is AccountStatus.ACTIVE:
@@ -199,17 +198,14 @@ class Lifecycle:
             acct = self.account(account_id)
             plans = [p for p in acct.live_plans if p.refunded_at is None
                      and p.units_remaining > 0 and p.expires_at > now]
-            days = rw.window_days(acct.created_at, now, rw.RUNWAY_WINDOW_DAYS_DEFAULT)
-            if not plans or days is None:
+            window = read_runway_window(conn, account_id, acct.created_at, now,
+                                        rw.RUNWAY_WINDOW_DAYS_DEFAULT)
+            if not plans or window is None:
                 continue
-            offset, mainland, outside = read_window(conn, account_id, days[0], days[1])
-            window = rw.Window(days[0], days[1], days[2], offset + mainland + outside,
-                               mainland, outside)
             runway = rw.project(now, acct.status, window, plans)
             for n in nt.forecast(account_id, runway, {p.plan_id: p.units_total for p in plans},
                                  self.notice_limits):
                 self._uow.add_notice(n)
-
 
     def _pending_warnings(self) -> list[tuple[int, str, int]]:
         """The R23 warnings still to give, from the overdue accounts (``suspensions``):
@@ -218,17 +214,8 @@ class Lifecycle:
         now = self.clock.now_us()
         ahead, past = [], {}
         for _, account_id, since in self.suspensions:
-            for hours, at in warning_instants(since):
-                if at > now:
-                    ahead.append((at, account_id, since))
-                else:
-                    past[nt.notice_id("suspension_ahead", account_id,
-                                      nt.warning_fact(since, hours))] = (at, account_id, since)
+            ahead += [(at, account_id, since) for at in nt.warning_instants(since) if at > now]
+            for n in nt.suspension_warnings(account_id, since, 0, now):
+                past[n.notice_id] = (n.at_us, account_id, since)
         have = existing_notices(self.store.conn, list(past)) if past else set()
         return ahead + [w for nid, w in past.items() if nid not in have]
-
-
-def warning_instants(since: int) -> list[tuple[int, int]]:
-    """(hours ahead, instant) of R23's warnings for an account overdue since ``since``."""
-    suspend_at = since + OVERDUE_SUSPEND_AFTER_US + 1
-    return [(h, suspend_at - h * cal.US_PER_HOUR) for h in nt.SUSPENSION_WARNINGS_H]

@@ -33,6 +33,7 @@ from .runway import Runway
 KINDS = ("plan_low", "forfeit_ahead", "bill_issued", "overdue", "suspension_ahead",
          "suspended", "reactivated")
 SUSPENSION_WARNINGS_H = (72, 24)  # R23: hours before suspension a warning is due
+OVERDUE_SUSPEND_AFTER_US = 168 * US_PER_HOUR  # R23: suspended once overdue strictly longer
 
 # Forecast thresholds: defaults, and the ranges configuration may set them in.
 PLAN_LOW_DAYS_DEFAULT = 7
@@ -76,31 +77,31 @@ class Notice:
 
 def notice(kind: str, account_id: str, at_us: int, fact: tuple, data: dict) -> Notice:
     assert kind in KINDS, kind
-    return Notice(notice_id(kind, account_id, fact), account_id, kind, at_us, data)
+    return Notice("/".join((kind, account_id, *map(str, fact))), account_id, kind, at_us, data)
+
+
+def suspends_at(overdue_since: int) -> int:
+    """R23: the first instant overdue strictly more than 168 hours."""
+    return overdue_since + OVERDUE_SUSPEND_AFTER_US + 1
+
+
+def warning_instants(overdue_since: int) -> list[int]:
+    """When R23's warnings fall due: 72 h, then 24 h, before the suspension."""
+    return [suspends_at(overdue_since) - h * US_PER_HOUR for h in SUSPENSION_WARNINGS_H]
 
 
 def suspension_warnings(account_id: str, overdue_since: int, outstanding_micros: int,
                         now: int) -> list[Notice]:
     """R23 suspends after strictly more than 168 h overdue; each warning whose instant has
     come (72 h or 24 h before) is due, stamped at its own instant."""
-    suspend_at = overdue_since + 168 * US_PER_HOUR + 1
+    suspend_at = suspends_at(overdue_since)
     out = []
-    for hours in SUSPENSION_WARNINGS_H:
-        at = suspend_at - hours * US_PER_HOUR
+    for hours, at in zip(SUSPENSION_WARNINGS_H, warning_instants(overdue_since), strict=True):
         if at <= now:
-            fact = warning_fact(overdue_since, hours)
-            out.append(notice("suspension_ahead", account_id, at, fact, {
+            out.append(notice("suspension_ahead", account_id, at, (overdue_since, f"{hours}h"), {
                 "overdue_since_us": overdue_since, "suspends_at_us": suspend_at,
                 "hours_ahead": hours, "outstanding_micros": outstanding_micros}))
     return out
-
-
-def warning_fact(overdue_since: int, hours: int) -> tuple:
-    return (overdue_since, f"{hours}h")
-
-
-def notice_id(kind: str, account_id: str, fact: tuple) -> str:
-    return "/".join((kind, account_id, *map(str, fact)))
 
 
 def forecast(account_id: str, runway: Runway, units_total: dict[str, int],
@@ -136,7 +137,7 @@ def overdue(account_id: str, since_us: int, outstanding_micros: int) -> Notice:
     """R22: an amount went unpaid; R23 suspends 168 h later unless it is paid."""
     return notice("overdue", account_id, since_us, (since_us,), {
         "overdue_since_us": since_us, "outstanding_micros": outstanding_micros,
-        "suspends_at_us": since_us + 168 * US_PER_HOUR + 1})
+        "suspends_at_us": suspends_at(since_us)})
 
 
 def suspended(account_id: str, at_us: int, overdue_since_us: int, outstanding_micros: int

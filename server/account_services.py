@@ -98,11 +98,7 @@ class AccountsService(apb_grpc.AccountsServicer):
         prefix = m.check_text(request.prefix, "prefix", m.ACCOUNT_ID_LEN_MAX, allow_empty=True)
         after = m.check_text(request.page_token, "page_token", m.ACCOUNT_ID_LEN_MAX,
                              allow_empty=True)
-        size = request.page_size or LIST_ACCOUNTS_PAGE_DEFAULT
-        if not 1 <= size <= LIST_ACCOUNTS_PAGE_MAX:
-            raise InvalidArgument(
-                f"page_size must be 1..{LIST_ACCOUNTS_PAGE_MAX} (0 means "
-                f"{LIST_ACCOUNTS_PAGE_DEFAULT}); got {request.page_size}")
+        size = _page_size(request.page_size)
         allowed = None
         if self.ctx.auth.enabled:  # a token limited to accounts lists only those
             allowed = self.ctx.auth.authenticate(context.invocation_metadata()).accounts
@@ -134,11 +130,7 @@ class AccountsService(apb_grpc.AccountsServicer):
             plans = q.read_plans(conn, "WHERE account_id = ? AND refunded_at_us IS NULL"
                                  " AND units_remaining > 0 AND expires_at_us > ?",
                                  (account_id, now))
-            window = None
-            if days := rw.window_days(acct.created_at, now, wanted):
-                offset, mainland, outside = q.read_window(conn, account_id, days[0], days[1])
-                window = rw.Window(days[0], days[1], days[2], offset + mainland + outside,
-                                   mainland, outside)
+            window = q.read_runway_window(conn, account_id, acct.created_at, now, wanted)
         return convert.runway(account_id, rw.project(now, acct.status, window, plans))
 
     @rpc
@@ -148,11 +140,7 @@ class AccountsService(apb_grpc.AccountsServicer):
         account_id = (self.ctx.account(request.account_id).account_id
                       if request.account_id else None)
         since = convert.from_ts(request.since, "since") if request.HasField("since") else 0
-        size = request.page_size or LIST_ACCOUNTS_PAGE_DEFAULT
-        if not 1 <= size <= LIST_ACCOUNTS_PAGE_MAX:
-            raise InvalidArgument(
-                f"page_size must be 1..{LIST_ACCOUNTS_PAGE_MAX} (0 means "
-                f"{LIST_ACCOUNTS_PAGE_DEFAULT}); got {request.page_size}")
+        size = _page_size(request.page_size)
         after = _notice_cursor(request.page_token)
         queue = self.ctx.notices
         conn = self.ctx.reader()
@@ -183,6 +171,15 @@ class AccountsService(apb_grpc.AccountsServicer):
     def _plan_reply(self, result: Any) -> pb.Plan:
         plan = result.value if isinstance(result, Replayed) else result
         return convert.plan(plan, self.ctx.clock.now_us())
+
+
+def _page_size(asked: int) -> int:
+    """A page size of ListAccounts or ListNotices: 0 means the default."""
+    size = asked or LIST_ACCOUNTS_PAGE_DEFAULT
+    if not 1 <= size <= LIST_ACCOUNTS_PAGE_MAX:
+        raise InvalidArgument(f"page_size must be 1..{LIST_ACCOUNTS_PAGE_MAX} (0 means "
+                              f"{LIST_ACCOUNTS_PAGE_DEFAULT}); got {asked}")
+    return size
 
 
 def _notice_cursor(token: str) -> tuple[int, str] | None:

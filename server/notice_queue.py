@@ -172,6 +172,8 @@ class SqliteQueue(_Reads):
         claims = [Claim(*r) for r in self._rows(_DUE.replace("JOIN notices", "JOIN ledger.notices"),
                                                 (False, now_s, limit))]
         yield claims
+        if not claims:  # an idle poll writes nothing
+            return
         with self._lock:
             self.side.execute("BEGIN IMMEDIATE")
             self.side.executemany(_RECORD, [c.row() for c in claims])

@@ -9,14 +9,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.client import LedgerClient
+from clients.client import LedgerClient, LedgerError
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0
@@ -170,6 +170,19 @@ def client(server: ServerProcess) -> Iterator[LedgerClient]:
     with server.client() as c:
         c.set_time(T0)
         yield c
+
+
+def end_day_and_die(srv: ServerProcess, monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    """Restart ``srv`` armed to SIGKILL itself at ``point`` of the commit path
+    (``ledger/faults.py``), end the day T0 so that settlement commits, and wait for it to
+    die: the refused call is the proof that it did."""
+    monkeypatch.setenv("QUOTA_LEDGER_FAULT", f"{point}:1.0:1")
+    srv.start()
+    monkeypatch.delenv("QUOTA_LEDGER_FAULT")
+    with srv.client(retries=0, timeout_s=10) as c, pytest.raises(LedgerError):
+        c.set_time(T0 + timedelta(days=1))  # the day ends: settlement starts, the process dies
+    srv.proc.wait(10)
+    srv.log.close()
 
 
 def make_account(c: LedgerClient, account_id: str = "acme", cash_micros: int = 0,

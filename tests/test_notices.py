@@ -57,8 +57,9 @@ def by_kind(notices) -> dict[str, list]:
 
 def drive(c) -> None:
     """acme burns a month plan at 20,000 a day (plan_low); slow holds a plan it barely
-    uses (forfeit_ahead before it expires on 04-10); late owes pay-as-you-go it cannot pay
-    (overdue, the two warnings, suspension), then pays and is reactivated."""
+    uses (forfeit_ahead before it expires on 04-10, R9); late owes pay-as-you-go it cannot
+    pay (its bill R18, overdue R22, the two warnings and the suspension R23), then pays and
+    is reactivated (R24)."""
     c.set_time(START)
     make_account(c, "acme", cash_micros=100 * USD)
     make_account(c, "slow", cash_micros=100 * USD)

@@ -38,7 +38,10 @@ def test_list_undelivered_and_resend(tmp_path: Path) -> None:
         again = _wait_posts(receiver, posts + 1)
         assert [json.loads(p["body"])["id"] for p in again] == [ids[0]]
         refused(run(srv.target, "notices", "resend", "plan_low/nobody/plan-1"), "NOT_FOUND")
-        assert len(ok(srv.target, "notices", "--limit", "3").stdout.split("overdue/")) <= 4
+        limited = json.loads(ok(srv.target, "--json", "notices", "--limit", "3").stdout)
+        assert [n["notice_id"] for n in limited["notices"]] == [
+            n["notice_id"] for n in json.loads(ok(srv.target, "--json", "notices").stdout)[
+                "notices"]][:3]
     finally:
         srv.stop()
         receiver.close()

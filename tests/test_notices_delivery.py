@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients.client import LedgerError
-
-from .conftest import T0, ServerProcess, make_account, start_nodes
+from .conftest import T0, ServerProcess, end_day_and_die, make_account, start_nodes
 from .webhook_receiver import WAIT_S, Receiver, notices_file
 
 SECRET = "s3cret-for-the-tests-only"
@@ -111,13 +109,7 @@ def test_a_notice_whose_entry_did_not_commit_is_never_sent(tmp_path: Path, db: s
     with srv.client() as c:
         owe(c)
     srv.stop()
-    monkeypatch.setenv("QUOTA_LEDGER_FAULT", f"{point}:1.0:1")
-    srv.start()
-    monkeypatch.delenv("QUOTA_LEDGER_FAULT")
-    with srv.client(retries=0, timeout_s=10) as c, pytest.raises(LedgerError):
-        c.set_time(T0 + timedelta(days=1))  # the settlement's commit: the process dies
-    srv.proc.wait(10)
-    srv.log.close()
+    end_day_and_die(srv, monkeypatch, point)  # inside the settlement's commit
     time.sleep(1.0)  # a delivery thread would have had time to post
     assert receiver.posts == []
     srv.start()

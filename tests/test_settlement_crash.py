@@ -6,11 +6,10 @@ from datetime import timedelta
 
 import pytest
 
-from clients.client import LedgerError
 from ledger.money import round_half_up_to_cent
 from ledger.verify import verify
 
-from .conftest import T0, ServerProcess
+from .conftest import T0, ServerProcess, end_day_and_die
 
 ACCOUNTS = 60
 DAY = "2027-03-10"  # T0 is 18:00 UTC+8 on this day
@@ -46,13 +45,7 @@ def test_r19_kill_during_settlement_bills_and_pays_once(tmp_path, monkeypatch, p
     srv = ServerProcess(tmp_path, db=db).start()
     _prepare(srv)
     srv.stop()
-    monkeypatch.setenv("QUOTA_LEDGER_FAULT", f"{point}:1.0:1")
-    srv.start()
-    monkeypatch.delenv("QUOTA_LEDGER_FAULT")
-    with srv.client(retries=0, timeout_s=10) as c, pytest.raises(LedgerError):
-        c.set_time(T0 + timedelta(days=1))  # the day ends: settlement starts, the process dies
-    srv.proc.wait(10)
-    srv.log.close()
+    end_day_and_die(srv, monkeypatch, point)
     srv.start()
     with srv.client() as c:
         c.set_time(T0 + timedelta(days=1))  # a no-op if the settlement was already durable

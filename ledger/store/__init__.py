@@ -39,6 +39,7 @@ from .queries import (
     read_notices,
     read_notices_by_id,
     read_plans,
+    read_runway_window,
     read_usage,
     read_window,
 )
@@ -62,6 +63,6 @@ __all__ = [
     "UnitOfWork", "backup_to", "bill_row", "canonical_json",
     "consume_entries", "chain_hash", "day_figures",
     "dump_derived", "hash_before", "iter_journal", "journal_count", "read_account",
-    "read_accounts", "read_bills", "read_plans", "read_usage", "read_window",
+    "read_accounts", "read_bills", "read_plans", "read_runway_window", "read_usage", "read_window",
     "accounts_with_live_plans", "existing_notices", "read_notices", "read_notices_by_id",
 ]

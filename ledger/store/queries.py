@@ -9,6 +9,7 @@ from typing import Any
 from ..calendar import day_end
 from ..model import AccountState, AccountStatus, PlanState, Validity
 from ..money import Region
+from ..runway import Window, window_days
 from ..settlement import Bill, BillLine, DayFigures
 from . import blocks
 from .journal import GENESIS_HASH
@@ -222,6 +223,17 @@ def read_window(conn: sqlite3.Connection, account_id: str, from_day: str, to_day
         (account_id, from_day, to_day)).fetchall())
     return (int(offset), int(by_region.get(int(Region.CHINESE_MAINLAND), 0)),
             int(by_region.get(int(Region.OUTSIDE_CHINESE_MAINLAND), 0)))
+
+
+def read_runway_window(conn: sqlite3.Connection, account_id: str, created_at: int, now: int,
+                       wanted_days: int) -> Window | None:
+    """The runway's window of complete billing days and its usage (docs/runway.md), or None
+    when the account has no complete day yet: shared by GetRunway and the forecast notices."""
+    days = window_days(created_at, now, wanted_days)
+    if days is None:
+        return None
+    offset, mainland, outside = read_window(conn, account_id, days[0], days[1])
+    return Window(days[0], days[1], days[2], offset + mainland + outside, mainland, outside)
 
 
 def accounts_with_live_plans(conn: sqlite3.Connection, now: int) -> list[str]:
