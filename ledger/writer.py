@@ -12,6 +12,11 @@ their callers are about to come back, so the writer waits for as many, at most
 writer (1 in flight) does not travel at all: it is run and committed on the submitting
 thread, under the same engine lock, so only the commit stands between it and its reply.
 
+A single Consume is submitted as its consume row (a plain tuple, issue 18): the group's
+single rows run through the engine as one consume group, and each caller gets the group's
+columns and its own index, ``(GroupResult, j)``. A ConsumeBatch's ``ConsumeRows`` run as a
+group of their own; administrative commands run one by one.
+
 Answers go back in one hop per group: asyncio futures are resolved through one
 ``call_soon_threadsafe`` per event loop (directly when committed on the loop's own thread);
 ``concurrent.futures`` futures directly.
@@ -288,8 +293,18 @@ class Writer:
             engine.open(*_flatten(group))
             if not engine.clock.is_test_clock and not engine.shared:  # shared: _due_shared
                 engine.run_due(engine.now())
+            # Single consumes (a row tuple each: the unary hot path, issue 18) run as one
+            # consume group, first: they were all in flight at once, so no order among them
+            # or against the group's other commands was ever promised; each gets its
+            # (columns, index).
+            singles = [item.cmd for item in group if type(item.cmd) is tuple]
+            shared = engine.consume_rows(singles) if singles else None
+            j = 0
             for item in group:
-                if type(item.cmd) is ConsumeRows:  # the hot path: one call for the batch
+                if type(item.cmd) is tuple:
+                    outcomes.append((shared, j))
+                    j += 1
+                elif type(item.cmd) is ConsumeRows:  # one call for the batch
                     outcomes.append(engine.consume_rows(item.cmd))
                 elif isinstance(item.cmd, Batch):
                     done = BatchOutcomes([self._one(c) for c in item.cmd])
@@ -357,7 +372,9 @@ def _flatten(group: list[_Item]) -> tuple[list[Any], list[tuple]]:
     rows: list[tuple] = []
     for item in group:
         cmd = item.cmd
-        if type(cmd) is ConsumeRows:
+        if type(cmd) is tuple:  # one consume row (a single Consume)
+            rows.append(cmd)
+        elif type(cmd) is ConsumeRows:
             if rows:
                 rows += cmd
             else:
@@ -371,6 +388,8 @@ def _flatten(group: list[_Item]) -> tuple[list[Any], list[tuple]]:
 
 def _failed_all(item: _Item, failed: Outcome) -> Any:
     """The same failure for a request, or for every request of a batch."""
+    if type(item.cmd) is tuple:
+        return GroupResult.failed(1, failed.error), 0  # type: ignore[arg-type]
     if type(item.cmd) is ConsumeRows:
         return GroupResult.failed(len(item.cmd), failed.error)  # type: ignore[arg-type]
     return BatchOutcomes([failed] * len(item.cmd)) if isinstance(item.cmd, Batch) else failed

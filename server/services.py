@@ -18,7 +18,6 @@ from ledger import calendar as cal
 from ledger import model as m
 from ledger import store as q
 from ledger.consume_group import ConsumeRows, GroupResult
-from ledger.engine import ConsumeOutcome
 from ledger.errors import InvalidArgument, LedgerError, NotFound
 from ledger.writer import Writer, unwrap
 
@@ -66,11 +65,6 @@ class Context:
             raise NotFound(f"no account {account_id!r}", reason="ACCOUNT_NOT_FOUND",
                            account_id=account_id)
         return acct
-
-
-def _count(metrics: Metrics, cmd: m.Consume, o: ConsumeOutcome) -> None:
-    if o.billable and not o.replayed and not cmd.dry_run:
-        metrics.on_consume(int(cmd.region), cmd.quantity - o.payg_units, o.payg_units)
 
 
 def _error(msg: qpb.ConsumeResult, exc: LedgerError) -> None:
@@ -175,10 +169,19 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
 
     @rpc
     async def Consume(self, request, context):  # noqa: N802
-        cmd = convert.consume(request)
-        outcome = await self.ctx.write(cmd)
-        _count(self.ctx.metrics, cmd, outcome)
-        return convert.consume_response(outcome)
+        # The lean path (issue 18): the request as a row of plain values; the writer runs
+        # every single Consume of a commit group as one consume group, and the reply is
+        # filled from that group's columns (no command, outcome or result objects).
+        row = convert.consume_row(request)
+        out, j = await self.ctx.writer.submit_async(row)
+        if out.errors:
+            exc = out.errors.get(j)
+            if exc is not None:
+                raise exc
+        if out.billable[j] and not out.replayed[j] and not row[8]:
+            payg = out.payg_units[j]
+            self.ctx.metrics.on_consume(row[2], row[7] - payg, payg)
+        return convert.fill_group_response(qpb.ConsumeResponse(), row[1], out, j)
 
     @rpc
     async def ConsumeBatch(self, request, context):  # noqa: N802

@@ -8,14 +8,14 @@ with synchronous=FULL), the engine and the writer built as server/app.py builds 
 SystemClock, or --test-clock), accounts set up through ``writer.call``: every other account
 holds a year-1m plan, the rest pay as they go. Each round then drives, from one submitting
 thread, (a) consume groups (``ConsumeRows``, as ConsumeBatch submits them) of --batch
-consumes, --in-flight of them outstanding, and (b) single
-consumes, 64 outstanding, all through ``writer.submit``. Every command (random UUID4
-request_ids, uniform over the accounts, billable: slider/v2/step 3) is built before its
-phase is timed. The engine's time per group (begin to commit) and the commit's (the
-writer's on_commit) are summed; the wall time left over is the queue hop, answering, and the
-submitting thread (one process: it shares the GIL with the writer). Both are also split
-into phases (``tests/bench_phases.py``: validation, key lookups, engine, block, rows, keys,
-commit), each in µs per request.
+consumes, --in-flight of them outstanding, and (b) single consumes (a row tuple each, as
+the unary Consume submits them), 64 outstanding, all through ``writer.submit``. Every
+command (random UUID4 request_ids, uniform over the accounts, billable: slider/v2/step 3)
+is built before its phase is timed. The engine's time per group (begin to commit) and the
+commit's (the writer's on_commit) are summed; the wall time left over is the queue hop,
+answering, and the submitting thread (one process: it shares the GIL with the writer).
+Both are also split into phases (``tests/bench_phases.py``: validation, key lookups,
+engine, block, rows, keys, commit), each in µs per request.
 
 After every round the billable, new requests acknowledged so far must equal the units the
 derived tables record (offsets_daily + usage_daily, read-only), or the bench fails.
@@ -90,14 +90,6 @@ def build_consumes(ids: list[str], n: int, rng: random.Random) -> list[m.Consume
             for _ in range(n)]
 
 
-def acked(outcome: Any) -> int:
-    """Units of a billable, new, acknowledged consume; a failure fails the bench."""
-    if outcome.error is not None:
-        raise AssertionError(f"a consume failed: {outcome.error!r}")
-    v = outcome.value
-    return 1 if v.billable and not v.replayed else 0
-
-
 def drive(writer: Writer, items: list[Any], in_flight: int, deadline: float,
           count: Callable[[Any], tuple[int, int]]) -> tuple[int, int]:
     """Submit items keeping ``in_flight`` outstanding (waiting on the oldest) until all are
@@ -129,8 +121,13 @@ def count_batch(out: GroupResult) -> tuple[int, int]:
     return len(out), sum([b and not r for b, r in zip(out.billable, out.replayed, strict=True)])
 
 
-def count_one(o: Any) -> tuple[int, int]:
-    return 1, acked(o)
+def count_one(o: tuple[GroupResult, int]) -> tuple[int, int]:
+    """A single consume's answer, (the group's columns, its index), as the server's unary
+    Consume gets it (issue 18's lean path)."""
+    out, j = o
+    if out.errors and j in out.errors:
+        raise AssertionError(f"a consume failed: {out.errors[j]!r}")
+    return 1, 1 if out.billable[j] and not out.replayed[j] else 0
 
 
 def phase(writer: Writer, timing: Timing, items: list[Any], in_flight: int, seconds: float,
@@ -243,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
             warm = build_consumes(ids, WARMUP_REQUESTS, rng)
             units += phase(writer, timing, [as_rows(warm[:args.batch])], 1, 60,
                            count_batch)["units"]
-            units += phase(writer, timing, warm[args.batch:], UNARY_IN_FLIGHT, 60,
+            units += phase(writer, timing, [row_of(c) for c in warm[args.batch:]],
+                           UNARY_IN_FLIGHT, 60,
                            count_one)["units"]
             rounds: list[dict[str, dict[str, float]]] = []
             for r in range(args.rounds):
@@ -255,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
                 b = phase(writer, timing, batches, args.in_flight, args.seconds, count_batch,
                           phases, valid)
                 del batches
-                cmds = build_consumes(ids, n_u, rng)
+                cmds = [row_of(c) for c in build_consumes(ids, n_u, rng)]
                 u = phase(writer, timing, cmds, UNARY_IN_FLIGHT, args.seconds, count_one, phases,
                           valid)
                 del cmds
