@@ -80,7 +80,7 @@ class CpuMeter:
 
 # --------------------------------------------------------------------------- the report
 
-CPU_MEASURES = ("unary64", "unary1", "stream")
+CPU_MEASURES = ("unary64", "unary64_hot", "unary1", "stream")
 CPU_OVER_NOOP_64_US = 90  # issue 18: unary at 64 in flight, server CPU <= no-op + 90 µs
 CPU_OVER_COMMIT_1_US = 50  # issue 18: at 1 in flight, <= no-op + one-row commit CPU + 50 µs
 
@@ -92,10 +92,11 @@ def cpu_rows(add: Callable[..., None], series: Callable[..., list[float]],
         return float(d["cpu"]["us_per_call"])
 
     base = "baseline server"
-    add("Consume unary, 64 in flight", "server CPU µs/call", series("unary64", "ledger", cpu),
-        base, series("unary64", "baseline", cpu), "{:,.0f}",
-        f"<= no-op + {CPU_OVER_NOOP_64_US} µs",
-        lambda ml, mr, q: ml <= mr + CPU_OVER_NOOP_64_US, "ledger")
+    for key, where in (("unary64", "spread"), ("unary64_hot", "one account")):
+        add(f"Consume unary, 64 in flight, {where}", "server CPU µs/call",
+            series(key, "ledger", cpu), base, series(key, "baseline", cpu), "{:,.0f}",
+            f"<= no-op + {CPU_OVER_NOOP_64_US} µs",
+            lambda ml, mr, q: ml <= mr + CPU_OVER_NOOP_64_US, "ledger")
     commit = statistics.median(r["commit_floor"]["cpu_us"] for r in runs)
     add("Consume unary, 1 in flight", "server CPU µs/call", series("unary1", "ledger", cpu),
         base, series("unary1", "baseline", cpu), "{:,.0f}",
