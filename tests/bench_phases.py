@@ -5,7 +5,7 @@ writer's thread:
 
 - ``validation``: ``server.convert.consume_row`` turning a ``ConsumeRequest`` into a row,
   measured apart on requests of the bench's shape (the writer is fed commands directly);
-- ``key lookups``: ``Engine.prefetch_keys`` (memtable, filter, runs);
+- ``key lookups``: ``Engine._prefetch`` (memtable, filter, runs);
 - ``engine``: the rest of begin-to-commit (due work, every command);
 - ``block``: ``UnitOfWork.seal_block`` (MessagePack and the SHA-256 chain);
 - ``rows``: the journal and derived-table statements (``Store._write``);
@@ -42,7 +42,7 @@ class Phases:
     def __init__(self, engine: Any) -> None:
         self.s = dict.fromkeys(PHASES, 0.0)
         self._undo: list[Callable[[], None]] = []
-        self._wrap(engine, "prefetch_keys", "key lookups")
+        self._wrap(engine, "_prefetch", "key lookups")
         self._wrap(journal.UnitOfWork, "seal_block", "block")
         self._wrap(Store, "_write", "rows", static=True)
         for name in ("add", "committed", "write_step"):
