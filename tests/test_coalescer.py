@@ -188,6 +188,27 @@ def test_close_sends_what_is_waiting_and_waits_for_what_is_in_flight():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(("callers", "batches"), [(256, [128, 128]), (100, [100]),
+                                                 (1_200, [500, 500, 200])])
+def test_waiting_callers_leave_as_two_batches_when_none_is_in_flight(callers, batches):
+    """Issue 19: callers that arrive together leave as PIPELINE_BATCHES batches (the
+    client's work on one overlaps the ledger's on the other), unless each would hold
+    fewer than PIPELINE_SPLIT_MIN; batch_size_max still caps each. Every caller gets its
+    own answer."""
+    async def main() -> list[int]:
+        t = HeldTransport()
+        c = AsyncCoalescer(t, linger_ms=LONG_LINGER_MS)
+        calls = [asyncio.create_task(c(req(request_id=f"r{i}"), timeout=5))
+                 for i in range(callers)]
+        while sum(len(b) for b in t.sent) < callers:
+            await asyncio.sleep(0.001)
+        t.release.set()
+        answers = await asyncio.gather(*calls)
+        assert [a.request_id for a in answers] == [f"r{i}" for i in range(callers)]
+        return [len(b) for b in t.sent]
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == batches
+
+
 def test_batch_outcomes_reads_full_and_compact_answers_alike():
     """Request i's outcome from FULL results or COMPACT columns, errors by index."""
     requests = [req(request_id="a"), req(request_id="b")]
