@@ -137,6 +137,7 @@ def _full(requests: Any, where: list[int], out: GroupResult,
     refused_at = dict(refused)
     group_errors = out.errors
     fill = convert.fill_group_response
+    template = convert.group_template(out)
     j = 0
     for i, req in enumerate(requests):
         msg = add()
@@ -145,7 +146,7 @@ def _full(requests: Any, where: list[int], out: GroupResult,
         if exc is None:
             exc = group_errors.get(j) if group_errors else None
             if exc is None:
-                fill(msg.response, req.request_id, out, j)
+                fill(msg.response, req.request_id, out, j, template)
             j += 1
         if exc is not None:
             _error(msg, exc)
