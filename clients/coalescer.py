@@ -80,8 +80,7 @@ def deadline_error(sent: bool) -> LedgerError:
                        f"the call's deadline passed while it waited in a batch ({fate})")
 
 
-def take_batch(pending: list[_Item], size_max: int, in_flight: int = PIPELINE_BATCHES
-               ) -> list[_Item]:
+def take_batch(pending: list[_Item], size_max: int, in_flight: int) -> list[_Item]:
     """Up to size_max waiting items, oldest first, leaving out callers that gave up. With
     fewer than PIPELINE_BATCHES batches in flight, the waiting items are shared among the
     batches missing when each gets PIPELINE_SPLIT_MIN or more, so that two are in flight."""

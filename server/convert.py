@@ -49,12 +49,6 @@ def from_ts(t: Timestamp, field_name: str = "timestamp") -> int:
     return t.seconds * US + t.nanos // 1_000
 
 
-_REGIONS = Region._value2member_map_
-_TYPES = m.CaptchaType._value2member_map_
-_ARCHS = m.Architecture._value2member_map_
-_STEPS = m.Step._value2member_map_
-
-
 _REGION_NUMS = frozenset(int(r) for r in Region)
 _TYPE_NUMS = frozenset(int(t) for t in m.CaptchaType)
 _ARCH_NUMS = frozenset(int(a) for a in m.Architecture)
@@ -90,13 +84,6 @@ def consume_row(req: qpb.ConsumeRequest) -> tuple:
                 else None)
     return (account_id, request_id, region, ctype, arch, step, scenario, quantity,
             req.dry_run, observed)
-
-
-def consume(req: qpb.ConsumeRequest) -> m.Consume:
-    """The same checks, as the domain command (a single Consume)."""
-    a, r, region, ctype, arch, step, scenario, quantity, dry, observed = consume_row(req)
-    return m.Consume(a, r, _REGIONS[region], _TYPES[ctype], _ARCHS[arch], _STEPS[step],
-                     scenario, quantity, dry, observed)
 
 
 def _client_observed_us(req: qpb.ConsumeRequest) -> int | None:
