@@ -8,7 +8,7 @@ writer's thread:
 - ``key lookups``: ``Engine._prefetch`` (memtable, filter, runs);
 - ``engine``: the rest of begin-to-commit (due work, every command);
 - ``block``: ``UnitOfWork.seal_block`` (MessagePack and the SHA-256 chain);
-- ``rows``: the journal and derived-table statements (``Store._write``);
+- ``rows``: the journal and derived-table statements (``Store._write``, ``GroupRows``);
 - ``keys``: the key index after a commit (``add``, ``committed``) and its slice written
   inside the transaction (``write_step``);
 - ``commit``: the rest of ``Store.commit``: BEGIN, COMMIT and its fsync.
@@ -44,13 +44,13 @@ class Phases:
         self._undo: list[Callable[[], None]] = []
         self._wrap(engine, "_prefetch", "key lookups")
         self._wrap(journal.UnitOfWork, "seal_block", "block")
-        self._wrap(Store, "_write", "rows", static=True)
+        self._wrap(Store, "_write", "rows")
         for name in ("add", "committed", "write_step"):
             self._wrap(KeyIndex, name, "keys")
 
-    def _wrap(self, owner: Any, name: str, phase: str, static: bool = False) -> None:
+    def _wrap(self, owner: Any, name: str, phase: str) -> None:
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        fn = original.__func__ if static else original
+        fn = original
         sums = self.s
 
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -60,7 +60,7 @@ class Phases:
             finally:
                 sums[phase] = sums.get(phase, 0.0) + time.perf_counter() - t
 
-        setattr(owner, name, staticmethod(timed) if static else timed)
+        setattr(owner, name, timed)
         self._undo.append(lambda: setattr(owner, name, original))
 
     def close(self) -> None:

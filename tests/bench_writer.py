@@ -3,19 +3,20 @@
     python -m tests.bench_writer [--accounts 1000] [--requests 200000] [--batch 1000]
                                  [--in-flight 4] [--rounds 3] [--seconds 20] [--front-us US]
 
-A fresh SQLite ledger in a temporary directory (ledger.store.Store, the durable default: WAL
-with synchronous=FULL), the engine and the writer built as server/app.py builds them (a
+A fresh SQLite ledger in a temporary directory (ledger.store.Store, the durable default:
+WAL with synchronous=FULL), the engine and the writer built as server/app.py builds them (a
 SystemClock, or --test-clock), accounts set up through ``writer.call``: every other account
-holds a year-1m plan, the rest pay as they go. Each round then drives, from one submitting
-thread, (a) consume groups (``ConsumeRows``, as ConsumeBatch submits them) of --batch
-consumes, --in-flight of them outstanding, and (b) single consumes (a row tuple each, as
-the unary Consume submits them), 64 outstanding, all through ``writer.submit``. Every
-command (random UUID4 request_ids, uniform over the accounts, billable: slider/v2/step 3)
-is built before its phase is timed. The engine's time per group (begin to commit) and the
-commit's (the writer's on_commit) are summed; the wall time left over is the queue hop,
-answering, and the submitting thread (one process: it shares the GIL with the writer).
-Both are also split into phases (``tests/bench_phases.py``: validation, key lookups,
-engine, block, rows, keys, commit), each in µs per request.
+(--plans-every N: every Nth; 1 is bench-batches' spread) holds a year-1m plan, the rest pay
+as they go. Each round then drives, from one submitting thread, (a) consume groups
+(``ConsumeRows``, as ConsumeBatch submits them) of --batch consumes, --in-flight of them
+outstanding, and (b) single consumes (a row tuple each, as the unary Consume submits them),
+64 outstanding, all through ``writer.submit``. Every command (random UUID4 request_ids,
+uniform over the accounts, billable: slider/v2/step 3) is built before its phase is timed.
+The engine's time per group (begin to commit) and the commit's (the writer's on_commit) are
+summed; the wall time left over is the queue hop, answering, and the submitting thread (one
+process: it shares the GIL with the writer). Both are also split into phases
+(``tests/bench_phases.py``: validation, key lookups, engine, block, rows, keys, commit),
+each in µs per request.
 
 After every round the billable, new requests acknowledged so far must equal the units the
 derived tables record (offsets_daily + usage_daily, read-only), or the bench fails.
@@ -152,9 +153,9 @@ def phase(writer: Writer, timing: Timing, items: list[Any], in_flight: int, seco
     return out
 
 
-def setup(writer: Writer, n: int) -> list[str]:
+def setup(writer: Writer, n: int, plans_every: int = 2) -> list[str]:
     ids = [f"wb-{i:06d}" for i in range(n)]
-    plan_ids = ids[::2]
+    plan_ids = ids[::plans_every]
     plan_set = set(plan_ids)
     steps = [[m.CreateAccount(a) for a in ids],
              [m.TopUp(a, "wb-top-up", m.FundsKind.CASH,
@@ -211,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the gRPC front's measured cost per request per core, in µs")
     p.add_argument("--test-clock", action="store_true", help="a TestClock (no due work)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--plans-every", type=int, default=2, choices=range(1, 1001), metavar="N",
+                   help="every Nth account holds a plan (1: each, as bench-batches' spread)")
     p.add_argument("--db", default=None, help="a postgresql:// URL of an empty database "
                    "(default: a fresh SQLite file)")
     p.add_argument("--phases", default="batch,unary", help="which phases to run (profiling)")
@@ -231,9 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         writer.start()
         try:
             t0 = time.perf_counter()
-            ids = setup(writer, args.accounts)
+            ids = setup(writer, args.accounts, args.plans_every)
             tune_gc()  # as the server does before its writer starts
-            console.print(f"{len(ids):,} accounts ({len(ids[::2]):,} with a {PLAN_SPEC} plan) "
+            console.print(f"{len(ids):,} accounts ({len(ids[::args.plans_every]):,} with a "
+                          f"{PLAN_SPEC} plan) "
                           f"set up in {time.perf_counter() - t0:.1f} s; "
                           f"{'test' if args.test_clock else 'system'} clock; db {db}")
             units = 0

@@ -161,8 +161,42 @@ CREATE INDEX notices_by_account ON notices (account_id, at_us);
 CREATE INDEX notices_by_time ON notices (at_us);
 """
 
+# Derived rows found by integer keys (issue 19): a consume group updates each touched plan
+# and its offsets row for the day, and a text key costs a third to two thirds more to find
+# than a rowid. A plan's rowid becomes its purchase_seq (unique in every store); an offsets
+# row's rowid becomes its plan's purchase_seq * OFFSET_DAY_SLOTS + its day's number since
+# 1970-01-01 (ledger/store/sqlite.py: offsets_rowid). The text keys stay as they were, a
+# unique index now, so every reader keeps its queries. A row whose rowid could not be
+# computed (an offsets row of no plan, a day that is not a date) stops the migration: the
+# CHECK of the temporary table fails, and nothing of it is applied.
+OFFSET_DAY_SLOTS = 1 << 20  # day numbers below 2**20: dates until the year 4840
+SCHEMA_V6 = f"""
+CREATE TEMP TABLE v6_unkeyed (n INTEGER CHECK (n = 0));
+INSERT INTO v6_unkeyed SELECT count(*) FROM offsets_daily o
+    WHERE julianday(o.day) IS NULL
+       OR NOT EXISTS (SELECT 1 FROM plans p WHERE p.plan_id = o.plan_id);
+DROP TABLE v6_unkeyed;
+UPDATE plans SET rowid = -purchase_seq;
+UPDATE plans SET rowid = -rowid;
+CREATE TABLE offsets_daily_v6 (
+    account_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    plan_id TEXT NOT NULL,
+    units INTEGER NOT NULL,
+    PRIMARY KEY (account_id, day, plan_id)
+);
+INSERT INTO offsets_daily_v6 (rowid, account_id, day, plan_id, units)
+    SELECT p.purchase_seq * {OFFSET_DAY_SLOTS}
+           + CAST(julianday(o.day) - julianday('1970-01-01') AS INTEGER),
+           o.account_id, o.day, o.plan_id, o.units
+    FROM offsets_daily o JOIN plans p ON p.plan_id = o.plan_id;
+DROP TABLE offsets_daily;
+ALTER TABLE offsets_daily_v6 RENAME TO offsets_daily;
+CREATE INDEX offsets_by_day ON offsets_daily (day);
+"""
+
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5]
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

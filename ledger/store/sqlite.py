@@ -28,6 +28,7 @@ from .journal import GENESIS_HASH, UnitOfWork
 from .keyindex import KeyIndex
 from .queries import BUSY_TIMEOUT_MS
 from .schema import MIGRATIONS, SCHEMA_VERSION, _statements
+from .sqlite_rows import GroupRows
 
 log = logging.getLogger("quota_ledger.store")
 
@@ -73,6 +74,7 @@ class Store(StoreReads):
         self.commits = 0
         self.entries_committed = 0
         self._blocks: dict[int, tuple[int, str, list]] = {}  # seq -> (at_us, day, items)
+        self.rows = GroupRows()
         self.keys = KeyIndex(self.conn)
         self.keys.load()
         self.keys.recover(self._consumes_after(self.keys.through_seq))
@@ -248,11 +250,13 @@ class Store(StoreReads):
                 if c.in_transaction:
                     c.execute("ROLLBACK")
                 self.keys.rolled_back()
+                self.rows.rolled_back()
                 raise
         except (sqlite3.Error, OverflowError) as exc:
             raise Unavailable(f"the journal could not be written: {exc}") from exc
         self.commits += 1
         self.entries_committed += len(uow.rows)
+        self.rows.committed()
         self._restart_wal(c)
         self.keys.committed()
         # Committed: the keys are durable in their block (R12). Called for every group, so
@@ -280,54 +284,8 @@ class Store(StoreReads):
 
     _wal_restart_runs = 0
 
-    @staticmethod
-    def _write(c: sqlite3.Connection, uow: UnitOfWork) -> None:
-        c.executemany("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", uow.rows)
-        if uow.accounts:
-            c.executemany("INSERT OR REPLACE INTO accounts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                          uow.account_rows())
-        if uow.new_plans:
-            c.executemany("INSERT INTO plans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                          uow.new_plan_rows())
-        changed = uow.changed_plan_rows()
-        if changed:
-            # Only these three columns of a plan ever change; an UPDATE leaves the indexes
-            # alone, where INSERT OR REPLACE would delete and re-insert the row. A plan
-            # never forfeited nor refunded (nearly every one a consume changes) has those
-            # two columns at their first values for good: its UPDATE sets units_remaining
-            # alone, a third cheaper a row (issue 19).
-            narrow = [(r[0], r[3]) for r in changed if r[1] == 0 and r[2] is None]
-            full = [r for r in changed if r[1] != 0 or r[2] is not None]
-            n = 0
-            if narrow:
-                n += c.executemany("UPDATE plans SET units_remaining = ? WHERE plan_id = ?",
-                                   narrow).rowcount
-            if full:
-                n += c.executemany("UPDATE plans SET units_remaining = ?, units_forfeited = ?,"
-                                   " refunded_at_us = ? WHERE plan_id = ?", full).rowcount
-            if n != len(changed):
-                raise sqlite3.IntegrityError("a plan to update is not in the plans table")
-        if uow.usage:
-            c.executemany(
-                "INSERT INTO usage_daily VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET"
-                " payg_units = payg_units + excluded.payg_units,"
-                " payg_micros = payg_micros + excluded.payg_micros",
-                [(*k, v[0], v[1]) for k, v in uow.usage.items()])
-        if uow.offsets:
-            c.executemany(
-                "INSERT INTO offsets_daily VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET"
-                " units = units + excluded.units",
-                [(*k, v) for k, v in uow.offsets.items()])
-        if uow.features:
-            c.executemany("INSERT OR REPLACE INTO features_daily VALUES (?,?,?,?,?,?)",
-                          [(*k, *v) for k, v in uow.features.items()])
-        if uow.bills:
-            c.executemany("INSERT INTO bills VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", uow.bills)
-        if uow.meta:
-            c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", list(uow.meta.items()))
-        if uow.notices:
-            c.executemany("INSERT OR IGNORE INTO notices VALUES (?,?,?,?,?)", uow.notices)
-
+    def _write(self, c: sqlite3.Connection, uow: UnitOfWork) -> None:
+        self.rows.write(c, uow)
 
 class Checkpointer:
     """TRAPS: readers that never stop can starve the WAL checkpoint; and SQLite's automatic
