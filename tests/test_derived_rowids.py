@@ -1,4 +1,5 @@
-"""Derived rows found by integer keys (SQLite schema v6, issue 19).
+"""Derived rows found by integer keys (SQLite schema v6, issue 19), and the consume group's
+shortcut for an account's remaining units.
 
 A plan's rowid is its purchase_seq; an offsets_daily row's rowid is its plan's purchase_seq
 * OFFSET_DAY_SLOTS + its day's number since 1970-01-01. The consume group updates both by
@@ -16,6 +17,8 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ledger import model as m
 from ledger.errors import Unavailable
@@ -210,3 +213,20 @@ def test_rowids_of_a_rolled_back_group_are_not_taken_as_confirmed(tmp_path, monk
     assert_keyed(db)
     units = offsets_units(db)
     assert sorted(units.values()) == [3, 4]
+
+
+@settings(max_examples=300, deadline=None)
+@given(plans=st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.integers(0, 20),
+                                st.integers(0, 20)), min_size=0, max_size=3),
+       t=st.integers(0, 25))
+def test_units_remaining_at_agrees_with_each_plans_can_offset_at(plans, t):
+    """The one-plan shortcut of AccountState.units_remaining_at (issue 19) gives what the
+    definition gives: the units of the plans that can offset at t (refunded, not yet
+    purchased, expired and empty plans give none)."""
+    acct = m.AccountState("acme", "Acme", created_at=0)
+    for i, (units, refunded, bought, lasts) in enumerate(plans):
+        acct.live_plans.append(m.PlanState(
+            f"plan-{i}", "acme", "spec", 5, units, 1, m.Validity.ONE_MONTH, bought,
+            bought + lasts, i, refunded_at=bought if refunded else None))
+    assert acct.units_remaining_at(t) == sum(p.units_remaining for p in acct.live_plans
+                                             if p.can_offset_at(t))

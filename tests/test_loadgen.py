@@ -27,6 +27,7 @@ from clients.loadgen import (
     prepare_accounts,
     run_load,
 )
+from ledger.faults import ENV as FAULT_ENV
 
 from .conftest import ServerProcess, make_account
 
@@ -161,15 +162,27 @@ def test_open_loop_run_is_accounted_for(server, shape):
     assert result.sent == 120 and result.acknowledged == 120 and result.errors == {}
 
 
+DEADLINE_STALL_S = 0.3  # every commit of the deadline test's server stalls this long
+DEADLINE_TIMEOUT_S = 0.03  # its calls' deadline: well inside the stall
+
+
 @pytest.mark.parametrize("shape", ["unary", "batch"])
-def test_deadline_exceeded_counts_as_an_error(server, shape):
-    """A call whose deadline passes has an unknown outcome: DEADLINE_EXCEEDED, counted."""
-    config = LoadConfig(target=server.target, accounts=3, account_prefix=f"late-{shape}-",
-                        create_accounts=True, shape=shape, concurrency=2, batch_size=10,
-                        requests=40, duration_s=10.0)
-    asyncio.run(prepare_accounts(config))
-    config.create_accounts, config.timeout_s = False, 1e-6
-    result = asyncio.run(run_load(config))
+def test_deadline_exceeded_counts_as_an_error(tmp_path, monkeypatch, shape):
+    """A call whose deadline passes has an unknown outcome: DEADLINE_EXCEEDED, counted. The
+    server stalls in every commit (fault point ``during_commit``) and replies only after it
+    (R11), so every deadline passes; a deadline of a microsecond did not always (gRPC may
+    round it up, and a fast server answered a batch within it)."""
+    monkeypatch.setenv(FAULT_ENV, f"during_commit:1:1:{DEADLINE_STALL_S}")
+    srv = ServerProcess(tmp_path).start()
+    try:
+        config = LoadConfig(target=srv.target, accounts=3, account_prefix=f"late-{shape}-",
+                            create_accounts=True, shape=shape, concurrency=2, batch_size=10,
+                            requests=40, duration_s=10.0)
+        asyncio.run(prepare_accounts(config))
+        config.create_accounts, config.timeout_s = False, DEADLINE_TIMEOUT_S
+        result = asyncio.run(run_load(config))
+    finally:
+        srv.stop()
     assert_accounted(result)
     assert result.sent == 40 and result.errors.get("DEADLINE_EXCEEDED", 0) > 0
 
