@@ -8,7 +8,7 @@ writer's thread:
 - ``key lookups``: ``Engine._prefetch`` (memtable, filter, runs);
 - ``engine``: the rest of begin-to-commit (due work, every command);
 - ``block``: ``UnitOfWork.seal_block`` (MessagePack and the SHA-256 chain);
-- ``rows``: the journal and derived-table statements (``Store._write``, ``GroupRows``);
+- ``rows``: the journal and derived-table statements (``GroupRows.write``);
 - ``keys``: the key index after a commit (``add``, ``committed``) and its slice written
   inside the transaction (``write_step``);
 - ``commit``: the rest of ``Store.commit``: BEGIN, COMMIT and its fsync.
@@ -28,7 +28,7 @@ from quota_ledger.v1 import quota_ledger_pb2 as qpb
 
 from ledger.store import journal
 from ledger.store.keyindex import KeyIndex
-from ledger.store.sqlite import Store
+from ledger.store.sqlite_rows import GroupRows
 from server import convert
 
 PHASES = ("validation", "key lookups", "engine", "block", "rows", "keys", "commit")
@@ -44,19 +44,18 @@ class Phases:
         self._undo: list[Callable[[], None]] = []
         self._wrap(engine, "_prefetch", "key lookups")
         self._wrap(journal.UnitOfWork, "seal_block", "block")
-        self._wrap(Store, "_write", "rows")
+        self._wrap(GroupRows, "write", "rows")
         for name in ("add", "committed", "write_step"):
             self._wrap(KeyIndex, name, "keys")
 
     def _wrap(self, owner: Any, name: str, phase: str) -> None:
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        fn = original
         sums = self.s
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                return original(*args, **kwargs)
             finally:
                 sums[phase] = sums.get(phase, 0.0) + time.perf_counter() - t
 

@@ -162,12 +162,12 @@ CREATE INDEX notices_by_time ON notices (at_us);
 """
 
 # Derived rows found by integer keys (issue 19): a consume group updates each touched plan
-# and its offsets row for the day, and a text key costs a third to two thirds more to find
-# than a rowid. A plan's rowid becomes its purchase_seq (unique in every store); an offsets
-# row's rowid becomes its plan's purchase_seq * OFFSET_DAY_SLOTS + its day's number since
-# 1970-01-01 (ledger/store/sqlite.py: offsets_rowid). The text keys stay as they were, a
-# unique index now, so every reader keeps its queries. A row whose rowid could not be
-# computed (an offsets row of no plan, a day that is not a date) stops the migration: the
+# and its offsets row for the day, and found by a text key each costs about half again to
+# twice what it costs by rowid. A plan's rowid becomes its purchase_seq (unique in every
+# store); an offsets row's rowid becomes its plan's purchase_seq * OFFSET_DAY_SLOTS + its
+# day's number since 1970-01-01 (ledger/store/sqlite_rows.py). The text keys stay as they
+# were, a unique index now, so every reader keeps its queries. A row whose rowid could not
+# be computed (an offsets row of no plan, a day that is not a date) stops the migration: the
 # CHECK of the temporary table fails, and nothing of it is applied.
 OFFSET_DAY_SLOTS = 1 << 20  # day numbers below 2**20: dates until the year 4840
 SCHEMA_V6 = f"""

@@ -242,7 +242,7 @@ class Store(StoreReads):
         try:
             c.execute("BEGIN IMMEDIATE")
             try:
-                self._write(c, uow)
+                self.rows.write(c, uow)
                 self.keys.write_step(c)  # a slice of a pending run or snapshot rides along
                 fault("during_commit")
                 c.execute("COMMIT")
@@ -284,8 +284,6 @@ class Store(StoreReads):
 
     _wal_restart_runs = 0
 
-    def _write(self, c: sqlite3.Connection, uow: UnitOfWork) -> None:
-        self.rows.write(c, uow)
 
 class Checkpointer:
     """TRAPS: readers that never stop can starve the WAL checkpoint; and SQLite's automatic

@@ -4,10 +4,11 @@ A consume group spread over many accounts updates, for each account it touched, 
 and that plan's offsets row for the day; with the journal's block these are most of a
 group's statements (issue 19). Schema v6 gives both integer keys: a plan's rowid is its
 purchase_seq, an offsets row's rowid its plan's purchase_seq * OFFSET_DAY_SLOTS + its day's
-number since 1970-01-01. Measured on 865 rows in one transaction (2 cores, 2026-12-04): a
-plan found by plan_id 1.56 µs a row, by rowid and plan_id 1.32, by rowid 1.06; an offsets
-row upserted by its text key 2.10, upserted by rowid 1.83 (the upsert still probes the
-unique text key), updated by rowid 1.00.
+number since 1970-01-01. ``python -m tests.bench_derived_rows`` (865 rows in one
+transaction; docs/performance.md, load average 0.63 and 0.86): a plan found by plan_id
+1.53 µs a row, by rowid and plan_id 1.31-1.33, by rowid 1.05-1.10; an offsets row upserted
+by its text key 2.09-2.10, upserted by rowid 1.77-2.44 (the upsert still probes the unique
+text key), updated by rowid 0.99-1.30.
 
 So a row is written by its rowid alone once this process has seen that rowid hold that
 row: a plan or offsets row it inserted, or one written once with the text key checked too
