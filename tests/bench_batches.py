@@ -9,7 +9,9 @@ spread, for --seconds each, and reads from the server's own metrics how many com
 over 100 ms during that load (``ledger_commit_latency_seconds``: count minus the 0.1 s
 bucket). After each load the requests acknowledged as billable and new must equal the
 units the derived tables recorded. Figures are medians over --runs; each target of issue
-19 is marked MET or MISSED from this run. Bounded: 4 loads x --runs x --seconds.
+19 is marked MET or MISSED from this run. Bounded: 4 loads x --runs x --seconds. The
+machine's speed (``tests/yardstick.py``, the research floor of a consume group) is printed
+before and after: this machine swings by a third from hour to hour.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from clients.loadgen import LoadConfig, prepare_accounts
 
 from .bench import Proc
 from .bench_loads import Units, batch_load
+from .yardstick import describe, group_floor_us
 
 SPREAD_ACCOUNTS = 1_000
 BATCH, IN_FLIGHT = 1_000, 4
@@ -122,7 +125,10 @@ def main(runs: int, seconds: float, json_out: str | None) -> None:
     console = Console()
     console.print(f"load average before: {os.getloadavg()[0]:.2f} (above 1 is not evidence)")
     t0 = time.perf_counter()
+    speed = [group_floor_us()]
+    console.print(f"machine before: {describe(speed[0])}")
     results = asyncio.run(run(runs, seconds, console))
+    speed.append(group_floor_us())
     table = Table("load", "req/s", "p50 ms", "p99 ms", "p99/p50", "commits > 100 ms",
                   title=f"medians of {runs} runs")
     lines = []
@@ -139,10 +145,11 @@ def main(runs: int, seconds: float, json_out: str | None) -> None:
     console.print(table)
     for label, ok in lines:
         console.print(f"[{'green' if ok else 'red'}]{'MET   ' if ok else 'MISSED'}[/] {label}")
+    console.print(f"machine after: {describe(speed[1])}")
     console.print(f"load average after: {os.getloadavg()[0]:.2f}; "
                   f"{time.perf_counter() - t0:.0f} s in all")
     if json_out:
-        Path(json_out).write_text(json.dumps(results, indent=2))
+        Path(json_out).write_text(json.dumps({**results, "group_floor_us": speed}, indent=2))
 
 
 if __name__ == "__main__":

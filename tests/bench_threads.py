@@ -21,6 +21,7 @@ import click
 
 from .bench_batches import BATCH, IN_FLIGHT, REQUESTS_CAP, Server, setup
 from .bench_loads import batch_load
+from .yardstick import describe, group_floor_us
 
 WARMUP_S = 1.5
 SHOWN_US_MIN = 0.01  # threads below this many µs a request are left out
@@ -77,7 +78,8 @@ async def run(view: str, shape: str, seconds: float) -> None:
 @click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(1, 120))
 def main(view: str, shape: str, seconds: float) -> None:
     """CPU per request of each server thread under ConsumeBatch load (issue 19)."""
-    print(f"load average {os.getloadavg()[0]:.2f} at the start")
+    print(f"load average {os.getloadavg()[0]:.2f} at the start; machine: "
+          f"{describe(group_floor_us())}")
     asyncio.run(run(view, shape, seconds))
 
 
