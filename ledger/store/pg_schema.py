@@ -162,6 +162,81 @@ CREATE INDEX notice_deliveries_due ON notice_deliveries (next_at_s)
     WHERE delivered_at_s IS NULL AND NOT failed;
 """
 
+# A lone consume group's two steps as one statement each (issue 20): the same statements,
+# in the same order, as the pipelines of ``PgStore.open_group_with`` and
+# ``pg_write.queue_write`` send for a group of one consume (fifteen statements, each parsed,
+# bound and executed on its own), with scalar arguments only. ``ql_open_one``: the
+# settlement lock (shared), the shared meta, the account's lock with the time it waited, the
+# account's version, and the consume key's row. ``ql_write_one``: the journal row, the
+# plan's row and its offsets row, the usage row, the key, and the account's version bump
+# (only when a plan changed, as ``pg_write._touched`` has it: the (account, version) row it
+# returns). A NULL argument skips its row; the plan UPDATE must find its row, as the key
+# INSERT must claim its key (R12).
+PG_SCHEMA_V3 = """
+CREATE FUNCTION ql_open_one(settle_class integer, settle_key integer, lock_key bigint,
+                            acct text, req text,
+                            OUT o_meta_keys text[], OUT o_meta_values text[],
+                            OUT o_version bigint, OUT o_key_node integer,
+                            OUT o_key_seq bigint, OUT o_key_idx integer,
+                            OUT o_waited_s double precision)
+LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz;
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(settle_class, settle_key);
+    SELECT array_agg(m.key), array_agg(m.value) INTO o_meta_keys, o_meta_values FROM meta m;
+    t0 := clock_timestamp();
+    PERFORM pg_advisory_xact_lock(lock_key);
+    o_waited_s := extract(epoch FROM clock_timestamp() - t0);
+    SELECT a.version INTO o_version FROM accounts a WHERE a.account_id = acct;
+    IF req IS NOT NULL THEN
+        SELECT k.node, k.seq, k.idx INTO o_key_node, o_key_seq, o_key_idx
+            FROM consume_keys k WHERE k.account_id = acct AND k.request_id = req;
+    END IF;
+END $$;
+CREATE FUNCTION ql_write_one(j_node integer, j_seq bigint, j_at bigint, j_kind text,
+                             j_account text, j_request text, j_fingerprint text,
+                             j_payload bytea, j_hash bytea,
+                             p_id text, p_remaining bigint, p_forfeited bigint,
+                             p_refunded bigint, p_account text,
+                             o_account text, o_day text, o_plan text, o_units bigint,
+                             u_account text, u_day text, u_region integer, u_units bigint,
+                             u_micros bigint,
+                             k_account text, k_request text, k_seq bigint, k_idx integer)
+RETURNS TABLE (r_account text, r_version bigint) LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO journal (node, seq, at_us, kind, account_id, request_id, fingerprint,
+                         payload, hash)
+        VALUES (j_node, j_seq, j_at, j_kind, j_account, j_request, j_fingerprint, j_payload,
+                j_hash);
+    IF p_id IS NOT NULL THEN
+        UPDATE plans SET units_remaining = p_remaining, units_forfeited = p_forfeited,
+                         refunded_at_us = p_refunded WHERE plan_id = p_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'plan % is not in the plans table', p_id;
+        END IF;
+    END IF;
+    IF o_plan IS NOT NULL THEN
+        INSERT INTO offsets_daily VALUES (o_account, o_day, o_plan, o_units)
+            ON CONFLICT (account_id, day, plan_id) DO UPDATE
+            SET units = offsets_daily.units + excluded.units;
+    END IF;
+    IF u_region IS NOT NULL THEN
+        INSERT INTO usage_daily VALUES (u_account, u_day, u_region, u_units, u_micros)
+            ON CONFLICT (account_id, day, region) DO UPDATE
+            SET payg_units = usage_daily.payg_units + excluded.payg_units,
+                payg_micros = usage_daily.payg_micros + excluded.payg_micros;
+    END IF;
+    IF k_request IS NOT NULL THEN
+        INSERT INTO consume_keys VALUES (k_account, k_request, j_node, k_seq, k_idx);
+    END IF;
+    IF p_account IS NOT NULL THEN
+        UPDATE accounts a SET version = a.version + 1 WHERE a.account_id = p_account
+            RETURNING a.account_id, a.version INTO r_account, r_version;
+        RETURN NEXT;
+    END IF;
+END $$;
+"""
+
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
-PG_MIGRATIONS: list[str] = [PG_SCHEMA_V1, PG_SCHEMA_V2]
+PG_MIGRATIONS: list[str] = [PG_SCHEMA_V1, PG_SCHEMA_V2, PG_SCHEMA_V3]
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

@@ -54,7 +54,8 @@ OFFSETS_SQL = ("INSERT INTO offsets_daily SELECT * FROM unnest(%b::text[], %b::t
 KEYS_ONE_INSERT_SQL = "INSERT INTO consume_keys VALUES (%s, %s, %s, %s, %s)"
 KEYS_INSERT_SQL = ("INSERT INTO consume_keys SELECT * FROM unnest(%b::text[], %b::text[],"
                    " %b::int[], %b::bigint[], %b::int[])")
-if planted("key_outside_lock"):  # issue 23: a claim that cannot fail, so a duplicate lands
+KEYS_OUTSIDE_LOCK = planted("key_outside_lock")
+if KEYS_OUTSIDE_LOCK:  # issue 23: a claim that cannot fail, so a duplicate lands
     KEYS_ONE_INSERT_SQL += " ON CONFLICT DO NOTHING"
     KEYS_INSERT_SQL += " ON CONFLICT DO NOTHING"
 BUMP_ONE_SQL = ("UPDATE accounts SET version = version + 1 WHERE account_id = %s"
@@ -121,10 +122,44 @@ def _touched(uow: UnitOfWork) -> list[str]:
                   | {k[0] for k in uow.features})
 
 
+# A lone consume group's statements as one call each (schema v3's functions; issue 20).
+# Off only in the test that checks both ways write the same rows.
+ONE_CALL = True
+OPEN_ONE_SQL = ("SELECT * FROM ql_open_one(%s::integer, %s::integer, %s::bigint, %s::text,"
+                " %s::text)")
+WRITE_ONE_SQL = (
+    "SELECT * FROM ql_write_one(%s::integer, %s::bigint, %s::bigint, %s::text, %s::text,"
+    " %s::text, %s::text, %s::bytea, %s::bytea, %s::text, %s::bigint, %s::bigint, %s::bigint,"
+    " %s::text, %s::text, %s::text, %s::text, %s::bigint, %s::text, %s::text, %s::integer,"
+    " %s::bigint, %s::bigint, %s::text, %s::text, %s::bigint, %s::integer)")
+_NO_PLAN, _NO_OFFSETS, _NO_USAGE, _NO_KEY = (None,) * 5, (None,) * 4, (None,) * 5, (None,) * 4
+
+
+def write_one_args(node: int, uow: UnitOfWork) -> tuple | None:
+    """The arguments of ``ql_write_one`` when the group is one journal row with at most one
+    changed plan, offsets row, usage row and key, and nothing else (a lone consume's
+    group); None for any other group (``queue_write`` then)."""
+    if (len(uow.rows) != 1 or len(uow.plans) > 1 or len(uow.offsets) > 1 or len(uow.usage) > 1
+            or len(uow.consumed) > 1 or uow.accounts or uow.new_plans or uow.features
+            or uow.bills or uow.meta or uow.notices or KEYS_OUTSIDE_LOCK or not ONE_CALL):
+        return None
+    plan = _NO_PLAN
+    for p in uow.plans.values():
+        plan = (p.plan_id, p.units_remaining, p.units_forfeited, p.refunded_at, p.account_id)
+    offsets = next(((*k, v) for k, v in uow.offsets.items()), _NO_OFFSETS)
+    usage = next(((*k, *v) for k, v in uow.usage.items()), _NO_USAGE)
+    key = next(((a, r, v[0], v[1]) for (a, r), v in uow.consumed.items()), _NO_KEY)
+    return (*_journal_rows(node, uow)[0], *plan, *offsets, *usage, *key)
+
+
 def queue_write(c: psycopg.Connection, node: int, uow: UnitOfWork
                 ) -> psycopg.Cursor | list[psycopg.Cursor] | None:
     """Queue a group's statements (in a pipeline: no round trip each); returns the
-    cursor(s) of the touched accounts' new versions, to fetch once the pipeline is synced."""
+    cursor(s) of the touched accounts' new versions, to fetch once the pipeline is synced.
+    A lone consume's group is one call of ``ql_write_one``."""
+    one = write_one_args(node, uow)
+    if one is not None:
+        return c.execute(WRITE_ONE_SQL, one)
     cur = c.cursor()
     if uow.rows:
         cur.executemany(JOURNAL_SQL, _journal_rows(node, uow))

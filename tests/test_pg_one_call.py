@@ -1,0 +1,118 @@
+"""A lone consume's group on PostgreSQL in one call of each schema-v3 function (issue 20).
+
+``ql_open_one`` and ``ql_write_one`` run, on the server, the statements that the two
+pipelines of a group send one by one. The same lone requests (covered by a plan, paid as
+they go, replayed, refused for a reused key, dry runs, two plans in one request) are run
+once through the functions and once through the pipelines, each on a fresh database with
+the same test clock: the answers and every row written must be the same (R11, R12, R25).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import psycopg
+import pytest
+
+from ledger import model as m
+from ledger.catalog import builtin
+from ledger.clock import TestClock
+from ledger.engine import Engine
+from ledger.errors import LedgerError
+from ledger.store import open_store, pg_write
+from ledger.store.postgres import PgStore
+from ledger.writer import Writer, unwrap
+
+from .test_journal_blocks import T0, consume
+
+_names = itertools.count()
+TABLES = {
+    "journal": "SELECT node, seq, at_us, kind, account_id, request_id, fingerprint, payload,"
+               " hash FROM journal ORDER BY node, seq",
+    "plans": "SELECT * FROM plans ORDER BY plan_id",
+    "offsets_daily": "SELECT * FROM offsets_daily ORDER BY 1, 2, 3",
+    "usage_daily": "SELECT * FROM usage_daily ORDER BY 1, 2, 3",
+    "consume_keys": "SELECT * FROM consume_keys ORDER BY 1, 2",
+    "accounts": "SELECT account_id, status, cash_micros, version FROM accounts ORDER BY 1",
+}
+
+
+def answer(writer: Writer, cmd: Any) -> Any:
+    try:
+        r = unwrap(writer.call(cmd))
+    except LedgerError as exc:
+        return type(exc).__name__, exc.reason
+    return ("replayed" if r.replayed else "new", r.allocations, r.payg_units,
+            r.payg_amount_micros, r.plan_units_remaining, r.journal_seq)
+
+
+def run_ledger(url: str) -> tuple[list[Any], dict[str, list[tuple]]]:
+    store = open_store(url)
+    writer = Writer(Engine(store, TestClock(T0), builtin()))
+    writer.start()
+    try:
+        for a in ("acme", "beta"):
+            writer.call(m.CreateAccount(a))
+            writer.call(m.TopUp(a, "t", m.FundsKind.CASH, 200_000_000))
+        writer.call(m.PurchasePlan("acme", "p1", "month-100k"))
+        answers = [answer(writer, c) for c in (
+            consume("acme", "r1"),  # a plan pays: plan, offsets, key, version
+            consume("acme", "r2", 5),
+            consume("acme", "r1"),  # a replay: nothing written
+            consume("acme", "r1", 2),  # the key again with other content: refused
+            consume("beta", "r1"),  # no plan: pay as you go, no version bump
+            consume("beta", "r3", 4, region=2),
+            consume("nobody", "r1"),  # no such account
+            m.Consume("acme", "dry", m.Region(1), m.CaptchaType(1), m.Architecture(1),
+                      m.Step(1), None, 1, True),
+        )]
+        writer.call(m.PurchasePlan("acme", "p2", "month-100k"))
+        answers.append(answer(writer, consume("acme", "big", 100_000)))  # two plans
+        answers.append(answer(writer, consume("acme", "after")))
+    finally:
+        writer.stop()
+        store.close()
+    with psycopg.connect(url) as conn:
+        rows = {t: conn.execute(q).fetchall() for t, q in TABLES.items()}
+    return answers, rows
+
+
+@pytest.fixture
+def two_databases(pg_cluster):
+    names = [f"one_call_{next(_names)}_{i}" for i in range(2)]
+    urls = [pg_cluster.create_database(n) for n in names]
+    try:
+        yield urls
+    finally:
+        for n in names:
+            pg_cluster.drop_database(n)
+
+
+def test_a_lone_consume_writes_the_same_rows_through_one_call(two_databases, monkeypatch):
+    taken = {"open": 0, "write": 0}
+    open_one, write_one_args = PgStore._open_one, pg_write.write_one_args
+
+    def counted_open(self, *a):
+        taken["open"] += 1
+        return open_one(self, *a)
+
+    def counted_args(*a):
+        got = write_one_args(*a)
+        taken["write"] += got is not None
+        return got
+
+    monkeypatch.setattr(PgStore, "_open_one", counted_open)
+    monkeypatch.setattr(pg_write, "write_one_args", counted_args)
+    one_answers, one_rows = run_ledger(two_databases[0])
+    assert taken["open"] >= 8 and taken["write"] >= 5  # the functions did the work
+    taken.update(open=0, write=0)
+    monkeypatch.setattr(pg_write, "ONE_CALL", False)
+    piped_answers, piped_rows = run_ledger(two_databases[1])
+    assert taken == {"open": 0, "write": 0}
+    assert one_answers == piped_answers
+    assert one_answers[2][0] == "replayed"
+    assert one_answers[3] == ("AlreadyExists", "IDEMPOTENCY_KEY_REUSED")
+    for table, rows in piped_rows.items():
+        assert one_rows[table] == rows, table
+    assert len(one_rows["consume_keys"]) == 6 and one_rows["usage_daily"]
