@@ -1,10 +1,13 @@
-"""A lone consume's group on PostgreSQL in one call of each schema-v3 function (issue 20).
+"""A small consume group on PostgreSQL in one call per account of each schema-v3 function
+(issue 20).
 
 ``ql_open_one`` and ``ql_write_one`` run, on the server, the statements that the two
 pipelines of a group send one by one. The same lone requests (covered by a plan, paid as
 they go, replayed, refused for a reused key, dry runs, two plans in one request) are run
 once through the functions and once through the pipelines, each on a fresh database with
-the same test clock: the answers and every row written must be the same (R11, R12, R25).
+the same test clock, and then small groups (batches over a few accounts, one account twice,
+more accounts than one call per account takes): the answers and every row written must be
+the same (R11, R12, R25).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ledger.engine import Engine
 from ledger.errors import LedgerError
 from ledger.store import open_store, pg_write
 from ledger.store.postgres import PgStore
-from ledger.writer import Writer, unwrap
+from ledger.writer import Batch, Writer, unwrap
 
 from .test_journal_blocks import T0, consume
 
@@ -39,8 +42,12 @@ TABLES = {
 
 
 def answer(writer: Writer, cmd: Any) -> Any:
+    return outcome_of(writer.call(cmd))
+
+
+def outcome_of(outcome: Any) -> Any:
     try:
-        r = unwrap(writer.call(cmd))
+        r = unwrap(outcome)
     except LedgerError as exc:
         return type(exc).__name__, exc.reason
     return ("replayed" if r.replayed else "new", r.allocations, r.payg_units,
@@ -70,6 +77,16 @@ def run_ledger(url: str) -> tuple[list[Any], dict[str, list[tuple]]]:
         writer.call(m.PurchasePlan("acme", "p2", "month-100k"))
         answers.append(answer(writer, consume("acme", "big", 100_000)))  # two plans
         answers.append(answer(writer, consume("acme", "after")))
+        for i in range(9):
+            writer.call(m.CreateAccount(f"c{i}"))
+            if i % 2:
+                writer.call(m.PurchasePlan(f"c{i}", "p1", "month-100k"))
+        for batch in (  # a group each: one call per account, or the statements
+                [consume(a, "b1") for a in ("acme", "beta", "c1", "c2")],
+                [consume("c3", "b2"), consume("c3", "b3"), consume("c4", "b2")],
+                [consume(f"c{i}", "b4") for i in range(9)],
+                [consume("c5", "b5"), consume("c5", "b1")]):
+            answers.append([outcome_of(o) for o in writer.call(Batch(batch))])
     finally:
         writer.stop()
         store.close()
@@ -90,29 +107,33 @@ def two_databases(pg_cluster):
 
 
 def test_a_lone_consume_writes_the_same_rows_through_one_call(two_databases, monkeypatch):
-    taken = {"open": 0, "write": 0}
-    open_one, write_one_args = PgStore._open_one, pg_write.write_one_args
+    taken = {"open": 0, "write": 0, "accounts": 0}
+    open_calls, write_calls = PgStore._open_calls, pg_write.write_calls
 
     def counted_open(self, *a):
         taken["open"] += 1
-        return open_one(self, *a)
+        return open_calls(self, *a)
 
-    def counted_args(*a):
-        got = write_one_args(*a)
-        taken["write"] += got is not None
+    def counted_calls(*a):
+        got = write_calls(*a)
+        if got is not None:
+            taken["write"] += 1
+            taken["accounts"] = max(taken["accounts"], len(got))
         return got
 
-    monkeypatch.setattr(PgStore, "_open_one", counted_open)
-    monkeypatch.setattr(pg_write, "write_one_args", counted_args)
+    monkeypatch.setattr(PgStore, "_open_calls", counted_open)
+    monkeypatch.setattr(pg_write, "write_calls", counted_calls)
     one_answers, one_rows = run_ledger(two_databases[0])
-    assert taken["open"] >= 8 and taken["write"] >= 5  # the functions did the work
-    taken.update(open=0, write=0)
+    # the functions did the work: five lone consumes that write, and the batch over four
+    # accounts (two plans in one request, one account twice or nine accounts do not)
+    assert taken["open"] >= 11 and taken["write"] == 6 and taken["accounts"] == 4, taken
+    taken.update(open=0, write=0, accounts=0)
     monkeypatch.setattr(pg_write, "ONE_CALL", False)
     piped_answers, piped_rows = run_ledger(two_databases[1])
-    assert taken == {"open": 0, "write": 0}
+    assert taken == {"open": 0, "write": 0, "accounts": 0}
     assert one_answers == piped_answers
     assert one_answers[2][0] == "replayed"
     assert one_answers[3] == ("AlreadyExists", "IDEMPOTENCY_KEY_REUSED")
     for table, rows in piped_rows.items():
         assert one_rows[table] == rows, table
-    assert len(one_rows["consume_keys"]) == 6 and one_rows["usage_daily"]
+    assert len(one_rows["consume_keys"]) == 6 + 4 + 3 + 9 + 2 and one_rows["usage_daily"]

@@ -162,16 +162,17 @@ CREATE INDEX notice_deliveries_due ON notice_deliveries (next_at_s)
     WHERE delivered_at_s IS NULL AND NOT failed;
 """
 
-# A lone consume group's two steps as one statement each (issue 20): the same statements,
-# in the same order, as the pipelines of ``PgStore.open_group_with`` and
-# ``pg_write.queue_write`` send for a group of one consume (fifteen statements, each parsed,
-# bound and executed on its own), with scalar arguments only. ``ql_open_one``: the
-# settlement lock (shared), the shared meta, the account's lock with the time it waited, the
-# account's version, and the consume key's row. ``ql_write_one``: the journal row, the
-# plan's row and its offsets row, the usage row, the key, and the account's version bump
-# (only when a plan changed, as ``pg_write._touched`` has it: the (account, version) row it
-# returns). A NULL argument skips its row; the plan UPDATE must find its row, as the key
-# INSERT must claim its key (R12).
+# A small consume group's two steps as one statement per account (issue 20): the same
+# statements, in the same order for each account, as the pipelines of
+# ``PgStore.open_group_with`` and ``pg_write.queue_write`` send (a lone consume's group:
+# fifteen statements, each parsed, bound and executed on its own), with scalar arguments.
+# ``ql_open_one``: the settlement lock (shared; taken again by the group's later calls, which
+# a transaction holding it is granted at once), the shared meta, the account's lock with the
+# time it waited, the account's version, and its consume key's row. ``ql_write_one``: the
+# journal row (the group's first call only), the account's changed plan and offsets row, its
+# usage row, its key, and its version bump when a plan changed (as ``pg_write._touched`` has
+# it: the (account, version) row it returns). A NULL argument skips its row; the plan UPDATE
+# must find its row, as the key INSERT must claim its key (R12).
 PG_SCHEMA_V3 = """
 CREATE FUNCTION ql_open_one(settle_class integer, settle_key integer, lock_key bigint,
                             acct text, req text,
@@ -201,13 +202,16 @@ CREATE FUNCTION ql_write_one(j_node integer, j_seq bigint, j_at bigint, j_kind t
                              o_account text, o_day text, o_plan text, o_units bigint,
                              u_account text, u_day text, u_region integer, u_units bigint,
                              u_micros bigint,
-                             k_account text, k_request text, k_seq bigint, k_idx integer)
+                             k_account text, k_request text, k_seq bigint, k_idx integer,
+                             n_node integer)
 RETURNS TABLE (r_account text, r_version bigint) LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO journal (node, seq, at_us, kind, account_id, request_id, fingerprint,
-                         payload, hash)
-        VALUES (j_node, j_seq, j_at, j_kind, j_account, j_request, j_fingerprint, j_payload,
-                j_hash);
+    IF j_seq IS NOT NULL THEN
+        INSERT INTO journal (node, seq, at_us, kind, account_id, request_id, fingerprint,
+                             payload, hash)
+            VALUES (j_node, j_seq, j_at, j_kind, j_account, j_request, j_fingerprint,
+                    j_payload, j_hash);
+    END IF;
     IF p_id IS NOT NULL THEN
         UPDATE plans SET units_remaining = p_remaining, units_forfeited = p_forfeited,
                          refunded_at_us = p_refunded WHERE plan_id = p_id;
@@ -227,7 +231,7 @@ BEGIN
                 payg_micros = usage_daily.payg_micros + excluded.payg_micros;
     END IF;
     IF k_request IS NOT NULL THEN
-        INSERT INTO consume_keys VALUES (k_account, k_request, j_node, k_seq, k_idx);
+        INSERT INTO consume_keys VALUES (k_account, k_request, n_node, k_seq, k_idx);
     END IF;
     IF p_account IS NOT NULL THEN
         UPDATE accounts a SET version = a.version + 1 WHERE a.account_id = p_account

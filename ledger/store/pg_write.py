@@ -122,44 +122,71 @@ def _touched(uow: UnitOfWork) -> list[str]:
                   | {k[0] for k in uow.features})
 
 
-# A lone consume group's statements as one call each (schema v3's functions; issue 20).
-# Off only in the test that checks both ways write the same rows.
+# A small consume group's statements as one call per account (schema v3's functions; issue
+# 20): up to ONE_CALL_ACCOUNTS_MAX accounts, each with at most one key, changed plan, offsets
+# row and usage row (every group of single Consumes that name distinct accounts). Off only in
+# the test that checks both ways write the same rows.
 ONE_CALL = True
+ONE_CALL_ACCOUNTS_MAX = 8
 OPEN_ONE_SQL = ("SELECT * FROM ql_open_one(%s::integer, %s::integer, %s::bigint, %s::text,"
                 " %s::text)")
 WRITE_ONE_SQL = (
     "SELECT * FROM ql_write_one(%s::integer, %s::bigint, %s::bigint, %s::text, %s::text,"
     " %s::text, %s::text, %s::bytea, %s::bytea, %s::text, %s::bigint, %s::bigint, %s::bigint,"
     " %s::text, %s::text, %s::text, %s::text, %s::bigint, %s::text, %s::text, %s::integer,"
-    " %s::bigint, %s::bigint, %s::text, %s::text, %s::bigint, %s::integer)")
+    " %s::bigint, %s::bigint, %s::text, %s::text, %s::bigint, %s::integer, %s::integer)")
+_NO_JOURNAL = (None,) * 9
 _NO_PLAN, _NO_OFFSETS, _NO_USAGE, _NO_KEY = (None,) * 5, (None,) * 4, (None,) * 5, (None,) * 4
+_EMPTY = (_NO_PLAN, _NO_OFFSETS, _NO_USAGE, _NO_KEY)
 
 
-def write_one_args(node: int, uow: UnitOfWork) -> tuple | None:
-    """The arguments of ``ql_write_one`` when the group is one journal row with at most one
-    changed plan, offsets row, usage row and key, and nothing else (a lone consume's
-    group); None for any other group (``queue_write`` then)."""
-    if (len(uow.rows) != 1 or len(uow.plans) > 1 or len(uow.offsets) > 1 or len(uow.usage) > 1
-            or len(uow.consumed) > 1 or uow.accounts or uow.new_plans or uow.features
-            or uow.bills or uow.meta or uow.notices or KEYS_OUTSIDE_LOCK or not ONE_CALL):
+def one_call_open(account_ids: list[str], keys: list[tuple[str, str]]) -> bool:
+    """Whether a group's opening goes as one ``ql_open_one`` call per account."""
+    return (ONE_CALL and not KEYS_OUTSIDE_LOCK and 0 < len(account_ids) <= ONE_CALL_ACCOUNTS_MAX
+            and len({a for a, _ in keys}) == len(keys) <= len(account_ids)
+            and all(a in account_ids for a, _ in keys))
+
+
+def write_calls(node: int, uow: UnitOfWork) -> list[tuple] | None:
+    """``ql_write_one``'s arguments, one call per account, the first with the journal row;
+    None when the group is not one journal row and, for each of at most
+    ONE_CALL_ACCOUNTS_MAX accounts, at most one changed plan, offsets row, usage row and key
+    (``queue_write``'s statements then)."""
+    most = ONE_CALL_ACCOUNTS_MAX
+    if (not ONE_CALL or KEYS_OUTSIDE_LOCK or len(uow.rows) != 1 or len(uow.plans) > most
+            or len(uow.offsets) > most or len(uow.usage) > most or len(uow.consumed) > most
+            or uow.accounts or uow.new_plans or uow.features or uow.bills or uow.meta
+            or uow.notices):
         return None
-    plan = _NO_PLAN
-    for p in uow.plans.values():
-        plan = (p.plan_id, p.units_remaining, p.units_forfeited, p.refunded_at, p.account_id)
-    offsets = next(((*k, v) for k, v in uow.offsets.items()), _NO_OFFSETS)
-    usage = next(((*k, *v) for k, v in uow.usage.items()), _NO_USAGE)
-    key = next(((a, r, v[0], v[1]) for (a, r), v in uow.consumed.items()), _NO_KEY)
-    return (*_journal_rows(node, uow)[0], *plan, *offsets, *usage, *key)
+    per: dict[str, list[tuple]] = {}
+    parts = (
+        (0, [(p.account_id, (p.plan_id, p.units_remaining, p.units_forfeited, p.refunded_at,
+                             p.account_id)) for p in uow.plans.values()]),
+        (1, [(k[0], (*k, v)) for k, v in uow.offsets.items()]),
+        (2, [(k[0], (*k, *v)) for k, v in uow.usage.items()]),
+        (3, [(a, (a, r, v[0], v[1])) for (a, r), v in uow.consumed.items()]))
+    for slot, rows in parts:
+        for account_id, args in rows:
+            got = per.setdefault(account_id, list(_EMPTY))
+            if got[slot] is not _EMPTY[slot]:  # two of a kind for one account
+                return None
+            got[slot] = args
+    if len(per) > most:
+        return None
+    journal = _journal_rows(node, uow)[0]
+    calls = [(*(journal if i == 0 else _NO_JOURNAL), *got[0], *got[1], *got[2], *got[3], node)
+             for i, got in enumerate(per.values())]
+    return calls or [(*journal, *_NO_PLAN, *_NO_OFFSETS, *_NO_USAGE, *_NO_KEY, node)]
 
 
 def queue_write(c: psycopg.Connection, node: int, uow: UnitOfWork
                 ) -> psycopg.Cursor | list[psycopg.Cursor] | None:
     """Queue a group's statements (in a pipeline: no round trip each); returns the
     cursor(s) of the touched accounts' new versions, to fetch once the pipeline is synced.
-    A lone consume's group is one call of ``ql_write_one``."""
-    one = write_one_args(node, uow)
-    if one is not None:
-        return c.execute(WRITE_ONE_SQL, one)
+    A small consume group is one call of ``ql_write_one`` per account."""
+    calls = write_calls(node, uow)
+    if calls is not None:
+        return [c.execute(WRITE_ONE_SQL, args) for args in calls]
     cur = c.cursor()
     if uow.rows:
         cur.executemany(JOURNAL_SQL, _journal_rows(node, uow))

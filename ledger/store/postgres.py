@@ -272,10 +272,8 @@ class PgStore(StoreReads):
         accounts' locks in key order (none when exclusive), their versions and the rows of
         the group's consume ``keys`` (read under those locks), kept for
         ``find_consume_keys``. Returns (meta, versions)."""
-        if (not exclusive and len(account_ids) == 1 and len(keys) <= 1
-                and all(a == account_ids[0] for a, _ in keys) and not _KEYS_OUTSIDE_LOCK
-                and pg_write.ONE_CALL):
-            return self._open_one(account_ids[0], keys)
+        if not exclusive and pg_write.one_call_open(account_ids, keys):
+            return self._open_calls(account_ids, keys)
         fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
         settle = (f"SELECT {fn}(%s, %s)", (LOCK_CLASS, SETTLE_LOCK))
         lock_keys = None if exclusive else _lock_keys(account_ids)
@@ -306,29 +304,35 @@ class PgStore(StoreReads):
             raise Unavailable(f"the journal database is unavailable: {_first_line(exc)}"
                               ) from exc
 
-    def _open_one(self, account_id: str, keys: list[tuple[str, str]]
-                  ) -> tuple[dict[str, str], dict[str, int]]:
-        """``open_group_with`` for a group naming one account and at most one key (a lone
-        consume's): BEGIN and one call of ``ql_open_one``, which runs the same statements
-        in the same order on the server (schema v3)."""
-        request_id = keys[0][1] if keys else None
+    def _open_calls(self, account_ids: list[str], keys: list[tuple[str, str]]
+                    ) -> tuple[dict[str, str], dict[str, int]]:
+        """``open_group_with`` for a small group whose accounts have at most one key each
+        (``pg_write.one_call_open``): BEGIN and one call of ``ql_open_one`` per account, in
+        the order of their lock keys, which run the same statements in the same order on
+        the server (schema v3)."""
+        request_of = dict(keys)
         try:
             c = self._ensure()
             with c.pipeline():
                 c.execute("BEGIN")
-                cur = c.execute(OPEN_ONE_SQL, (LOCK_CLASS, SETTLE_LOCK,
-                                               account_lock_key(account_id), account_id,
-                                               request_id))
-            meta_keys, meta_values, version, node, seq, idx, waited_s = cur.fetchone()
+                curs = [(a, request_of.get(a), c.execute(OPEN_ONE_SQL, (
+                    LOCK_CLASS, SETTLE_LOCK, account_lock_key(a), a, request_of.get(a))))
+                    for a in sorted(account_ids, key=account_lock_key)]
+            got = [(a, r, cur.fetchone()) for a, r, cur in curs]
         except psycopg.Error as exc:
             self.rollback()
             raise Unavailable(f"the journal database is unavailable: {_first_line(exc)}"
                               ) from exc
-        self.lock_wait_s += waited_s
-        found = [] if node is None else [(account_id, request_id, node, seq, idx)]
+        versions, found = {}, []
+        for account_id, request_id, (_, _, version, node, seq, idx, waited_s) in got:
+            self.lock_wait_s += waited_s
+            if version is not None:
+                versions[account_id] = version
+            if node is not None:
+                found.append((account_id, request_id, node, seq, idx))
         self._key_rows = (keys, found)
-        return (dict(zip(meta_keys or (), meta_values or (), strict=True)),
-                {} if version is None else {account_id: version})
+        meta_keys, meta_values = got[0][2][0], got[0][2][1]
+        return dict(zip(meta_keys or (), meta_values or (), strict=True)), versions
 
     def hold_accounts(self, account_ids: list[str], *, lock: bool = True) -> dict[str, int]:
         """Lock the accounts in key order (no deadlocks) and return their versions."""
