@@ -193,7 +193,8 @@ async def bench(configs: list[Config], runs: int, seconds: float, accounts: int,
                      else sum(value(key, r) for r in results))  # a latency is not summed
                 figures[cfg.name][key].append(v)
                 errors = {k: n for r in results for k, n in r.errors.items()}
-                console.print(f"  run {run + 1} {cfg.name:<16} {label:<42} {v:>10,.0f} {unit}"
+                shown = f"{v:>10,.3f}" if unit == "p50 ms" else f"{v:>10,.0f}"
+                console.print(f"  run {run + 1} {cfg.name:<16} {label:<42} {shown} {unit}"
                               f"  (acknowledged {acked:,} = recorded; CPU per request: "
                               f"nodes {cpu[cfg.name][key][-1][0]:,.0f} µs, PostgreSQL "
                               f"{cpu[cfg.name][key][-1][1]:,.0f} µs)"
