@@ -166,9 +166,9 @@ CREATE INDEX notice_deliveries_due ON notice_deliveries (next_at_s)
 # statements, in the same order for each account, as the pipelines of
 # ``PgStore.open_group_with`` and ``pg_write.queue_write`` send (a lone consume's group:
 # fifteen statements, each parsed, bound and executed on its own), with scalar arguments.
-# ``ql_open_one``: the settlement lock (shared; taken again by the group's later calls, which
-# a transaction holding it is granted at once), the shared meta, the account's lock with the
-# time it waited, the account's version, and its consume key's row. ``ql_write_one``: the
+# ``ql_open_one``: the settlement lock (shared) and the shared meta (the group's first call:
+# a NULL ``settle_class`` skips both), the account's lock with the time it waited, the
+# account's version, and its consume key's row. ``ql_write_one``: the
 # journal row (the group's first call only), the account's changed plan and offsets row, its
 # usage row, its key, and its version bump when a plan changed (as ``pg_write._touched`` has
 # it: the (account, version) row it returns). A NULL argument skips its row; the plan UPDATE
@@ -183,8 +183,11 @@ CREATE FUNCTION ql_open_one(settle_class integer, settle_key integer, lock_key b
 LANGUAGE plpgsql AS $$
 DECLARE t0 timestamptz;
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(settle_class, settle_key);
-    SELECT array_agg(m.key), array_agg(m.value) INTO o_meta_keys, o_meta_values FROM meta m;
+    IF settle_class IS NOT NULL THEN  -- the group's first call
+        PERFORM pg_advisory_xact_lock_shared(settle_class, settle_key);
+        SELECT array_agg(m.key), array_agg(m.value) INTO o_meta_keys, o_meta_values
+            FROM meta m;
+    END IF;
     t0 := clock_timestamp();
     PERFORM pg_advisory_xact_lock(lock_key);
     o_waited_s := extract(epoch FROM clock_timestamp() - t0);

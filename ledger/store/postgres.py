@@ -36,7 +36,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from ..errors import Unavailable
-from ..faults import fault, planted
+from ..faults import fault
 from . import blocks, pg_write
 from .base import StoreReads
 from .journal import GENESIS_HASH, UnitOfWork
@@ -60,7 +60,6 @@ READERS_MAX = 8  # pooled connections for the read RPCs
 CONNECT_TIMEOUT_S = 5
 BLOCK_CACHE_MAX = 64  # decoded blocks kept for replays (R12)
 CLOCK_SQL = "SELECT clock_timestamp()"
-_KEYS_OUTSIDE_LOCK = planted("key_outside_lock")  # issue 23: a known bug, planted
 
 def account_lock_key(account_id: str) -> int:
     """A signed 64-bit advisory-lock key for an account (a collision only serializes two
@@ -280,7 +279,7 @@ class PgStore(StoreReads):
         try:
             c = self._ensure()
             early = None
-            if keys and _KEYS_OUTSIDE_LOCK:  # planted bug (issue 23): read before the locks
+            if keys and pg_write.KEYS_OUTSIDE_LOCK:  # planted bug (issue 23): read first
                 with c.pipeline():
                     early = fetch_all(queue_keys(c, keys))
             with c.pipeline():
@@ -309,15 +308,17 @@ class PgStore(StoreReads):
         """``open_group_with`` for a small group whose accounts have at most one key each
         (``pg_write.one_call_open``): BEGIN and one call of ``ql_open_one`` per account, in
         the order of their lock keys, which run the same statements in the same order on
-        the server (schema v3)."""
+        the server (schema v3); the first call alone takes the settlement lock and reads
+        the meta."""
         request_of = dict(keys)
         try:
             c = self._ensure()
             with c.pipeline():
                 c.execute("BEGIN")
                 curs = [(a, request_of.get(a), c.execute(OPEN_ONE_SQL, (
-                    LOCK_CLASS, SETTLE_LOCK, account_lock_key(a), a, request_of.get(a))))
-                    for a in sorted(account_ids, key=account_lock_key)]
+                    LOCK_CLASS if i == 0 else None, SETTLE_LOCK, account_lock_key(a), a,
+                    request_of.get(a))))
+                    for i, a in enumerate(sorted(account_ids, key=account_lock_key))]
             got = [(a, r, cur.fetchone()) for a, r, cur in curs]
         except psycopg.Error as exc:
             self.rollback()
