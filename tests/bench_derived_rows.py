@@ -2,13 +2,14 @@
 
     python -m tests.bench_derived_rows [--rows 865] [--transactions 40]
 
-A fresh SQLite file in a temporary directory with the ledger's schema (WAL,
+A fresh SQLite file in a temporary directory with the ledger's schema v6 (WAL,
 synchronous=FULL), 1,000 plans and their offsets rows for one day; then, per statement
 form, --transactions transactions each writing --rows random distinct rows (a group of
 2,000 requests over 1,000 accounts touches about 865), timed around the statement alone.
 Prints the median µs a row of each form: plans by text key, by rowid and text key, by
 rowid; offsets upserted by text key, upserted by rowid with the text key checked, updated
-by rowid; and one statement over ``json_each`` for each. Then the two plan updates by rowid
+by rowid; one statement over ``json_each`` for each; and schema v7's one UPDATE of a plan
+and its day's offsets (a second file, migrated to v7), per plan. Then the two plan updates by rowid
 (``executemany``, and one ``json_each`` statement, which releases the GIL for its whole
 run) again while another thread runs Python: what a commit thread beside the writer would
 meet. A floor to design against, in the manner of ``../shared/research/``, not a target.
@@ -35,11 +36,14 @@ PLANS = 1_000
 DAY = "2026-12-04"
 
 
-def build(path: str) -> tuple[sqlite3.Connection, list[int]]:
+V6 = 6  # the forms below are schema v6's; v7's one statement has a database of its own
+
+
+def build(path: str, version: int = V6) -> tuple[sqlite3.Connection, list[int]]:
     c = sqlite3.connect(path, isolation_level=None)
     c.execute("PRAGMA journal_mode=WAL")
     c.execute("PRAGMA synchronous=FULL")
-    for script in MIGRATIONS:
+    for script in MIGRATIONS[:version]:
         for stmt in _statements(script):
             c.execute(stmt)
     seqs = [5_000 + 7 * i for i in range(PLANS)]
@@ -54,6 +58,21 @@ def build(path: str) -> tuple[sqlite3.Connection, list[int]]:
                     1) for i, s in enumerate(seqs)])
     c.execute("COMMIT")
     return c, seqs
+
+
+def build_v7(path: str) -> tuple[sqlite3.Connection, list[int]]:
+    """Schema v7: the same plans, each holding its offsets of the day in its own row."""
+    c, seqs = build(path)
+    for stmt in _statements(MIGRATIONS[V6]):
+        c.execute(stmt)
+    return c, seqs
+
+
+def v7_form(c: sqlite3.Connection, seqs: list[int]) -> Callable[[list[int]], object]:
+    """A plan's units and its day's offsets in one statement (ledger/store/sqlite_rows.py)."""
+    return lambda p: c.executemany(
+        "UPDATE plans SET units_remaining = ?, offsets_units = offsets_units + ?"
+        " WHERE rowid = ? AND offsets_day IS ?", [(99, 1, seqs[i], DAY) for i in p])
 
 
 def forms(c: sqlite3.Connection, seqs: list[int]) -> dict[str, Callable[[list[int]], object]]:
@@ -125,6 +144,11 @@ def main(rows: int, transactions: int) -> None:
         every = forms(c, seqs)
         for label, fn in every.items():
             print(f"  {label:<46} {timed(c, fn, rows, transactions, rng):5.2f} µs a row")
+        v7, seqs7 = build_v7(os.path.join(d, "rows-v7.db"))
+        label = "v7: plan and its day's offsets, one UPDATE"
+        print(f"  {label:<46} {timed(v7, v7_form(v7, seqs7), rows, transactions, rng):5.2f}"
+              " µs a plan")
+        v7.close()
         stop = threading.Event()
         busy = threading.Thread(target=spin, args=(stop,), daemon=True)
         busy.start()

@@ -1,11 +1,14 @@
-"""Derived rows found by integer keys (SQLite schema v6, issue 19), and the consume group's
-shortcut for an account's remaining units.
+"""Derived rows found by integer keys (SQLite schema v6, issue 19), a plan's newest day of
+offsets in its own row (schema v7), and the consume group's shortcut for an account's
+remaining units.
 
-A plan's rowid is its purchase_seq; an offsets_daily row's rowid is its plan's purchase_seq
-* OFFSET_DAY_SLOTS + its day's number since 1970-01-01. The consume group updates both by
-rowid; these tests hold the invariant on new rows and on migrated ones, and show what
-happens when it does not hold: a plan is still updated (by plan_id), and an offsets row in
-the wrong place fails its group (Unavailable) rather than count units in another row.
+A plan's rowid is its purchase_seq; the consume group updates it by rowid. Since v7 a plan's
+row also holds its newest day of offsets, older days are rows of offsets_past, and
+offsets_daily is a view of both. These tests hold the invariants on new rows and on
+migrated ones (a plan at its rowid; each plan's day in exactly one place, the newest in its
+row), across midnight, and show what happens when they do not hold: a plan is still updated
+(by plan_id), and a plan whose row holds another day than the one the writer wrote fails its
+group rather than count units on the wrong day.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
-from datetime import date
 from pathlib import Path
 
 import pytest
@@ -23,30 +25,32 @@ from hypothesis import strategies as st
 from ledger import model as m
 from ledger.errors import Unavailable
 from ledger.store import Store
-from ledger.store.schema import MIGRATIONS, OFFSET_DAY_SLOTS, _statements
+from ledger.store.schema import MIGRATIONS, _statements
 from ledger.verify import verify
 from ledger.writer import Batch, unwrap
 
-from .test_journal_blocks import FIXTURES, Ledger, consume
+from .test_journal_blocks import FIXTURES, T0, Ledger, consume
 
-
-def day_number(day: str) -> int:
-    return (date.fromisoformat(day) - date(1970, 1, 1)).days
+DAY_US = 86_400_000_000
 
 
 def assert_keyed(db: Path) -> None:
-    """Every plan and offsets row sits at the rowid the consume group looks for."""
+    """Every plan sits at the rowid the consume group looks for; each plan's days of offsets
+    are each in one place, the newest in the plan's own row."""
     conn = sqlite3.connect(db)
     try:
         plans = conn.execute("SELECT rowid, purchase_seq FROM plans").fetchall()
         assert plans and all(r == s for r, s in plans), plans
-        offsets = conn.execute("SELECT o.rowid, p.purchase_seq, o.day FROM offsets_daily o"
-                               " JOIN plans p USING (plan_id)").fetchall()
-        assert offsets, "the test must write offsets rows"
-        for rowid, seq, day in offsets:
-            assert rowid == seq * OFFSET_DAY_SLOTS + day_number(day), (rowid, seq, day)
-        n = conn.execute("SELECT count(*) FROM offsets_daily").fetchone()[0]
-        assert n == len(offsets), "no offsets row without its plan"
+        past = conn.execute("SELECT o.plan_id, o.day, p.offsets_day FROM offsets_past o"
+                            " LEFT JOIN plans p USING (plan_id)").fetchall()
+        for plan_id, day, newest in past:
+            assert newest is not None and day < newest, (plan_id, day, newest)
+        keys = conn.execute("SELECT account_id, day, plan_id FROM offsets_daily").fetchall()
+        assert keys, "the test must write offsets"
+        assert len(keys) == len(set(keys)), "a plan's day in two places"
+        empty = conn.execute("SELECT count(*) FROM plans WHERE offsets_day IS NOT NULL"
+                             " AND offsets_units <= 0").fetchone()[0]
+        assert empty == 0
     finally:
         conn.close()
 
@@ -55,6 +59,15 @@ def offsets_units(db: Path) -> dict[tuple[str, str, str], int]:
     conn = sqlite3.connect(db)
     try:
         return {(a, d, p): u for a, d, p, u in conn.execute("SELECT * FROM offsets_daily")}
+    finally:
+        conn.close()
+
+
+def plan_of(db: Path, account_id: str) -> str:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT plan_id FROM plans WHERE account_id = ?", (account_id,)
+                            ).fetchone()[0]
     finally:
         conn.close()
 
@@ -86,8 +99,8 @@ def test_new_plans_and_offsets_rows_sit_at_their_integer_keys(tmp_path):
 
 
 def test_migration_v6_keys_old_rows_and_keeps_their_units(tmp_path):
-    """The committed v2 fixture, migrated to v6 in place: its plan takes its purchase_seq as
-    rowid, its offsets row the key of its plan and day, units unchanged; it verifies."""
+    """The committed v2 fixture, migrated to v7 in place: its plan takes its purchase_seq as
+    rowid and its newest day of offsets, units unchanged; it verifies."""
     db = tmp_path / "ledger.db"
     shutil.copy(FIXTURES / "ledger-v2.db", db)
     before = offsets_units(db)
@@ -96,6 +109,36 @@ def test_migration_v6_keys_old_rows_and_keeps_their_units(tmp_path):
     assert offsets_units(db) == before
     assert_keyed(db)
     assert verify(str(db)).ok
+
+
+def test_migration_v7_moves_each_plans_newest_day_into_its_row(tmp_path):
+    """A schema-v6 database whose plans have offsets on one, two or three days: after the
+    migration each plan's newest day is in its row, the older ones in offsets_past, and
+    offsets_daily (now a view) reads exactly the rows it had."""
+    from .bench_derived_rows import DAY, build
+
+    db = tmp_path / "ledger.db"
+    conn, seqs = build(str(db))  # v6: 1,000 plans, each with one offsets row on DAY
+    conn.executemany("INSERT INTO offsets_daily (account_id, day, plan_id, units)"
+                     " VALUES (?, ?, ?, ?)",
+                     [(f"acct-{i:05d}", day, f"plan-{seqs[i]}", 10 + i)
+                      for i in range(0, 30, 3) for day in ("2026-12-01", "2026-12-09")]
+                     + [(f"acct-{i:05d}", "2026-11-30", f"plan-{seqs[i]}", 5)
+                        for i in range(1, 30, 3)])
+    conn.execute("PRAGMA user_version = 6")
+    before = dict(((a, d, p), u) for a, d, p, u in conn.execute("SELECT * FROM offsets_daily"))
+    conn.close()
+    Store(db).close()
+    assert offsets_units(db) == before
+    assert_keyed(db)
+    conn = sqlite3.connect(db)
+    try:
+        newest = dict(conn.execute("SELECT plan_id, offsets_day FROM plans"))
+        assert newest[f"plan-{seqs[0]}"] == "2026-12-09"
+        assert newest[f"plan-{seqs[1]}"] == DAY
+        assert conn.execute("SELECT count(*) FROM offsets_past").fetchone()[0] == 10 * 2 + 10
+    finally:
+        conn.close()
 
 
 def v5_database(db: Path) -> sqlite3.Connection:
@@ -152,67 +195,61 @@ def test_a_plan_off_its_rowid_is_still_updated(tmp_path, caplog):
         conn.close()
 
 
-def test_an_offsets_row_in_another_rows_place_fails_its_group(tmp_path):
-    """beta's offsets row for the day moved to the rowid acme's row will take: acme's first
-    consume of the day then conflicts with a row of another plan; the group fails, and
-    neither row changes."""
+def test_a_plans_day_changed_behind_the_writer_fails_its_group_then_heals(tmp_path):
+    """acme's row is made to hold another day than the writer wrote in it (by hand, as no
+    ledger code does): acme's next consume, which would add to the day by rowid, finds no
+    row and fails its group (nothing changes); the group after it confirms the day afresh."""
     db = tmp_path / "l.db"
     led = Ledger(db)
     try:
         two_plans(led)
-        led.call(consume("beta", "b1", 4))
-    finally:
-        led.close()
-    conn = sqlite3.connect(db)
-    seq, = conn.execute("SELECT purchase_seq FROM plans WHERE account_id = 'acme'").fetchone()
-    day, = conn.execute("SELECT day FROM offsets_daily").fetchone()
-    conn.execute("UPDATE offsets_daily SET rowid = ? WHERE account_id = 'beta'",
-                 (seq * OFFSET_DAY_SLOTS + day_number(day),))
-    conn.commit()
-    conn.close()
-    before = offsets_units(db)
-    led = Ledger(db)
-    try:
+        led.call(consume("acme", "a1", 2))  # sets the day, confirmed at commit
+        led.call(consume("acme", "a2", 1))  # by rowid, the day checked
+        side = sqlite3.connect(db)
+        side.execute("UPDATE plans SET offsets_day = '2027-03-09' WHERE account_id = 'acme'")
+        side.commit()
+        before = offsets_units(db)
         with pytest.raises(Unavailable):
-            unwrap(led.writer.call(consume("acme", "a1", 3)))
+            unwrap(led.writer.call(consume("acme", "a3", 4)))
+        assert offsets_units(db) == before
+        assert led.call(consume("acme", "a3", 4)).plan_units_remaining == 100_000 - 7
+        side.close()
     finally:
         led.close()
-    assert offsets_units(db) == before
-
-
-def test_rowids_of_a_rolled_back_group_are_not_taken_as_confirmed(tmp_path, monkeypatch):
-    """A group whose commit fails confirms nothing: beta's offsets row it would have
-    inserted is not there, so the next group must insert it (checked), not update it."""
-    from ledger.store import sqlite as sqlite_store
-
-    db = tmp_path / "l.db"
-    led = Ledger(db)
-    try:
-        two_plans(led)
-        led.call(consume("acme", "a1", 2))
-        failing = {"left": 1}
-
-        def fault(point: str) -> None:
-            if point == "during_commit" and failing["left"]:
-                failing["left"] -= 1
-                raise sqlite3.OperationalError("disk I/O error (planted)")
-
-        monkeypatch.setattr(sqlite_store, "fault", fault)
-        with pytest.raises(Unavailable):
-            unwrap(led.writer.call(consume("beta", "b1", 3)))
-        led.call(consume("acme", "a2", 1))  # a group that commits, beta not in it
-        seq, = led.store.conn.execute("SELECT purchase_seq FROM plans WHERE account_id = 'beta'"
-                                      ).fetchone()
-        day, = led.store.conn.execute("SELECT day FROM offsets_daily").fetchone()
-        assert seq * OFFSET_DAY_SLOTS + day_number(day) not in led.store.rows.offsets_keyed
-        assert unwrap(led.writer.call(consume("beta", "b1", 3))).plan_units_remaining == (
-            100_000 - 3)
-        led.call(consume("beta", "b2", 1))  # now by rowid alone
-    finally:
-        led.close()
-    assert_keyed(db)
     units = offsets_units(db)
-    assert sorted(units.values()) == [3, 4]
+    plan = plan_of(db, "acme")
+    assert units == {("acme", "2027-03-09", plan): 3, ("acme", "2027-03-10", plan): 4}
+
+
+def test_a_plans_days_across_midnight(tmp_path):
+    """A plan's consumes on two days: the older day moves to offsets_past when the newer
+    day's first consume comes, in separate groups and inside one group (a Batch that
+    advances the clock between two consumes); every figure verifies."""
+    db = tmp_path / "l.db"
+    led = Ledger(db)
+    try:
+        two_plans(led)
+        led.call(consume("acme", "d1", 2))
+        led.call(consume("acme", "d1b", 1))
+        led.call(m.AdvanceClock(T0 + DAY_US))
+        led.call(consume("acme", "d2", 5))
+        outs = led.writer.call(Batch([consume("beta", "e1", 3), m.AdvanceClock(T0 + 2 * DAY_US),
+                                      consume("beta", "e2", 4), consume("acme", "d3", 6)]))
+        assert all(not isinstance(o.error, Exception) for o in outs), outs
+        led.call(consume("beta", "e3", 1))
+    finally:
+        led.close()
+    a, b = plan_of(db, "acme"), plan_of(db, "beta")
+    assert offsets_units(db) == {
+        ("acme", "2027-03-10", a): 3, ("acme", "2027-03-11", a): 5, ("acme", "2027-03-12", a): 6,
+        ("beta", "2027-03-11", b): 3, ("beta", "2027-03-12", b): 5}
+    assert_keyed(db)
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT count(*) FROM offsets_past").fetchone()[0] == 3
+    finally:
+        conn.close()
+    assert verify(str(db)).ok
 
 
 @settings(max_examples=300, deadline=None)

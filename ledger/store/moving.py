@@ -16,6 +16,7 @@ from typing import Any
 from . import blocks
 from .postgres import PgStore
 from .sqlite import Store
+from .sqlite_rows import PLAN_COLUMNS
 
 COPY_ROWS_PER_READ = 2_000  # journal rows read from SQLite at a time
 DERIVED_TABLES = ("accounts", "plans", "usage_daily", "offsets_daily", "features_daily",
@@ -91,7 +92,9 @@ def _copy_rows(c: Any, rows: list[tuple]) -> None:
 
 
 def _copy_table(src: Store, c: Any, table: str) -> None:
-    columns = _ACCOUNT_COLUMNS if table == "accounts" else "*"
+    # SQLite's plans rows also hold their newest day of offsets (schema v7), which the
+    # offsets_daily view hands over with the older days.
+    columns = {"accounts": _ACCOUNT_COLUMNS, "plans": PLAN_COLUMNS}.get(table, "*")
     cur = src.conn.execute(f"SELECT {columns} FROM {table}")
     names = [d[0] for d in cur.description]
     marks = ",".join(["%s"] * len(names))

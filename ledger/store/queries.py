@@ -164,7 +164,7 @@ def dump_derived(conn: sqlite3.Connection) -> dict[str, dict[Any, Any]]:
     cols = [c[0] for c in cur.description]
     out["accounts"] = {r[0]: {**dict(zip(cols[1:], r[1:], strict=True)),
                               "scenario_ids": json.loads(r[9])} for r in cur}
-    cur = conn.execute("SELECT * FROM plans")
+    cur = conn.execute(f"SELECT {_PLAN_COLUMNS} FROM plans")  # not SQLite's offsets (v7)
     cols = [c[0] for c in cur.description]
     out["plans"] = {r[0]: dict(zip(cols[1:], r[1:], strict=True)) for r in cur}
     out["usage_daily"] = {(r[0], r[1], r[2]): (r[3], r[4])

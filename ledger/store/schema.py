@@ -195,8 +195,35 @@ ALTER TABLE offsets_daily_v6 RENAME TO offsets_daily;
 CREATE INDEX offsets_by_day ON offsets_daily (day);
 """
 
+# A plan's offsets of its newest day live in its own row (issue 19): a consume group then
+# writes one row per plan it takes from, not two (the plan and its offsets_daily row). The
+# plan's row holds its newest day (``offsets_day``) and that day's units; the older days
+# are rows of ``offsets_past``; ``offsets_daily`` becomes a view of both, with the columns
+# it had, so every reader keeps its queries. A (plan, day) is in exactly one of the two:
+# the writer moves a plan's day into offsets_past only when a later day's consume comes
+# (ledger/store/sqlite_rows.py), and the ledger's clock never goes back. The migration
+# moves each plan's newest day into its row.
+SCHEMA_V7 = """
+ALTER TABLE offsets_daily RENAME TO offsets_past;
+ALTER TABLE plans ADD COLUMN offsets_day TEXT;
+ALTER TABLE plans ADD COLUMN offsets_units INTEGER NOT NULL DEFAULT 0;
+UPDATE plans SET offsets_day = o.day, offsets_units = o.units
+    FROM (SELECT plan_id, day, units,
+                 row_number() OVER (PARTITION BY plan_id ORDER BY day DESC) AS n
+          FROM offsets_past) AS o
+    WHERE o.plan_id = plans.plan_id AND o.n = 1;
+DELETE FROM offsets_past WHERE (plan_id, day) IN
+    (SELECT plan_id, offsets_day FROM plans WHERE offsets_units > 0);
+CREATE INDEX plans_by_offsets_day ON plans (offsets_day);
+CREATE VIEW offsets_daily (account_id, day, plan_id, units) AS
+    SELECT account_id, day, plan_id, units FROM offsets_past
+    UNION ALL
+    SELECT account_id, offsets_day, plan_id, offsets_units FROM plans WHERE offsets_units > 0;
+"""
+
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6]
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+                         SCHEMA_V7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
