@@ -11,7 +11,9 @@ per configuration. Each configuration gets the same accounts (spread: --accounts
 each with a year-100m plan) and the same loads: unary Consume at 64 in flight and at 1 in
 flight per node (p50), ConsumeStream (4 streams x 16), ConsumeBatch x1,000 in both views
 (4 calls in flight). With two nodes, the load is split in half and sent to both nodes at
-once, and the figure is their sum (a p50 their mean).
+once, and the figure is their sum (a p50 their mean). The no-op server
+(``tests/baseline_server.py``) runs the stream load beside them, for issue 20's streams
+target (0.6x the no-op).
 After every load, requests acknowledged must equal units recorded (plans' offsets plus
 pay-as-you-go, from the database). Every load is bounded in count and time; each figure is
 the median of --runs rounds, the configurations taking turns within a round.
@@ -43,6 +45,8 @@ from .pg_cluster import PgCluster, find_bindir
 BATCH_TARGET_PER_S = 40_000  # issue 20: one node's ConsumeBatch, spread over 1,000 accounts
 UNARY_VS_SQLITE_MIN = 0.8  # issue 20: one node's unary at 64 in flight against SQLite's
 UNARY1_P50_MARGIN_MS = 0.5  # issue 20: one node's p50 at 1 in flight, at most SQLite's + this
+STREAM_VS_NOOP_MIN = 0.6  # issue 20: one node's ConsumeStream 4 x 16 against the no-op server's
+NOOP = "no-op server"  # tests/baseline_server.py: streams only, beside the ledger's
 LOADS = (
     ("unary64", "Consume, 64 in flight", {"shape": "unary", "concurrency": 64}, "calls/s"),
     ("unary1", "Consume, 1 in flight (per node)", {"shape": "unary", "concurrency": 1},
@@ -123,10 +127,15 @@ class Config:
         for i in range(nodes):
             d = tmp / f"{name}-{i}"
             d.mkdir(parents=True)
+            serve = (["-m", "tests.baseline_server"] if name == NOOP else
+                     ["-m", "server", "serve", "--db", db, "--log-level", "warning"])
             self.procs.append(Proc(f"{name}-{i}", [
-                py, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--db", db,
-                "--port-file", str(d / "ports.json"), "--log-level", "warning"],
+                py, *serve, "--listen", "127.0.0.1:0", "--port-file", str(d / "ports.json")],
                 d / "ports.json", d / "server.log"))
+
+    def runs(self, key: str) -> bool:
+        """The no-op server answers without recording: it runs the stream load alone."""
+        return self.name != NOOP or key == "stream"
 
     def start(self) -> Config:
         for p in self.procs:
@@ -170,6 +179,9 @@ async def bench(configs: list[Config], runs: int, seconds: float, accounts: int,
                 console: Console) -> dict[str, dict[str, list[float]]]:
     ids = {}
     for cfg in configs:
+        if cfg.name == NOOP:  # nothing to set up: it answers any account
+            ids[cfg.name] = LoadConfig(target="", accounts=accounts, account_prefix="pgb-").ids()
+            continue
         t0 = time.perf_counter()
         ids[cfg.name] = await prepare(cfg, accounts)
         console.print(f"{cfg.name}: {accounts:,} accounts ready in "
@@ -178,16 +190,17 @@ async def bench(configs: list[Config], runs: int, seconds: float, accounts: int,
                                                   for c in configs}
     cpu: dict[str, dict[str, list[tuple[float, float]]]] = {
         c.name: {k: [] for k, *_ in LOADS} for c in configs}
-    units = {c.name: Units(c.db) for c in configs}
+    units = {c.name: Units(c.db) for c in configs if c.name != NOOP}
     for run in range(runs):
         for key, label, load, unit in LOADS:
             order = configs if run % 2 == 0 else list(reversed(configs))
-            for cfg in order:
+            for cfg in [c for c in order if c.runs(key)]:
                 node0, pg0 = cfg.cpu_s(), postgres_cpu_s()
                 results = await cfg.drive(ids[cfg.name], load, seconds)
                 node_us = (cfg.cpu_s() - node0) * 1e6
                 pg_us = (postgres_cpu_s() - pg0) * 1e6 if is_pg_url(cfg.db) else 0.0
-                acked = units[cfg.name].check(results, f"{cfg.name} {label}")
+                acked = (units[cfg.name].check(results, f"{cfg.name} {label}")
+                         if cfg.name != NOOP else sum(r.acknowledged for r in results))
                 cpu[cfg.name][key].append((node_us / max(acked, 1), pg_us / max(acked, 1)))
                 v = (statistics.mean(value(key, r) for r in results) if unit == "p50 ms"
                      else sum(value(key, r) for r in results))  # a latency is not summed
@@ -207,7 +220,8 @@ async def bench(configs: list[Config], runs: int, seconds: float, accounts: int,
     return figures
 
 
-def report(figures: dict[str, dict[str, list[float]]], console: Console) -> None:
+def report(figures: dict[str, dict[str, list[float]]], accounts: int, console: Console
+           ) -> None:
     names = list(figures)
     table = Table(title="quota-ledger on PostgreSQL beside SQLite (median)")
     table.add_column("measure")
@@ -215,19 +229,27 @@ def report(figures: dict[str, dict[str, list[float]]], console: Console) -> None
         table.add_column(name, justify="right")
     for key, label, _, unit in LOADS:
         shown = "{:,.2f}" if unit == "p50 ms" else "{:,.0f}"
-        table.add_row(f"{label} ({unit})",
-                      *(shown.format(statistics.median(figures[n][key])) for n in names))
+        table.add_row(f"{label} ({unit})", *(
+            shown.format(statistics.median(figures[n][key])) if figures[n][key] else "-"
+            for n in names))
         for part, who in (("node", "ledger nodes"), ("pg", "PostgreSQL")):
-            table.add_row(f"  CPU per request, {who} (µs)",
-                          *(f"{statistics.median(figures[n][f'{key}_{part}_us']):,.0f}"
-                            for n in names))
+            table.add_row(f"  CPU per request, {who} (µs)", *(
+                f"{statistics.median(figures[n][f'{key}_{part}_us']):,.0f}"
+                if figures[n][key] else "-" for n in names))
     console.print(table)
     one = figures.get("postgres 1 node")
     if one:
         batch = statistics.median(one["batch_compact"])
-        console.print(f"one node's ConsumeBatch x1,000 COMPACT over 1,000 accounts: {batch:,.0f}"
+        console.print(f"one node's ConsumeBatch x1,000 COMPACT over {accounts:,} accounts "
+                      f"(the target's: 1,000): {batch:,.0f}"
                       f"/s; target >= {BATCH_TARGET_PER_S:,}/s: "
                       f"{'MET' if batch >= BATCH_TARGET_PER_S else 'MISSED'}")
+    noop = figures.get(NOOP)
+    if one and noop:
+        ratio = statistics.median(one["stream"]) / statistics.median(noop["stream"])
+        console.print(f"one node's ConsumeStream 4 x 16: {ratio:.2f}x the no-op server; target "
+                      f">= {STREAM_VS_NOOP_MIN}x: "
+                      f"{'MET' if ratio >= STREAM_VS_NOOP_MIN else 'MISSED'}")
     lite = figures.get("sqlite")
     if one and lite:  # issue 20's targets against SQLite in the same run
         u64 = statistics.median(one["unary64"]) / statistics.median(lite["unary64"])
@@ -280,10 +302,11 @@ def main(runs: int, seconds: float, accounts: int, no_sqlite: bool, no_fsync: bo
         configs.append(Config("postgres 2 nodes", cluster.create_database("two"), 2, base))
         configs.append(Config("2 nodes, affinity", cluster.create_database("aff"), 2, base,
                               affinity=True))
+        configs.append(Config(NOOP, "", 1, base))
         for cfg in configs:
             cfg.start()
         figures = asyncio.run(bench(configs, runs, seconds, accounts, console))
-        report(figures, console)
+        report(figures, accounts, console)
     finally:
         for cfg in configs:
             cfg.stop()
