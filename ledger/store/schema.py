@@ -202,16 +202,19 @@ CREATE INDEX offsets_by_day ON offsets_daily (day);
 # it had, so every reader keeps its queries. A (plan, day) is in exactly one of the two:
 # the writer moves a plan's day into offsets_past only when a later day's consume comes
 # (ledger/store/sqlite_rows.py), and the ledger's clock never goes back. The migration
-# moves each plan's newest day into its row.
+# moves each plan's newest day into its row (correlated subqueries on offsets_past's key, not
+# UPDATE ... FROM, which older SQLite builds lack).
 SCHEMA_V7 = """
 ALTER TABLE offsets_daily RENAME TO offsets_past;
 ALTER TABLE plans ADD COLUMN offsets_day TEXT;
 ALTER TABLE plans ADD COLUMN offsets_units INTEGER NOT NULL DEFAULT 0;
-UPDATE plans SET offsets_day = o.day, offsets_units = o.units
-    FROM (SELECT plan_id, day, units,
-                 row_number() OVER (PARTITION BY plan_id ORDER BY day DESC) AS n
-          FROM offsets_past) AS o
-    WHERE o.plan_id = plans.plan_id AND o.n = 1;
+UPDATE plans SET offsets_day = (SELECT max(o.day) FROM offsets_past o
+                                 WHERE o.account_id = plans.account_id
+                                   AND o.plan_id = plans.plan_id);
+UPDATE plans SET offsets_units = (SELECT o.units FROM offsets_past o
+                                  WHERE o.account_id = plans.account_id
+                                    AND o.day = plans.offsets_day AND o.plan_id = plans.plan_id)
+    WHERE offsets_day IS NOT NULL;
 DELETE FROM offsets_past WHERE (plan_id, day) IN
     (SELECT plan_id, offsets_day FROM plans WHERE offsets_units > 0);
 CREATE INDEX plans_by_offsets_day ON plans (offsets_day);
