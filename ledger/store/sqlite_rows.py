@@ -99,7 +99,7 @@ class GroupRows:
             c.executemany(f"INSERT INTO plans (rowid, {PLAN_COLUMNS}) VALUES"
                           " (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             self._pending_plans += [r[0] for r in rows]
-        if uow.plans:
+        if uow.plans or uow.offsets:  # offsets of no changed plan fail the group there
             self._update_plans(c, uow)
         if uow.usage:
             c.executemany(
