@@ -26,14 +26,21 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from datetime import date
 
 import click
 
 from ledger.store.schema import MIGRATIONS, OFFSET_DAY_SLOTS, _statements
-from ledger.store.sqlite_rows import PLAN_COLUMNS, day_number
+from ledger.store.sqlite_rows import PLAN_COLUMNS
 
 PLANS = 1_000
 DAY = "2026-12-04"
+
+
+def day_number(day: str) -> int:
+    """A billing day's number since 1970-01-01: the low part of a schema-v6 offsets row's
+    rowid (ledger/store/schema.py)."""
+    return (date.fromisoformat(day) - date(1970, 1, 1)).days
 
 
 V6 = 6  # the forms below are schema v6's; v7's one statement has a database of its own

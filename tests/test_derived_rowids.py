@@ -222,9 +222,10 @@ def test_a_plans_day_changed_behind_the_writer_fails_its_group_then_heals(tmp_pa
 
 
 def test_a_plans_days_across_midnight(tmp_path):
-    """A plan's consumes on two days: the older day moves to offsets_past when the newer
-    day's first consume comes, in separate groups and inside one group (a Batch that
-    advances the clock between two consumes); every figure verifies."""
+    """R2: the ledger's clock decides each consume's billing day, and never goes back. A
+    plan's consumes on two days: the older day moves to offsets_past when the newer day's
+    first consume comes, in separate groups and inside one group (a Batch that advances
+    the clock between two consumes); every figure verifies."""
     db = tmp_path / "l.db"
     led = Ledger(db)
     try:

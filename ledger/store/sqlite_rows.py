@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from datetime import date
 
 from .journal import UnitOfWork
 
@@ -35,7 +34,6 @@ PLAN_COLUMNS = ("plan_id, account_id, spec_id, units_total, units_remaining, uni
                 " price_micros, validity, purchased_at_us, expires_at_us, purchase_seq,"
                 " paid_voucher_micros, paid_cash_micros, refunded_at_us")
 KEYED_ROWIDS_MAX = 1_000_000  # confirmed rowids kept per table; past it, confirmed afresh
-_EPOCH_DAY = date(1970, 1, 1)
 
 _PLAN_BY_ROWID = "UPDATE plans SET units_remaining = ? WHERE rowid = ?"
 _PLAN_CHECKED = "UPDATE plans SET units_remaining = ? WHERE rowid = ? AND plan_id = ?"
@@ -56,12 +54,6 @@ _DAY_TO_PAST = ("INSERT INTO offsets_past (account_id, day, plan_id, units)"
                 " ON CONFLICT DO UPDATE SET units = units + excluded.units")
 _DAY_SET = ("UPDATE plans SET offsets_units = CASE WHEN offsets_day IS ?2 THEN offsets_units + ?3"
             " ELSE ?3 END, offsets_day = ?2 WHERE plan_id = ?1")
-
-
-def day_number(day: str) -> int:
-    """A billing day's number since 1970-01-01 (the low part of a schema-v6 offsets row's
-    rowid)."""
-    return (date.fromisoformat(day) - _EPOCH_DAY).days
 
 
 class GroupRows:
