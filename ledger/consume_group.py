@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .account_commands import suspended
 from .errors import LedgerError, key_reused
-from .model import _BILLABLE, AccountStatus, Consume, consume_fingerprint
+from .model import _BILLABLE, AccountStatus, Consume, PlanState, consume_fingerprint
 from .money import PAYG_UNIT_PRICE_MICROS
 from .store.blocks import prior_of_item
 
@@ -88,6 +88,10 @@ def run_group(engine: Engine, rows: list[tuple]) -> GroupResult:  # noqa: C901, 
     block_seq = 0
     items: list[list[Any]] = []
     remaining_of: dict[str, int] = {}
+    # The units each plan held when this group first took from it: the day's offsets and
+    # the changed plans are folded into the UnitOfWork once per plan, after the loop (only
+    # this loop changes a plan's units within it).
+    first_units: dict[str, tuple[PlanState, int]] = {}
     for i, (account_id, request_id, region, ctype, arch, step, scenario, qty, dry,
             observed) in enumerate(rows):
         acct = accounts.get(account_id) if held is None or account_id in held else None
@@ -102,7 +106,7 @@ def run_group(engine: Engine, rows: list[tuple]) -> GroupResult:  # noqa: C901, 
         if hit is not None:  # claimed earlier in this very group: not yet in the database
             prior: Any = prior_of_item(hit[0], hit[2], hit[3], hit[4])
         elif key in looked_up:
-            prior = found.get(key)
+            prior = found.get(key) if found else None
         else:
             prior = engine.store.find_consume_keys([key]).get(key)
         if prior is not None:  # R12: only a billable request claims a key
@@ -129,42 +133,60 @@ def run_group(engine: Engine, rows: list[tuple]) -> GroupResult:  # noqa: C901, 
             continue
         billable_c[i] = True
         # R8: the account's plans are kept in R8 order; take from each that can offset now.
-        takes = []
-        left = qty
-        for plan in acct.live_plans:
-            if (plan.refunded_at is None and plan.units_remaining > 0
-                    and plan.purchased_at <= now < plan.expires_at):
-                units = plan.units_remaining
-                if left <= units:
-                    takes.append((plan, left))
-                    left = 0
-                    break
-                takes.append((plan, units))
-                left -= units
-        payg_micros = PAYG_UNIT_PRICE_MICROS[region] * left  # R10
-        allocations = (((takes[0][0].plan_id, takes[0][1]),) if len(takes) == 1
-                       else tuple([(p.plan_id, n) for p, n in takes]))
-        allocs_c[i], units_c[i], micros_c[i] = allocations, left, payg_micros
-        remaining -= qty - left
-        if dry:
-            remaining_c[i] = remaining
-            continue
-        remaining_of[account_id] = remaining_c[i] = remaining
-        for plan, n in takes:
-            assert 0 < n <= plan.units_remaining, "no plan goes below zero (R11)"
-            plan.units_remaining -= n
-            plans_changed[plan.plan_id] = plan
-            okey = (account_id, day, plan.plan_id)
-            offsets[okey] = offsets.get(okey, 0) + n
-        if left:
-            acc = usage.get((account_id, day, region))
-            if acc is None:
-                usage[(account_id, day, region)] = [left, payg_micros]
-            else:
-                acc[0] += left
-                acc[1] += payg_micros
-        if takes and takes[0][0].units_remaining == 0:  # R8 order: any emptied plan is first
-            acct.live_plans = [p for p in acct.live_plans if p.units_remaining > 0]
+        # The common case first: the first plan can offset now and pays the whole quantity.
+        plans = acct.live_plans
+        plan = plans[0] if plans else None
+        if (plan is not None and plan.units_remaining >= qty and plan.refunded_at is None
+                and plan.purchased_at <= now < plan.expires_at):
+            left = payg_micros = 0
+            allocations: tuple = ((plan.plan_id, qty),)
+            allocs_c[i] = allocations
+            remaining -= qty
+            if dry:
+                remaining_c[i] = remaining
+                continue
+            remaining_of[account_id] = remaining_c[i] = remaining
+            if plan.plan_id not in first_units:
+                first_units[plan.plan_id] = (plan, plan.units_remaining)
+            plan.units_remaining -= qty
+            if not plan.units_remaining:  # R8 order: an emptied plan leaves the live list
+                acct.live_plans = [p for p in plans if p.units_remaining > 0]
+        else:
+            takes = []
+            left = qty
+            for plan in plans:
+                if (plan.refunded_at is None and plan.units_remaining > 0
+                        and plan.purchased_at <= now < plan.expires_at):
+                    units = plan.units_remaining
+                    if left <= units:
+                        takes.append((plan, left))
+                        left = 0
+                        break
+                    takes.append((plan, units))
+                    left -= units
+            payg_micros = PAYG_UNIT_PRICE_MICROS[region] * left  # R10
+            allocations = (((takes[0][0].plan_id, takes[0][1]),) if len(takes) == 1
+                           else tuple([(p.plan_id, n) for p, n in takes]))
+            allocs_c[i], units_c[i], micros_c[i] = allocations, left, payg_micros
+            remaining -= qty - left
+            if dry:
+                remaining_c[i] = remaining
+                continue
+            remaining_of[account_id] = remaining_c[i] = remaining
+            for plan, n in takes:
+                assert 0 < n <= plan.units_remaining, "no plan goes below zero (R11)"
+                if plan.plan_id not in first_units:
+                    first_units[plan.plan_id] = (plan, plan.units_remaining)
+                plan.units_remaining -= n
+            if left:
+                acc = usage.get((account_id, day, region))
+                if acc is None:
+                    usage[(account_id, day, region)] = [left, payg_micros]
+                else:
+                    acc[0] += left
+                    acc[1] += payg_micros
+            if takes and takes[0][0].units_remaining == 0:  # R8 order: emptied plans go
+                acct.live_plans = [p for p in plans if p.units_remaining > 0]
         if not block_seq:
             block_seq = uow.open_block(now, day)
             items = uow.block_items
@@ -175,4 +197,8 @@ def run_group(engine: Engine, rows: list[tuple]) -> GroupResult:  # noqa: C901, 
         consumed[key] = (block_seq, len(items), now, day, item)
         items.append(item)
         seq_c[i] = block_seq
+    for plan_id, (plan, units) in first_units.items():
+        plans_changed[plan_id] = plan
+        okey = (plan.account_id, day, plan_id)
+        offsets[okey] = offsets.get(okey, 0) + units - plan.units_remaining
     return out

@@ -23,7 +23,7 @@ from ledger.clock import TestClock
 from ledger.engine import Engine
 from ledger.errors import AlreadyExists
 from ledger.money import Region
-from ledger.store import Store, consume_entries, keyindex
+from ledger.store import Store, consume_entries, keyindex, keyruns
 from ledger.verify import verify
 from ledger.writer import Batch, Writer, unwrap
 
@@ -288,3 +288,14 @@ def test_key_runs_written_as_rows_are_converted_to_pages_at_start(tmp_path, smal
     assert conn.execute("SELECT count(*) FROM consume_keys").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM key_runs WHERE fences IS NULL").fetchone()[0] == 0
     conn.close()
+
+
+def test_key_hash_is_fixed_blake2b_of_the_key():
+    """Written key runs hold these hashes: the function must never change, or a database's
+    recorded keys would stop being found (R12). BLAKE2b-64 of ``account\\0request``, UTF-8,
+    big-endian signed; the many-key and few-key paths agree."""
+    keys = [("acme", "r-1"), ("b", "é")]
+    expected = [1085221765995904548, 8787617527441001616]
+    assert keyruns.hash_keys(keys).tolist() == expected
+    assert keyruns.hash_ints(keys * (keyruns.SMALL_KEYS_MAX + 1))[:2] == expected
+    assert [keyruns.key_hash(a, r) for a, r in keys] == expected

@@ -19,15 +19,24 @@ Key = tuple[str, str]  # (account_id, request_id)
 Location = tuple[int, int]  # (journal seq, index in its block; -1: a one-row entry)
 
 
+_BLAKE2B_8 = hashlib.blake2b(digest_size=8)  # copied: cheaper than a new one's parameters
+
+
 def _digest(account_id: str, request_id: str) -> bytes:
     """A consume key's 8-byte BLAKE2b digest: the one hash of the index (big-endian)."""
-    return hashlib.blake2b(f"{account_id}\x00{request_id}".encode(), digest_size=8).digest()
+    h = _BLAKE2B_8.copy()
+    h.update(f"{account_id}\x00{request_id}".encode())
+    return h.digest()
 
 
 def hash_keys(keys: Iterable[Key]) -> np.ndarray:
     """Signed 64-bit hashes (SQLite INTEGER) of consume keys, as one int64 array."""
-    digests = b"".join([_digest(a, r) for a, r in keys])
-    return np.frombuffer(digests, dtype=">i8").astype(np.int64)
+    copy, digests = _BLAKE2B_8.copy, []
+    for a, r in keys:  # _digest, inlined: this runs for every key of every group
+        h = copy()
+        h.update(f"{a}\x00{r}".encode())
+        digests.append(h.digest())
+    return np.frombuffer(b"".join(digests), dtype=">i8").astype(np.int64)
 
 
 SMALL_KEYS_MAX = 16  # up to this many keys are hashed without numpy (a unary group's few)
