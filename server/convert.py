@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.timestamp_pb2 import Timestamp
 from quota_ledger.v1 import accounts_pb2 as apb
 from quota_ledger.v1 import common_pb2 as pb
@@ -84,6 +86,57 @@ def consume_row(req: qpb.ConsumeRequest) -> tuple:
                 else None)
     return (account_id, request_id, region, ctype, arch, step, scenario, quantity,
             req.dry_run, observed)
+
+
+_ID_BYTES = bytes(range(0x21, 0x7F))  # printable ASCII but the space: an id's characters
+_TEXT_BYTES = bytes(range(0x20, 0x7F))  # printable ASCII: a request_id's characters
+
+
+def _ids_ok(ids: tuple[str, ...], max_len: int, allowed: bytes) -> bool:
+    """Whether every id passes its field's check (:func:`ledger.model.check_id`,
+    ``check_request_id``) at once: one ``join`` and a few passes in C, not a call per id.
+    ASCII first, so deleting the allowed bytes leaves nothing exactly when ``isprintable``
+    (and, for an id, no space) would hold."""
+    lengths = list(map(len, ids))
+    joined = "".join(ids)
+    return (min(lengths) > 0 and max(lengths) <= max_len and joined.isascii()
+            and not joined.encode().translate(None, allowed))
+
+
+def consume_rows(requests: Any) -> list[tuple] | None:
+    """A batch's items as consume rows, validated column by column (issue 19): the same
+    rows :func:`consume_row` gives item by item, or None when any item fails a check (the
+    caller then goes item by item, for each refused item's own message). Each item's fields
+    are read once, into the row itself (``ROW_FIELDS``' order); the rare item with a
+    client instant (R26) or quantity 0 (R5) has its row remade."""
+    rows = [(r.account_id, r.request_id, r.region, r.captcha_type, r.architecture, r.step,
+             r.scenario_id or None, r.quantity, r.dry_run,
+             (r.HasField("client_observed_at") or r.HasField("client_timestamp")) or None)
+            for r in requests]
+    if not rows:
+        return rows
+    accounts, request_ids, regions, ctypes, archs, steps, scenarios, quantities, _, stamped = (
+        zip(*rows, strict=True))
+    if not (_ids_ok(accounts, m.ACCOUNT_ID_LEN_MAX, _ID_BYTES)
+            and _ids_ok(request_ids, m.REQUEST_ID_LEN_MAX, _TEXT_BYTES)
+            and _REGION_NUMS.issuperset(regions) and _TYPE_NUMS.issuperset(ctypes)
+            and _ARCH_NUMS.issuperset(archs) and _STEP_NUMS.issuperset(steps)):
+        return None
+    low, high = min(quantities), max(quantities)
+    if low < 0 or high > m.QUANTITY_MAX:
+        return None
+    named = tuple([s for s in scenarios if s is not None])
+    if named and not _ids_ok(named, m.SCENARIO_ID_LEN_MAX, _ID_BYTES):
+        return None
+    if low == 0:  # R5: 0 means 1
+        rows = [r if r[7] else (*r[:7], 1, *r[8:]) for r in rows]
+    if any(stamped):
+        try:
+            rows = [(*r[:9], _client_observed_us(req)) if r[9] else r
+                    for r, req in zip(rows, requests, strict=True)]
+        except InvalidArgument:
+            return None
+    return rows
 
 
 def _client_observed_us(req: qpb.ConsumeRequest) -> int | None:
