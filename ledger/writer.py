@@ -47,11 +47,8 @@ log = logging.getLogger("quota_ledger.writer")
 # The garbage collector (issue 19): a consume group allocates thousands of small containers,
 # so CPython's default (a young collection every 700) ran 7 collections a group, and full
 # ones paused the writer 40 ms. The state loaded at start is frozen out of every collection,
-# and the thresholds are raised: nothing on the hot path makes reference cycles. A young
-# collection walks every container still alive, a group's thousands in flight among them:
-# at 50,000 one took 10 ms on average (up to 20) under batch load, 2% of the server's time;
-# at 500,000 they are ten times rarer (eighth sitting, docs/performance.md).
-GC_THRESHOLDS = (500_000, 20, 10)
+# and the thresholds are raised: nothing on the hot path makes reference cycles.
+GC_THRESHOLDS = (50_000, 20, 10)
 QUEUE_DEPTH_MAX = 10_000  # queued submissions (a batch counts once)
 _EARLY_REPLIES = planted("reply_before_commit")
 GROUP_REQUESTS_MAX = 4_096  # requests committed together at most
