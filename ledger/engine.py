@@ -18,7 +18,7 @@ from . import calendar as cal
 from . import shared
 from .account_commands import REFUND_WINDOW_US, AccountCommands, Replayed, suspended
 from .consume_group import GroupResult, row_of, run_group
-from .errors import InvalidArgument, NotFound, key_reused
+from .errors import InvalidArgument, NotFound, Stale, key_reused
 from .lifecycle import (
     CLOCK_META_KEY,
     OVERDUE_SUSPEND_AFTER_US,
@@ -117,6 +117,7 @@ class Engine(AccountCommands, Lifecycle):
         self._found: dict[tuple[str, str], Prior] = {}
         self._held: set[str] = set()
         self._exclusive = False
+        self._check: tuple | None = None
         return self.uow
 
     def open(self, cmds: list[Any], rows: list[tuple] = ()) -> None:  # type: ignore[assignment]
@@ -126,6 +127,8 @@ class Engine(AccountCommands, Lifecycle):
         keys."""
         keys = group_keys(cmds, rows)
         if self.shared:
+            if shared.open_optimistic(self, cmds, rows, keys):
+                return
             shared.open_group(self, cmds, rows, keys)
         self._prefetch(keys)
 
@@ -144,18 +147,34 @@ class Engine(AccountCommands, Lifecycle):
         self._found.update(self.store.find_consume_keys(keys))
 
     def commit(self) -> None:
-        """Commit the open group; on failure reload state and re-raise (Unavailable)."""
+        """Commit the open group; on failure reload state and re-raise (Unavailable).
+        An optimistic group that lost (:class:`Stale`) drops its accounts' cached copies
+        and re-raises: the writer runs it again."""
         uow = self._uow
         if uow or self.shared:  # a shared store's group always ends its transaction
             try:
-                versions = self.store.commit(uow)
+                if self._check is not None:
+                    versions = self.store.commit(uow, self._check[1])
+                else:
+                    versions = self.store.commit(uow)
+            except Stale as exc:
+                self.uow = None
+                shared.lost(self, exc)
+                raise
             except Exception:
                 self.abort()
                 raise
             if self.shared:
-                self.versions.update(versions)
+                self._shared_written(uow, versions)
         self.last_hash, self.next_seq = uow.last_hash, uow.next_seq
         self.uow = None
+
+    def _shared_written(self, uow: UnitOfWork, versions: dict[str, int]) -> None:
+        """A shared store's group wrote: the accounts' new versions, and the meta this node
+        wrote itself (an optimistic group relies on it)."""
+        self.versions.update(versions)
+        if uow.meta and self._meta is not None:
+            self._meta.update((k, uow.meta[k]) for k in shared.META_CHECKED if k in uow.meta)
 
     def abort(self) -> None:
         """Throw the open group away: nothing of it was written. The cached state may hold
@@ -177,7 +196,7 @@ class Engine(AccountCommands, Lifecycle):
             self.begin()
             return
         uow = self._uow
-        self.versions.update(self.store.write(uow))
+        self._shared_written(uow, self.store.write(uow))
         self.last_hash, self.next_seq = uow.last_hash, uow.next_seq
         self.uow = UnitOfWork(last_hash=self.last_hash, next_seq=self.next_seq)
 
@@ -200,6 +219,9 @@ class Engine(AccountCommands, Lifecycle):
     _now: int | None = None
     on_settled: Any = None  # callback(day, bills, seconds), e.g. metrics
     reloads = 0  # shared store: cached accounts dropped because another node changed them
+    _meta: dict[str, str | None] | None = None  # shared store: the meta the node last read
+    _backoff = 0  # shared store: groups still to run on the locked path (shared.lost)
+    _check: tuple | None = None  # the open optimistic group's (accounts, check arguments)
 
     def _billing_day(self, t_us: int) -> str:
         """R1, cached for the current day: the hot path asks once per request."""

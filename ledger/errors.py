@@ -12,6 +12,9 @@
     ├── Unauthenticated              no bearer token, or an unknown one
     └── PermissionDenied             the token's role or accounts do not cover the call
 
+    Stale                            (not a LedgerError: never reaches a caller) a shared
+                                     store's optimistic group lost to another node
+
 The domain never imports grpc: ``server/errors.py`` maps each class to a gRPC status code in
 one table and sends ``reason`` as a ``google.rpc.ErrorInfo``. Anything else that escapes is a
 programmer error and surfaces as INTERNAL.
@@ -81,3 +84,16 @@ class PermissionDenied(LedgerError):
     """Known credentials whose role or accounts do not cover the call."""
 
     default_reason = "PERMISSION_DENIED"
+
+
+class Stale(Exception):
+    """A shared store's optimistic group (issue 20, :func:`ledger.shared.open_optimistic`)
+    found at its commit that another node had moved one of its accounts, the settled day or
+    the shared clock, or had claimed one of its keys. Nothing was written and nothing was
+    answered: the writer runs the group again on the locked path. ``accounts``: those whose
+    version had moved; ``key_claimed``: what was found was a key claimed before (a retry's,
+    most often), not another node's work."""
+
+    def __init__(self, why: str, accounts: list[str], *, key_claimed: bool = False) -> None:
+        super().__init__(why)
+        self.accounts, self.key_claimed = accounts, key_claimed

@@ -41,6 +41,12 @@ def fault(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def armed(point: str) -> bool:
+    """Whether this point is the one armed (a commit may then do what the point's meaning
+    needs, e.g. send its rows before the point, which it would otherwise pipeline)."""
+    return _ARMED is not None and _ARMED[0] == point
+
+
 # -- planted bugs (issue 23) -------------------------------------------------------------
 # Known bugs that the history checker (tests/histories) must catch: never set in production.
 # ``QUOTA_LEDGER_PLANT=<name>`` turns one on in the process; an unknown name stops it at start.

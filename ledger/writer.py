@@ -38,7 +38,7 @@ from typing import Any
 
 from .consume_group import ConsumeRows, GroupResult
 from .engine import Engine
-from .errors import LedgerError, Overloaded, Unavailable
+from .errors import LedgerError, Overloaded, Stale, Unavailable
 from .faults import PLANT_COMMIT_DELAY_S, fault, planted
 from .threads import name_this_thread
 
@@ -97,6 +97,7 @@ class WriterStats:
     requests: int = 0
     last_commit_s: float = 0.0
     inline: int = 0  # groups committed inline (an idle writer's lone submission)
+    group_s: float = 0.0  # groups' time from their opening to their commit's end, in all
 
 
 class Writer:
@@ -286,6 +287,7 @@ class Writer:
     def _process(self, group: list[_Item], direct: bool = False) -> None:
         """Run and commit one group, then answer it (``direct``: on the futures' own loop)."""
         engine = self.engine
+        started = time.perf_counter()
         engine.begin()
         outcomes: list[Any] = []
         replied = False
@@ -318,7 +320,15 @@ class Writer:
                 time.sleep(PLANT_COMMIT_DELAY_S)
             t0 = time.perf_counter()
             engine.commit()
-            elapsed = time.perf_counter() - t0
+            done = time.perf_counter()
+            elapsed = done - t0
+            self.stats.group_s += done - started
+        except Stale:  # an optimistic group lost to another node: nothing written or sent
+            if replied:
+                raise
+            self.stats.group_s += time.perf_counter() - started  # the lost attempt's time
+            self._process(group, direct)  # again, on the locked path (shared.lost)
+            return
         except LedgerError as exc:  # the commit failed: nothing of this group is written
             engine.abort()
             failed = Outcome(error=exc)

@@ -118,8 +118,9 @@ class LedgerServer:
             self.engine.on_settled = self.metrics.on_settled
             self.metrics.watch_state(self._state_query, cfg.metrics_top_accounts)
             if self.store.shared:
-                store, engine = self.store, self.engine
-                self.metrics.watch_contention(lambda: store.lock_wait_s, lambda: engine.reloads)
+                store, engine, stats = self.store, self.engine, self.writer.stats
+                self.metrics.watch_contention(lambda: store.lock_wait_s, lambda: engine.reloads,
+                                              lambda: stats.group_s)
             tune_gc()
             self.writer.start()
             if self.notice_cfg.endpoints:

@@ -244,6 +244,47 @@ BEGIN
 END $$;
 """
 
+# An optimistic consume group's check (issue 20, ``PgStore.commit`` with a check): the
+# group was decided on the node's cached accounts and meta, without opening its
+# transaction first, and its check goes in the same pipeline as its writes and COMMIT (one
+# round trip). It takes the settlement lock (shared) and the accounts' locks in the order
+# given (sorted: no deadlocks), as ``PgStore.open_group_with`` does, then compares, under
+# those locks, the meta's shared clock and settled day and each account's version with what
+# the node decided on. A difference raises SQLSTATE QL409 (its detail: the accounts whose
+# version moved; its hint: the seconds the locks took), so nothing of the group is written.
+# Returns the seconds the accounts' locks took. The lists come as one space-separated text
+# each (an id has no space): psycopg dumps a list parameter item by item in Python.
+PG_SCHEMA_V4 = """
+CREATE FUNCTION ql_check(settle_class integer, settle_key integer, lock_keys text,
+                         accts text, versions text, clock_key text, want_clock text,
+                         settled_key text, want_settled text)
+RETURNS double precision LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz; waited double precision; moved text;
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(settle_class, settle_key);
+    t0 := clock_timestamp();
+    PERFORM pg_advisory_xact_lock(k)
+        FROM unnest(string_to_array(lock_keys, ' ')::bigint[]) AS k;
+    waited := extract(epoch FROM clock_timestamp() - t0);
+    IF (SELECT m.value FROM meta m WHERE m.key = clock_key) IS DISTINCT FROM want_clock
+       OR (SELECT m.value FROM meta m WHERE m.key = settled_key)
+          IS DISTINCT FROM want_settled THEN
+        RAISE EXCEPTION 'the shared clock or the settled day moved'
+            USING ERRCODE = 'QL409', HINT = waited::text;
+    END IF;
+    SELECT string_agg(w.a, ' ') INTO moved
+        FROM unnest(string_to_array(accts, ' '), string_to_array(versions, ' ')::bigint[])
+             AS w(a, v)
+        LEFT JOIN accounts x ON x.account_id = w.a
+        WHERE x.version IS DISTINCT FROM w.v;
+    IF moved IS NOT NULL THEN
+        RAISE EXCEPTION 'accounts changed by another node: %', moved
+            USING ERRCODE = 'QL409', DETAIL = moved, HINT = waited::text;
+    END IF;
+    RETURN waited;
+END $$;
+"""
+
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
-PG_MIGRATIONS: list[str] = [PG_SCHEMA_V1, PG_SCHEMA_V2, PG_SCHEMA_V3]
+PG_MIGRATIONS: list[str] = [PG_SCHEMA_V1, PG_SCHEMA_V2, PG_SCHEMA_V3, PG_SCHEMA_V4]
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

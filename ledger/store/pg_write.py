@@ -58,6 +58,9 @@ KEYS_OUTSIDE_LOCK = planted("key_outside_lock")
 if KEYS_OUTSIDE_LOCK:  # issue 23: a claim that cannot fail, so a duplicate lands
     KEYS_ONE_INSERT_SQL += " ON CONFLICT DO NOTHING"
     KEYS_INSERT_SQL += " ON CONFLICT DO NOTHING"
+CHECK_SQL = ("SELECT ql_check(%s::integer, %s::integer, %s::text, %s::text, %s::text,"
+             " %s::text, %s::text, %s::text, %s::text)")
+STALE_SQLSTATE = "QL409"  # ql_check: the group was decided on state another node moved
 BUMP_ONE_SQL = ("UPDATE accounts SET version = version + 1 WHERE account_id = %s"
                 " RETURNING account_id, version")
 BUMP_SQL = ("UPDATE accounts SET version = version + 1 WHERE account_id = ANY(%s)"

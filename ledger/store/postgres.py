@@ -35,14 +35,16 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from ..errors import Unavailable
-from ..faults import fault
+from ..errors import Stale, Unavailable
+from ..faults import armed, fault
 from . import blocks, pg_write
 from .base import StoreReads
 from .journal import GENESIS_HASH, UnitOfWork
 from .pg_schema import PG_MIGRATIONS, PG_SCHEMA_VERSION
 from .pg_write import (
+    CHECK_SQL,
     OPEN_ONE_SQL,
+    STALE_SQLSTATE,
     fetch_all,
     queue_hold,
     queue_keys,
@@ -60,7 +62,9 @@ READERS_MAX = 8  # pooled connections for the read RPCs
 CONNECT_TIMEOUT_S = 5
 BLOCK_CACHE_MAX = 64  # decoded blocks kept for replays (R12)
 CLOCK_SQL = "SELECT clock_timestamp()"
+LOCK_KEYS_CACHED = 1 << 16  # accounts whose advisory-lock key is kept (a BLAKE2b each)
 
+@lru_cache(maxsize=LOCK_KEYS_CACHED)
 def account_lock_key(account_id: str) -> int:
     """A signed 64-bit advisory-lock key for an account (a collision only serializes two
     accounts more than needed)."""
@@ -159,7 +163,12 @@ class PgStore(StoreReads):
 
     def _connect(self) -> None:
         try:
-            self.raw = psycopg.connect(self.url, autocommit=True,
+            # Statements are prepared on their first use (prepare_threshold 0): psycopg
+            # 3.3 marks a statement prepared on its threshold-th use even when a pipeline
+            # that an earlier error aborted (an optimistic group that lost) skipped its
+            # Parse, and every later use then fails ("prepared statement _pg3_1 does not
+            # exist"); a first use is checked against its result.
+            self.raw = psycopg.connect(self.url, autocommit=True, prepare_threshold=0,
                                        connect_timeout=CONNECT_TIMEOUT_S)
         except psycopg.Error as exc:
             raise Unavailable(f"cannot connect to the journal database {self.path}: "
@@ -204,7 +213,7 @@ class PgStore(StoreReads):
                                    f"this build's {PG_SCHEMA_VERSION}; upgrade quota-ledger")
             for target in range(version + 1, PG_SCHEMA_VERSION + 1):
                 with c.transaction():
-                    c.execute(PG_MIGRATIONS[target - 1])
+                    c.execute(PG_MIGRATIONS[target - 1], prepare=False)  # several statements
                     c.execute("DELETE FROM schema_version")
                     c.execute("INSERT INTO schema_version VALUES (%s)", (target,))
         finally:
@@ -335,6 +344,15 @@ class PgStore(StoreReads):
         meta_keys, meta_values = got[0][2][0], got[0][2][1]
         return dict(zip(meta_keys or (), meta_values or (), strict=True)), versions
 
+    def check_args(self, account_ids: list[str], versions: list[str], meta: dict[str, Any]
+                   ) -> tuple:
+        """``ql_check``'s arguments for an optimistic group over these (sorted) accounts,
+        decided on these versions and this meta (:func:`ledger.shared.open_optimistic`)."""
+        (clock_key, clock), (settled_key, settled) = meta.items()
+        return (LOCK_CLASS, SETTLE_LOCK, " ".join(map(str, _lock_keys(account_ids))),
+                " ".join(account_ids), " ".join(versions), clock_key, clock, settled_key,
+                settled)
+
     def hold_accounts(self, account_ids: list[str], *, lock: bool = True) -> dict[str, int]:
         """Lock the accounts in key order (no deadlocks) and return their versions."""
         try:
@@ -371,9 +389,14 @@ class PgStore(StoreReads):
             raise Unavailable(f"the journal could not be written: {_first_line(exc)}"
                               ) from exc
 
-    def commit(self, uow: UnitOfWork) -> dict[str, int]:
+    def commit(self, uow: UnitOfWork, check: tuple | None = None) -> dict[str, int]:
         """Write the group and COMMIT, pipelined: one round trip (issue 20). Raises
-        Unavailable; then nothing was written."""
+        Unavailable; then nothing was written.
+
+        ``check`` (an optimistic group, :func:`ledger.shared.open_optimistic`): no
+        transaction is open yet, and BEGIN and ``ql_check(*check)`` lead the same pipeline;
+        when the check finds the group's accounts, clock or settled day moved, or another
+        node claimed one of its keys, nothing is written and :class:`Stale` is raised."""
         # The crash campaign's points, as SQLite's commit has them, for a transaction that
         # writes (a settlement may have written its part already, through flush).
         writes = bool(uow) or self._written
@@ -382,16 +405,33 @@ class PgStore(StoreReads):
         uow.seal_block()
         self._written = False
         try:
-            c = self.raw
+            c = self._ensure() if check is not None else self.raw
             assert c is not None
-            with c.pipeline():
+            with c.pipeline() as p:
+                checked = None
+                if check is not None:
+                    c.execute("BEGIN")
+                    checked = c.execute(CHECK_SQL, check)
                 pending = queue_write(c, self.node, uow)
                 if writes:
+                    if checked is not None and armed("during_commit"):
+                        p.sync()  # the point's meaning: the locks held, the rows written
                     fault("during_commit")
                 c.execute("COMMIT")
             versions = dict(fetch_all(pending)) if pending is not None else {}
+            if checked is not None:
+                self.lock_wait_s += checked.fetchone()[0]  # type: ignore[index]
         except psycopg.Error as exc:
             self.rollback()
+            if check is not None:
+                if exc.sqlstate == STALE_SQLSTATE:
+                    self.lock_wait_s += float(exc.diag.message_hint or 0)
+                    raise Stale(_first_line(exc), (exc.diag.message_detail or "").split()
+                                ) from exc
+                if (isinstance(exc, psycopg.errors.UniqueViolation)
+                        and exc.diag.constraint_name == "consume_keys_pkey"):
+                    raise Stale("one of the group's keys was claimed before", [],
+                                key_claimed=True) from exc
             raise Unavailable(f"the journal could not be committed: {_first_line(exc)}"
                               ) from exc
         self.commits += 1
