@@ -8,13 +8,6 @@ Each statement that takes a group's rows has two forms:
   the test cluster, an array parameter costs 100-160 µs more than a scalar one (psycopg
   dumps lists in Python, and PostgreSQL unnests them), which is most of a unary group.
 
-A set-based statement over at most ``CUSTOM_PLAN_ROWS_MAX`` rows is not prepared: PostgreSQL
-plans it with its arrays' values. A prepared one gets a generic plan after five uses, made
-for arrays of unknown length: a sequential scan of ``accounts`` for ``account_id = ANY($1)``,
-and of ``plans`` for the join of the plans' update. Right for a batch's thousand rows, it
-cost a stream's groups of about 24 rows 27 µs a row on the accounts' version bump alone
-(pg_stat_statements, one node under 4 x 16 streams), against 4 µs planned with the values.
-
 A step's statements are queued in one ``Connection.pipeline()``: they go out together,
 and the step costs one round trip. (Tried and dropped: a unary group's steps as one
 simple-protocol query of several statements, values quoted by psycopg. In a side-by-side
@@ -31,7 +24,6 @@ from ..faults import planted
 from .journal import UnitOfWork
 
 SCALAR_ROWS_MAX = 4  # rows up to which a statement is sent once per row, with scalars
-CUSTOM_PLAN_ROWS_MAX = 256  # rows up to which a set-based statement is planned with its values
 
 LOCK_ONE_SQL = "SELECT pg_advisory_xact_lock(%s)"
 LOCK_ACCOUNTS_SQL = "SELECT pg_advisory_xact_lock(k) FROM unnest(%b::bigint[]) AS k"
@@ -80,18 +72,12 @@ def columns(rows: list[tuple], width: int) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[]] * width
 
 
-def prepared(rows: int) -> bool | None:
-    """Whether a set-based statement over this many rows goes prepared (None: as psycopg
-    decides, on first use), or unprepared, planned with its values (module docstring)."""
-    return None if rows > CUSTOM_PLAN_ROWS_MAX else False
-
-
 def queue_rows(cur: psycopg.Cursor, rows: list[tuple], one_sql: str, set_sql: str) -> None:
     """Rows through the per-row statement when few, else the set-based one."""
     if len(rows) <= SCALAR_ROWS_MAX:
         cur.executemany(one_sql, rows)
     else:
-        cur.execute(set_sql, columns(rows, len(rows[0])), prepare=prepared(len(rows)))
+        cur.execute(set_sql, columns(rows, len(rows[0])))
 
 
 def queue_hold(c: psycopg.Connection, account_ids: list[str], lock_keys: list[int] | None
@@ -106,7 +92,7 @@ def queue_hold(c: psycopg.Connection, account_ids: list[str], lock_keys: list[in
             c.execute(LOCK_ACCOUNTS_SQL, (lock_keys,))
     if len(account_ids) <= SCALAR_ROWS_MAX:
         return [c.execute(VERSION_ONE_SQL, (a,)) for a in account_ids]
-    return c.execute(VERSIONS_SQL, (account_ids,), prepare=prepared(len(account_ids)))
+    return c.execute(VERSIONS_SQL, (account_ids,))
 
 
 def queue_keys(c: psycopg.Connection, keys: list[tuple[str, str]]
@@ -114,8 +100,7 @@ def queue_keys(c: psycopg.Connection, keys: list[tuple[str, str]]
     """The rows of a group's consume keys: one statement per key when few."""
     if len(keys) <= SCALAR_ROWS_MAX:
         return [c.execute(KEY_ONE_SQL, k) for k in keys]
-    return c.execute(KEYS_SQL, ([a for a, _ in keys], [r for _, r in keys]),
-                     prepare=prepared(len(keys)))
+    return c.execute(KEYS_SQL, ([a for a, _ in keys], [r for _, r in keys]))
 
 
 def fetch_all(got: psycopg.Cursor | list[psycopg.Cursor]) -> list[tuple]:
@@ -257,4 +242,4 @@ def queue_write(c: psycopg.Connection, node: int, uow: UnitOfWork
         return None
     if len(touched) <= SCALAR_ROWS_MAX:
         return [c.execute(BUMP_ONE_SQL, (a,)) for a in touched]
-    return c.execute(BUMP_SQL, (touched,), prepare=prepared(len(touched)))
+    return c.execute(BUMP_SQL, (touched,))
