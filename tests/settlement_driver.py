@@ -24,6 +24,7 @@ from ledger.model import (
     TopUp,
     UpdateFeatures,
 )
+from ledger.store import is_pg_url
 
 from .settlement_live import Live, bill_tuple, consume_cmd, ledger_at
 from .settlement_model import (
@@ -201,12 +202,16 @@ def check_money(live: Live, model: Model) -> None:
 def check_journal(live: Live, model: Model, days: list[str]) -> None:
     """The journal says the same (R25): each day settled once, in order, at its end (R17);
     one entry per bill with the bill's figures; suspensions (R23) and forfeits (R9)."""
+    # The journal's order: seq on SQLite; gseq on PostgreSQL, where a reopened ledger may
+    # append to a second node's chain (its first node number is held until the closed
+    # connection's backend has exited), whose seq starts again at 1.
+    order = "gseq" if is_pg_url(live.db) else "seq"
     settled = [(json.loads(p)["day"], at) for at, p in live.query(
-        "SELECT at_us, payload FROM journal WHERE kind = 'day_settled' ORDER BY seq")]
+        f"SELECT at_us, payload FROM journal WHERE kind = 'day_settled' ORDER BY {order}")]
     assert settled == [(d, cal.day_end(d)) for d in days]
     bills = []
     for account_id, at, payload in live.query(
-            "SELECT account_id, at_us, payload FROM journal WHERE kind = 'bill' ORDER BY seq"):
+            f"SELECT account_id, at_us, payload FROM journal WHERE kind = 'bill' ORDER BY {order}"):
         p = json.loads(payload)
         bills.append((account_id, p["day"], p["bill_date"], tuple(map(tuple, p["lines"])),
                       tuple(map(tuple, p["plan_offsets"])), p["total_micros"],
@@ -216,14 +221,14 @@ def check_journal(live: Live, model: Model, days: list[str]) -> None:
     suspended = []
     for account_id, at, payload in live.query(
             "SELECT account_id, at_us, payload FROM journal WHERE kind = 'account_suspended'"
-            " ORDER BY seq"):
+            f" ORDER BY {order}"):
         p = json.loads(payload)
         suspended.append((account_id, at, p["overdue_since_us"], p["outstanding_micros"],
                           sorted(p["deleted"]["scenario_ids"]), p["deleted"]["custom_policy"]))
     assert suspended == model.suspension_log
     expired = [(a, json.loads(p)["plan_id"], at, json.loads(p)["units_forfeited"])
                for a, at, p in live.query("SELECT account_id, at_us, payload FROM journal"
-                                          " WHERE kind = 'plan_expired' ORDER BY seq")]
+                                          f" WHERE kind = 'plan_expired' ORDER BY {order}")]
     assert expired == model.expiry_log
 
 

@@ -1,5 +1,5 @@
-"""A small consume group on PostgreSQL in one call per account of each schema-v3 function
-(issue 20).
+"""A small consume group on PostgreSQL in one call per account of each schema-v3 function,
+and a larger one in one call of schema v6's ``ql_write_group`` (issue 20).
 
 ``ql_open_one`` and ``ql_write_one`` run, on the server, the statements that the two
 pipelines of a group send one by one. The same lone requests (covered by a plan, paid as
@@ -123,19 +123,37 @@ def test_a_lone_consume_writes_the_same_rows_through_one_call(two_databases, mon
             taken["accounts"] = max(taken["accounts"], len(got))
         return got
 
+    group_call = pg_write.group_call
+
+    def counted_group(*a):
+        got = group_call(*a)
+        taken["group"] += got is not None
+        return got
+
     monkeypatch.setattr(PgStore, "_open_calls", counted_open)
     monkeypatch.setattr(pg_write, "write_calls", counted_calls)
+    monkeypatch.setattr(pg_write, "group_call", counted_group)
+    taken["group"] = 0
     one_answers, one_rows = run_ledger(two_databases[0])
+    # schema v6's ql_write_group wrote the groups too large for one call per account
+    assert taken.pop("group") >= 1, taken
     # the functions did the work: five lone consumes that write, and the batch over four
     # accounts (two plans in one request, one account twice or nine accounts do not)
     assert taken["open"] >= 11 and taken["write"] == 6 and taken["accounts"] == 4, taken
-    taken.update(open=0, write=0, accounts=0)
+    taken.update(open=0, write=0, accounts=0, group=0)
     monkeypatch.setattr(pg_write, "ONE_CALL", False)
     piped_answers, piped_rows = run_ledger(two_databases[1])
-    assert taken == {"open": 0, "write": 0, "accounts": 0}
+    assert taken == {"open": 0, "write": 0, "accounts": 0, "group": 0}
     assert one_answers == piped_answers
     assert one_answers[2][0] == "replayed"
     assert one_answers[3] == ("AlreadyExists", "IDEMPOTENCY_KEY_REUSED")
     for table, rows in piped_rows.items():
         assert one_rows[table] == rows, table
     assert len(one_rows["consume_keys"]) == 6 + 4 + 3 + 9 + 2 and one_rows["usage_daily"]
+
+
+def test_group_call_texts_join_each_column_and_refuse_a_value_holding_the_separator():
+    rows = [("acme", "day", 7, None), ("beta", "day", 12, 5)]
+    assert pg_write._texts(rows, 4) == ["acme\x1fbeta", "day\x1fday", "7\x1f12", "None\x1f5"]
+    assert pg_write._texts([], 3) == ["", "", ""]
+    assert pg_write._texts([("a\x1fb", 1)], 2) is None  # it would split into two values

@@ -300,7 +300,75 @@ ALTER TABLE plans SET (fillfactor = 80);
 ALTER TABLE accounts SET (fillfactor = 80);
 """
 
+# A consume group's writes as one statement (issue 20, ``pg_write.group_call``): its
+# journal row, its changed plans, its offsets and usage rows, its keys and its accounts'
+# version bumps, each list as one text of its values separated by chr(31) (no id holds
+# it), which psycopg sends as it is instead of dumping a list item by item in Python, and
+# one statement instead of six, each parsed, bound and answered on its own. 'None' is a
+# NULL refund instant. Returns the bumped accounts' (account, version) rows.
+PG_SCHEMA_V6 = """
+CREATE FUNCTION ql_write_group(j_node integer, j_seq bigint, j_at bigint, j_kind text,
+                               j_account text, j_request text, j_fingerprint text,
+                               j_payload bytea, j_hash bytea,
+                               p_ids text, p_remaining text, p_forfeited text,
+                               p_refunded text,
+                               o_accounts text, o_days text, o_plans text, o_units text,
+                               u_accounts text, u_days text, u_regions text, u_units text,
+                               u_micros text,
+                               k_accounts text, k_requests text, k_seqs text, k_idxs text,
+                               bump text)
+RETURNS TABLE (r_account text, r_version bigint) LANGUAGE plpgsql AS $$
+DECLARE sep constant text := chr(31);
+BEGIN
+    INSERT INTO journal (node, seq, at_us, kind, account_id, request_id, fingerprint,
+                         payload, hash)
+        VALUES (j_node, j_seq, j_at, j_kind, j_account, j_request, j_fingerprint,
+                j_payload, j_hash);
+    IF p_ids <> '' THEN
+        UPDATE plans p SET units_remaining = u.r, units_forfeited = u.f,
+                           refunded_at_us = u.ra
+            FROM unnest(string_to_array(p_ids, sep),
+                        string_to_array(p_remaining, sep)::bigint[],
+                        string_to_array(p_forfeited, sep)::bigint[],
+                        string_to_array(p_refunded, sep, 'None')::bigint[]) AS u(id, r, f, ra)
+            WHERE p.plan_id = u.id;
+    END IF;
+    IF o_accounts <> '' THEN
+        INSERT INTO offsets_daily
+            SELECT * FROM unnest(string_to_array(o_accounts, sep),
+                                 string_to_array(o_days, sep),
+                                 string_to_array(o_plans, sep),
+                                 string_to_array(o_units, sep)::bigint[])
+            ON CONFLICT (account_id, day, plan_id) DO UPDATE
+            SET units = offsets_daily.units + excluded.units;
+    END IF;
+    IF u_accounts <> '' THEN
+        INSERT INTO usage_daily
+            SELECT * FROM unnest(string_to_array(u_accounts, sep),
+                                 string_to_array(u_days, sep),
+                                 string_to_array(u_regions, sep)::integer[],
+                                 string_to_array(u_units, sep)::bigint[],
+                                 string_to_array(u_micros, sep)::bigint[])
+            ON CONFLICT (account_id, day, region) DO UPDATE
+            SET payg_units = usage_daily.payg_units + excluded.payg_units,
+                payg_micros = usage_daily.payg_micros + excluded.payg_micros;
+    END IF;
+    IF k_accounts <> '' THEN
+        INSERT INTO consume_keys
+            SELECT w.a, w.r, j_node, w.s, w.i
+            FROM unnest(string_to_array(k_accounts, sep), string_to_array(k_requests, sep),
+                        string_to_array(k_seqs, sep)::bigint[],
+                        string_to_array(k_idxs, sep)::integer[]) AS w(a, r, s, i);
+    END IF;
+    IF bump <> '' THEN
+        RETURN QUERY UPDATE accounts a SET version = a.version + 1
+            WHERE a.account_id = ANY(string_to_array(bump, sep))
+            RETURNING a.account_id, a.version;
+    END IF;
+END $$;
+"""
+
 # Each migration takes the schema from version i to i+1; never edit one that has shipped.
 PG_MIGRATIONS: list[str] = [PG_SCHEMA_V1, PG_SCHEMA_V2, PG_SCHEMA_V3, PG_SCHEMA_V4,
-                            PG_SCHEMA_V5]
+                            PG_SCHEMA_V5, PG_SCHEMA_V6]
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

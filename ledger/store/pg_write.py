@@ -182,14 +182,59 @@ def write_calls(node: int, uow: UnitOfWork) -> list[tuple] | None:
     return calls or [(*journal, *_NO_PLAN, *_NO_OFFSETS, *_NO_USAGE, *_NO_KEY, node)]
 
 
+WRITE_GROUP_SQL = "SELECT * FROM ql_write_group(" + ", ".join(
+    ["%s::integer", "%s::bigint", "%s::bigint", *["%s::text"] * 4, "%s::bytea", "%s::bytea",
+     *["%s::text"] * 18]) + ")"
+SEP = "\x1f"  # between the values of one list (schema v6's ql_write_group): in no id
+
+
+def _texts(rows: list[tuple], width: int) -> list[str] | None:
+    """Rows as ``width`` texts, one per column, each its values joined by SEP (''
+    for no rows); None when a text value holds SEP itself."""
+    if not rows:
+        return [""] * width
+    out = []
+    for col in zip(*rows, strict=True):
+        if type(col[0]) is str:
+            joined = SEP.join(col)
+            if joined.count(SEP) != len(col) - 1:
+                return None
+        else:
+            joined = SEP.join(map(str, col))
+        out.append(joined)
+    return out
+
+
+def group_call(node: int, uow: UnitOfWork) -> tuple | None:
+    """``ql_write_group``'s arguments for a consume group (one journal row; changed plans,
+    offsets, usage and keys; nothing else), or None (``queue_write``'s statements)."""
+    if (not ONE_CALL or KEYS_OUTSIDE_LOCK or len(uow.rows) != 1 or uow.accounts
+            or uow.new_plans or uow.features or uow.bills or uow.meta or uow.notices):
+        return None
+    parts = (
+        _texts([(p.plan_id, p.units_remaining, p.units_forfeited, p.refunded_at)
+                for p in uow.plans.values()], 4),
+        _texts([(*k, v) for k, v in uow.offsets.items()], 4),
+        _texts([(*k, v[0], v[1]) for k, v in uow.usage.items()], 5),
+        _texts([(a, r, v[0], v[1]) for (a, r), v in uow.consumed.items()], 4),
+        _texts([(a,) for a in _touched(uow)], 1))
+    if any(p is None for p in parts):
+        return None
+    return (*_journal_rows(node, uow)[0], *(t for p in parts for t in p))  # type: ignore[union-attr]
+
+
 def queue_write(c: psycopg.Connection, node: int, uow: UnitOfWork
                 ) -> psycopg.Cursor | list[psycopg.Cursor] | None:
     """Queue a group's statements (in a pipeline: no round trip each); returns the
     cursor(s) of the touched accounts' new versions, to fetch once the pipeline is synced.
-    A small consume group is one call of ``ql_write_one`` per account."""
+    A small consume group is one call of ``ql_write_one`` per account, a larger one one
+    call of ``ql_write_group``."""
     calls = write_calls(node, uow)
     if calls is not None:
         return [c.execute(WRITE_ONE_SQL, args) for args in calls]
+    group = group_call(node, uow)
+    if group is not None:
+        return c.execute(WRITE_GROUP_SQL, group)
     cur = c.cursor()
     if uow.rows:
         cur.executemany(JOURNAL_SQL, _journal_rows(node, uow))
