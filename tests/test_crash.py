@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from clients.client import LedgerClient, LedgerError
+from clients.routing import ROUTINGS, ranking
 from ledger.store import consume_entries
 from ledger.verify import verify
 
@@ -44,13 +45,14 @@ def _fund(srv: ServerProcess) -> None:
             c.purchase_plan(acct, "month-100k", request_id=f"plan-{acct}")
 
 
-def _load(srv: ServerProcess, seed: int, acked: dict[str, tuple], stop: threading.Event) -> None:
+def _load(srv: ServerProcess, seed: int, acked: dict[str, tuple], stop: threading.Event,
+          accounts: tuple[str, ...] = ACCOUNTS) -> None:
     rng = random.Random(seed)
     with LedgerClient(srv.target, timeout_s=2, retries=0) as c:
         for i in range(REQUESTS_PER_WORKER_MAX):
             if stop.is_set():
                 return
-            acct = rng.choice(ACCOUNTS)
+            acct = rng.choice(accounts)
             qty = rng.randint(1, 60)
             region = rng.choice(("mainland", "outside"))
             rid = f"s{seed}-{i}"
@@ -170,10 +172,15 @@ PG_AFTER_RESTART_S = 0.5  # load goes on this long after PostgreSQL came back
 
 
 def _pg_iteration(nodes: list[ServerProcess], cluster, seed: int,
-                  monkeypatch: pytest.MonkeyPatch) -> int:
+                  monkeypatch: pytest.MonkeyPatch, routing: str = "round_robin") -> int:
     """Two nodes under load; one node dies (at a random instant or inside its commit
     path), or PostgreSQL restarts (-m immediate). Then every acknowledged request replays
-    exactly through the node that lived, and units and money are conserved."""
+    exactly through the node that lived, and units and money are conserved.
+
+    ``routing``: each node gets every account ("round_robin": the nodes' optimistic groups
+    lose to each other most of the time), or only the accounts whose home it is by the
+    clients' rendezvous ranking ("affinity", issue 20); the replay goes through the node
+    that lived, the home or not."""
     rng = random.Random(seed)
     mode = PG_MODES[seed % len(PG_MODES)]
     victim, other = nodes[seed % 2], nodes[1 - seed % 2]
@@ -184,8 +191,12 @@ def _pg_iteration(nodes: list[ServerProcess], cluster, seed: int,
         monkeypatch.delenv("QUOTA_LEDGER_FAULT", raising=False)
     acked: dict[str, tuple] = {}
     stop = threading.Event()
-    workers = [threading.Thread(target=_load, args=(nodes[w % 2], seed * 100 + w, acked, stop))
-               for w in range(WORKERS)]
+    targets = [n.target for n in nodes]
+    mine = {t: tuple(a for a in ACCOUNTS if ranking(targets, a)[0] == t) for t in targets}
+    workers = [threading.Thread(target=_load, args=(
+        nodes[w % 2], seed * 100 + w, acked, stop,
+        (mine[nodes[w % 2].target] or ACCOUNTS) if routing == "affinity" else ACCOUNTS))
+        for w in range(WORKERS)]
     for w in workers:
         w.start()
     at_random = mode in ("kill_node", "restart_postgres")
@@ -209,7 +220,8 @@ def _pg_iteration(nodes: list[ServerProcess], cluster, seed: int,
     return len(acked)
 
 
-def _pg_campaign(tmp_path, monkeypatch, pg_url, cluster, iterations: int) -> None:
+def _pg_campaign(tmp_path, monkeypatch, pg_url, cluster, iterations: int,
+                 routing: str = "round_robin") -> None:
     nodes = []
     for i in range(2):
         (tmp_path / f"node{i}").mkdir()
@@ -220,10 +232,11 @@ def _pg_campaign(tmp_path, monkeypatch, pg_url, cluster, iterations: int) -> Non
     acknowledged = 0
     for seed in range(iterations):
         try:
-            acknowledged += _pg_iteration(nodes, cluster, seed, monkeypatch)
+            acknowledged += _pg_iteration(nodes, cluster, seed, monkeypatch, routing)
         except AssertionError as exc:
             raise AssertionError(f"PostgreSQL crash campaign failed at seed {seed} "
-                                 f"(mode {PG_MODES[seed % len(PG_MODES)]}): {exc}") from exc
+                                 f"(mode {PG_MODES[seed % len(PG_MODES)]}, {routing}): {exc}"
+                                 ) from exc
     report = verify(pg_url)
     assert report.ok, report.problems
     assert acknowledged > iterations
@@ -231,9 +244,10 @@ def _pg_campaign(tmp_path, monkeypatch, pg_url, cluster, iterations: int) -> Non
           f"requests, {report.entries} journal entries, verify ok")
 
 
+@pytest.mark.parametrize("routing", ROUTINGS)
 def test_postgres_crash_campaign_nodes_and_database_short(tmp_path, monkeypatch, pg_url,
-                                                          pg_cluster):
-    _pg_campaign(tmp_path, monkeypatch, pg_url, pg_cluster, PG_CRASH_ITERATIONS_CI)
+                                                          pg_cluster, routing):
+    _pg_campaign(tmp_path, monkeypatch, pg_url, pg_cluster, PG_CRASH_ITERATIONS_CI, routing)
 
 
 @pytest.mark.slow
