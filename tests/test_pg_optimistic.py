@@ -10,9 +10,14 @@ trip that writes it.
   other moved loses its optimistic group, writes nothing, runs it again on the locked path
   and answers right; a key the other node claimed is replayed, not charged twice (R12);
   the shared clock moved by one node is seen by the other (R26).
+- Requests that claim no key (a dry run, a non-billable request (R3), one on a suspended
+  account (R23)) take the locked path, which still finds a key claimed before (R12).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 
@@ -70,6 +75,21 @@ def test_optimistic_groups_write_what_the_locked_path_writes(two_databases, monk
         assert fast_rows[table] == rows, table
 
 
+@contextmanager
+def acme_with_a_plan(pg_url: str) -> Iterator[Writer]:
+    """A running writer on ``pg_url`` whose account "acme" holds a month-100k plan."""
+    writer = Writer(Engine(open_store(pg_url), TestClock(T0), builtin()))
+    writer.start()
+    try:
+        call(writer, m.CreateAccount("acme"))
+        call(writer, m.TopUp("acme", "t", m.FundsKind.CASH, 200_000_000))
+        call(writer, m.PurchasePlan("acme", "p1", "month-100k"))
+        yield writer
+    finally:
+        writer.stop()
+        writer.engine.store.close()
+
+
 def call(writer: Writer, cmd: object) -> object:
     return unwrap(writer.call(cmd))
 
@@ -121,21 +141,13 @@ def test_a_node_answers_many_retries_of_one_request(pg_url):
     """Each retry's optimistic group loses at its key's INSERT, and its pipeline is
     aborted there: the statements queued after it (prepared on first use: psycopg marks one
     prepared at its threshold even when an aborted pipeline skipped it) still run after."""
-    writer = Writer(Engine(open_store(pg_url), TestClock(T0), builtin()))
-    writer.start()
-    try:
-        call(writer, m.CreateAccount("acme"))
-        call(writer, m.TopUp("acme", "t", m.FundsKind.CASH, 200_000_000))
-        call(writer, m.PurchasePlan("acme", "p1", "month-100k"))
+    with acme_with_a_plan(pg_url) as writer:
         first = call(writer, consume("acme", "once"))
         for i in range(RETRIES):
             again = call(writer, consume("acme", "once"))
             assert again.replayed and again.journal_seq == first.journal_seq, i
             fresh = call(writer, consume("acme", f"new-{i}"))  # an optimistic group each
             assert not fresh.replayed and fresh.plan_units_remaining == MONTH_UNITS - 2 - i
-    finally:
-        writer.stop()
-        writer.engine.store.close()
 
 
 RETRIES = 12  # past psycopg's default prepare threshold (5) twice
@@ -144,12 +156,7 @@ RETRIES = 12  # past psycopg's default prepare threshold (5) twice
 def test_requests_that_claim_no_key_still_find_a_claimed_one(pg_url):
     """A dry run and a non-billable request (R3) claim no key, so no INSERT would find a key
     claimed before: their groups take the locked path, which reads the key (R12)."""
-    writer = Writer(Engine(open_store(pg_url), TestClock(T0), builtin()))
-    writer.start()
-    try:
-        call(writer, m.CreateAccount("acme"))
-        call(writer, m.TopUp("acme", "t", m.FundsKind.CASH, 200_000_000))
-        call(writer, m.PurchasePlan("acme", "p1", "month-100k"))
+    with acme_with_a_plan(pg_url) as writer:
         first = call(writer, consume("acme", "k1"))
         dry = call(writer, m.Consume("acme", "k1", m.Region(1), m.CaptchaType(1),
                                      m.Architecture(1), m.Step(1), None, 1, True))
@@ -161,6 +168,22 @@ def test_requests_that_claim_no_key_still_find_a_claimed_one(pg_url):
             raise AssertionError("a claimed key reused by a non-billable request was accepted")
         except LedgerError as exc:
             assert exc.reason == "IDEMPOTENCY_KEY_REUSED"
-    finally:
-        writer.stop()
-        writer.engine.store.close()
+
+
+DAY_US = 86_400_000_000
+
+
+def test_a_suspended_accounts_retry_is_still_its_replay(pg_url):
+    """A request on a suspended account (R23) claims no key either: its group takes the
+    locked path, which finds the key claimed before the suspension and replays it (R12)."""
+    with acme_with_a_plan(pg_url) as writer:
+        call(writer, m.CreateAccount("poor"))
+        first = call(writer, consume("poor", "k1", 1_000))  # pay as you go, unpaid: overdue
+        call(writer, m.AdvanceClock(T0 + 10 * DAY_US))  # settled, then suspended (R23)
+        try:
+            unwrap(writer.call(consume("poor", "k2")))
+            raise AssertionError("a suspended account's new request was accepted")
+        except LedgerError as exc:
+            assert exc.reason == "ACCOUNT_SUSPENDED"
+        again = call(writer, consume("poor", "k1", 1_000))
+        assert again.replayed and again.journal_seq == first.journal_seq
