@@ -90,7 +90,10 @@ class KeyIndex:
         self.filter = Filter(keys_max=FILTER_KEYS)
         self.filter_through_run = 0
         self.filter_keys = 0
-        self._hashed: dict[Key, int] = {}  # hashes computed by candidates() until add()
+        # The keys candidates() hashed since the last add(), in order, and their hashes:
+        # add() takes them as they are when the group claimed exactly those keys.
+        self._hashed_keys: list[Key] = []
+        self._hashed: list[int] = []
         # A full memtable being written as a run: its keys, its pages, how many are
         # committed; and a filter snapshot under way (run, keys, bytes committed).
         self.frozen: dict[Key, int] = {}
@@ -182,7 +185,7 @@ class KeyIndex:
         self.flush_pending()
 
     def _add_now(self, claimed: Mapping[Key, tuple[Any, ...]]) -> None:
-        self._hashed = {}
+        self._hashed_keys, self._hashed = [], []
         self._add(claimed)
 
     # ------------------------------------------------------------------ lookups
@@ -203,8 +206,9 @@ class KeyIndex:
             return found
         hashes = hash_keys(unseen)
         if len(self._hashed) > MEMTABLE_KEYS_MAX:  # groups that committed no consume
-            self._hashed = {}
-        self._hashed.update(zip(unseen, hashes.tolist(), strict=True))  # for add()
+            self._hashed_keys, self._hashed = [], []
+        self._hashed_keys += unseen  # for add()
+        self._hashed += hashes.tolist()
         may = np.flatnonzero(self.filter.contains_many(hashes))
         if len(may):
             self._search_runs([unseen[i] for i in may], hashes[may], found)
@@ -239,24 +243,40 @@ class KeyIndex:
         """The keys a group committed: key -> (seq, index in its block, ...). A full
         memtable is frozen, to be written as a run by the next group commits."""
         self._add(claimed)
-        self._hashed = {}
+        self._hashed_keys, self._hashed = [], []
         if len(self.memtable) >= MEMTABLE_KEYS_MAX:
             self._freeze()
 
     def _add(self, claimed: Mapping[Key, tuple[Any, ...]]) -> None:
         if not claimed:
             return
-        hashed = self._hashed
         keys = list(claimed)
-        known = [hashed.get(k) for k in keys]
-        if None in known:
-            missing = [k for k, h in zip(keys, known, strict=True) if h is None]
-            hashed = dict(zip(missing, hash_ints(missing), strict=True))
-            known = [h if h is not None else hashed[k] for k, h in zip(keys, known, strict=True)]
-        locs = [(v[0] << LOC_IDX_BITS) | (v[1] + 1) for v in claimed.values()]
-        self.memtable.update(zip(keys, locs, strict=True))
+        if keys == self._hashed_keys:  # the common group: every key new, all claimed
+            known = self._hashed
+        else:
+            hashed = dict(zip(self._hashed_keys, self._hashed, strict=True))
+            known = [hashed.get(k) for k in keys]
+            if None in known:
+                missing = [k for k, h in zip(keys, known, strict=True) if h is None]
+                hashed = dict(zip(missing, hash_ints(missing), strict=True))
+                known = [h if h is not None else hashed[k]
+                         for k, h in zip(keys, known, strict=True)]
+        self.memtable.update(zip(keys, self._locations(claimed), strict=True))
         self._hashes += known
+
+    def _locations(self, claimed: Mapping[Key, tuple[Any, ...]]) -> Iterable[int]:
+        """The claimed keys' packed locations, in order (added to ``_locs`` too). A group's
+        keys are claimed once each, in the order of its block's items, so when the first is
+        item 0 and the last item n - 1 of one block, they are that block's items 0..n-1."""
+        n = len(claimed)
+        first, last = next(iter(claimed.values())), next(reversed(claimed.values()))
+        if first[0] == last[0] and first[1] == 0 and last[1] == n - 1:
+            base = first[0] << LOC_IDX_BITS
+            locs: Any = range(base + 1, base + n + 1)  # (seq, i) packed: base | (i + 1)
+        else:
+            locs = [(v[0] << LOC_IDX_BITS) | (v[1] + 1) for v in claimed.values()]
         self._locs += locs
+        return locs
 
     def _freeze(self) -> None:
         """The full memtable becomes the frozen one, which answers until its run commits;
