@@ -116,6 +116,8 @@ class GroupRows:
         already holds the group's day, its UPDATE sets units_remaining and adds the day's
         offsets, one statement."""
         new, keyed, days = uow.new_plans, self.plans_keyed, self.plan_days
+        if not new and len(uow.offsets) == len(uow.plans) and self._both_at_once(c, uow):
+            return
         offsets: dict[str, list[tuple[str, int]]] = {}
         for (_, day, plan_id), units in uow.offsets.items():
             offsets.setdefault(plan_id, []).append((day, units))
@@ -141,10 +143,8 @@ class GroupRows:
         if offsets:
             raise sqlite3.IntegrityError(f"offsets of plan {next(iter(offsets))}, which the "
                                          "group did not change")
-        if both and c.executemany(_PLAN_AND_DAY, both).rowcount != len(both):
-            self.plan_days.clear()  # the next group confirms every day afresh
-            raise sqlite3.IntegrityError("a plan's row does not hold the offsets day this "
-                                         "ledger wrote in it")
+        if both:
+            self._write_both(c, both)
         self._write_plans(c, uow, known, checked, full)
         for plan_id, seq, o in dated:  # a day over a group spanning midnight: in day order
             for day, units in o:
@@ -152,6 +152,35 @@ class GroupRows:
                 if c.execute(_DAY_SET, (plan_id, day, units)).rowcount != 1:
                     raise sqlite3.IntegrityError(f"plan {plan_id} is not in the plans table")
             self._pending_days.append((seq, o[-1][0]))
+
+    def _both_at_once(self, c: sqlite3.Connection, uow: UnitOfWork) -> bool:
+        """The common consume group (issue 19): each changed plan took offsets on one day,
+        the day its row holds, and was never forfeited nor refunded; then every plan is one
+        row of ``_PLAN_AND_DAY``, built straight from the offsets (no regrouping by plan).
+        False, having written nothing, when any plan is otherwise (the general path)."""
+        plans, keyed, days = uow.plans, self.plans_keyed, self.plan_days
+        both = []
+        for (_, day, plan_id), units in uow.offsets.items():
+            p = plans.get(plan_id)
+            if p is None:
+                return False
+            seq = p.purchase_seq
+            if (seq not in keyed or days.get(seq) != day or p.units_forfeited
+                    or p.refunded_at is not None):
+                return False
+            both.append((p.units_remaining, units, seq, day))
+        # As many offsets as changed plans, each naming a changed plan: one each, unless a
+        # plan took offsets on two days (then another took none: the general path).
+        if len({row[2] for row in both}) != len(both):
+            return False
+        self._write_both(c, both)
+        return True
+
+    def _write_both(self, c: sqlite3.Connection, both: list[tuple]) -> None:
+        if c.executemany(_PLAN_AND_DAY, both).rowcount != len(both):
+            self.plan_days.clear()  # the next group confirms every day afresh
+            raise sqlite3.IntegrityError("a plan's row does not hold the offsets day this "
+                                         "ledger wrote in it")
 
     def _write_plans(self, c: sqlite3.Connection, uow: UnitOfWork, known: list[tuple],
                      checked: list[tuple], full: list[tuple]) -> None:
