@@ -1,0 +1,168 @@
+"""The ledger's unary Consume against the research prototypes of other designs (issue 18).
+
+    python -m tests.bench_designs [--rounds 3] [--seconds 6] [--research DIR]
+
+Issue 18's point 3 names a design to try first: the engine on the event loop, only the
+commit on a thread of its own, pipelined (requests that arrive while a commit is in flight
+form the next group). ``../shared/research/unary-floor/unary_modes.py`` is a prototype of it
+(mode ``group``: a lean consume in a dict, one block row a group, WAL + synchronous=FULL)
+and of the commit on the loop itself (mode ``loop``). They do only the essential work: no
+validation, no derived rows, no key index, no metrics. So each is a floor for its design:
+what the design gets on this machine at best.
+
+This runs them beside the ledger (``python -m server serve``, its default SQLite) and the
+no-op server (``tests/baseline_server.py``), on the same 1,000 accounts each with a plan,
+at 64 and at 1 in flight (``ledgerctl loadtest``'s unary load), the servers taking turns in
+an order that flips each round. Each line gives calls a second, the p50 and the server's CPU
+per call (``/proc``); each round ends with the one-row commit floor of ``make bench``. Every
+load is bounded by --seconds and by the load generator's request cap; after each of the
+ledger's, acknowledged requests must equal the units its journal recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from clients.loadgen import LoadConfig, prepare_accounts
+
+from .bench import Proc, drive
+from .bench_cpu import CpuMeter
+from .bench_loads import Units
+from .bench_sqlite import sqlite_commit_floor
+
+RESEARCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "research" / "unary-floor"
+PROTOTYPE_START_S = 1.5  # the prototypes write no port file: time to bind before the warm-up
+COMMIT_FLOOR_COMMITS_MAX = 20_000
+ACCOUNTS = 1_000
+IN_FLIGHT = (64, 1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Prototype:
+    """``unary_modes.py PORT MODE``, run from the project root (it loads ``protos/``)."""
+
+    def __init__(self, script: Path, mode: str, log: Path) -> None:
+        port = _free_port()
+        self.target = f"127.0.0.1:{port}"
+        self._log = log.open("w")
+        self.proc = subprocess.Popen([sys.executable, str(script), str(port), mode],
+                                     cwd=Path(__file__).resolve().parents[1],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+        time.sleep(PROTOTYPE_START_S)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+
+async def _rounds(servers: dict[str, Any], target: str, rounds: int, seconds: float,
+                  tmp: Path) -> dict[Any, list[tuple[float, float, float]]]:
+    """The loads; after each of the ledger's, its acknowledged requests must equal the
+    units its journal recorded meanwhile."""
+    cfg = LoadConfig(target=target, accounts=ACCOUNTS, account_prefix="design-",
+                     plan="year-100m", top_up_micros=10_000_000)
+    await prepare_accounts(cfg)
+    accounts = cfg.ids()
+    for srv in servers.values():  # connections, code paths, the ledger's account cache
+        await drive(srv.target, accounts, {"shape": "unary", "concurrency": 16}, 2.0)
+    units = Units(tmp / "ledger.db")  # from here on, every unit is a measured one
+    got: dict[Any, list[tuple[float, float, float]]] = {}
+    for r in range(rounds):
+        names = list(servers) if r % 2 == 0 else list(reversed(servers))
+        for n in IN_FLIGHT:
+            for name in names:
+                meter = CpuMeter(servers[name].pid)
+                meter.start()
+                res = await drive(servers[name].target, accounts,
+                                  {"shape": "unary", "concurrency": n}, seconds)
+                cpu = float(meter.stop(res.calls)["us_per_call"])
+                if name == "ledger":
+                    units.check(res, f"round {r + 1}, {n} in flight")
+                got.setdefault((n, name), []).append((res.calls_per_s, res.p50_ms, cpu))
+                print(f"  round {r + 1}, {n} in flight, {name}: {res.calls_per_s:,.0f} calls/s, "
+                      f"p50 {res.p50_ms:.3f} ms, server CPU {cpu:.0f} µs a call", flush=True)
+        floor = sqlite_commit_floor(tmp, seconds, COMMIT_FLOOR_COMMITS_MAX)
+        got.setdefault("commit", []).append((0.0, floor["p50_ms"], floor["cpu_us"]))
+        print(f"  round {r + 1}: one-row commit p50 {floor['p50_ms']:.3f} ms, "
+              f"{floor['cpu_us']:.0f} µs CPU; load average {os.getloadavg()[0]:.2f}", flush=True)
+    return got
+
+
+def _report(got: dict[Any, list[tuple[float, float, float]]]) -> None:
+    med = {k: tuple(statistics.median(x[i] for x in v) for i in range(3)) for k, v in got.items()}
+    commit_p50, commit_cpu = med["commit"][1], med["commit"][2]
+    print(f"medians of {len(got['commit'])} rounds; one-row commit p50 {commit_p50:.3f} ms, "
+          f"{commit_cpu:.0f} µs CPU")
+    for n in IN_FLIGHT:
+        rate0, p50_0, cpu0 = med[(n, "no-op")]
+        print(f"{n} in flight (no-op: {rate0:,.0f} calls/s, p50 {p50_0:.3f} ms, "
+              f"{cpu0:.0f} µs a call):")
+        for name in ("ledger", "prototype group", "prototype loop"):
+            rate, p50, cpu = med[(n, name)]
+            print(f"  {name:16} {rate:7,.0f} calls/s {rate / rate0:6.3f}x   p50 {p50:.3f} ms"
+                  f"   CPU {cpu:4.0f} µs, no-op {cpu - cpu0:+4.0f}, no-op + commit "
+                  f"{cpu - cpu0 - commit_cpu:+4.0f}")
+
+
+@click.command()
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 10))
+@click.option("--seconds", default=6.0, show_default=True, type=click.FloatRange(1, 30))
+@click.option("--research", type=click.Path(path_type=Path), default=RESEARCH_DIR,
+              show_default=True, help="the folder that holds unary_modes.py")
+def main(rounds: int, seconds: float, research: Path) -> None:
+    """The ledger, the no-op server and the research prototypes side by side (issue 18)."""
+    script = research / "unary_modes.py"
+    if not script.exists():
+        raise SystemExit(f"{script} is not there: pass --research DIR")
+    print(f"load average {os.getloadavg()[0]:.2f} at the start; {rounds} rounds of {seconds:g} s")
+    with tempfile.TemporaryDirectory(prefix="bench-designs-") as name:
+        tmp = Path(name)
+        py = sys.executable
+        ledger = Proc("ledger", [py, "-m", "server", "serve", "--listen", "127.0.0.1:0",
+                                 "--db", str(tmp / "ledger.db"), "--port-file",
+                                 str(tmp / "ledger.json"), "--log-level", "warning"],
+                      tmp / "ledger.json", tmp / "ledger.log")
+        noop = Proc("baseline", [py, "-m", "tests.baseline_server", "--listen", "127.0.0.1:0",
+                                 "--port-file", str(tmp / "noop.json")],
+                    tmp / "noop.json", tmp / "noop.log")
+        protos: list[Prototype] = []
+        try:
+            ledger.start()
+            noop.start()
+            protos = [Prototype(script, mode, tmp / f"{mode}.log") for mode in ("group", "loop")]
+            servers = {"ledger": ledger, "no-op": noop, "prototype group": protos[0],
+                       "prototype loop": protos[1]}
+            got = asyncio.run(_rounds(servers, ledger.target, rounds, seconds, tmp))
+        finally:
+            for p in protos:
+                p.stop()
+            ledger.stop()
+            noop.stop()
+    _report(got)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()
