@@ -120,6 +120,20 @@ class Proc:
 
 
 
+def ledger_and_noop(tmp: Path) -> tuple[Proc, Proc]:
+    """The ledger (``quota-ledger serve``, its SQLite default in ``tmp/ledger.db``) and the
+    no-op server, not yet started."""
+    py = sys.executable
+    ledger = Proc("ledger", [py, "-m", "server", "serve", "--listen", "127.0.0.1:0",
+                             "--db", str(tmp / "ledger.db"), "--port-file",
+                             str(tmp / "ledger.json"), "--log-level", "warning"],
+                  tmp / "ledger.json", tmp / "ledger.log")
+    baseline = Proc("baseline", [py, "-m", "tests.baseline_server", "--listen",
+                                 "127.0.0.1:0", "--port-file", str(tmp / "baseline.json")],
+                    tmp / "baseline.json", tmp / "baseline.log")
+    return ledger, baseline
+
+
 # --------------------------------------------------------------------------- the measures
 
 @dataclass(frozen=True)
@@ -382,14 +396,7 @@ def main(runs: int, seconds: float | None, quick: bool, json_out: str | None) ->
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        py = sys.executable
-        ledger = Proc("ledger", [py, "-m", "server", "serve", "--listen", "127.0.0.1:0",
-                                 "--db", str(tmp / "ledger.db"), "--port-file",
-                                 str(tmp / "ledger.json"), "--log-level", "warning"],
-                      tmp / "ledger.json", tmp / "ledger.log")
-        baseline = Proc("baseline", [py, "-m", "tests.baseline_server", "--listen",
-                                     "127.0.0.1:0", "--port-file", str(tmp / "baseline.json")],
-                        tmp / "baseline.json", tmp / "baseline.log")
+        ledger, baseline = ledger_and_noop(tmp)
         collected: list[dict[str, Any]] = []
         try:
             ledger.start()

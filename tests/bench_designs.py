@@ -22,13 +22,12 @@ ledger's, acknowledged requests must equal the units its journal recorded.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +35,12 @@ import click
 
 from clients.loadgen import LoadConfig, prepare_accounts
 
-from .bench import Proc, drive
+from .bench import Proc, drive, ledger_and_noop
 from .bench_cpu import CpuMeter
 from .bench_loads import Units
 from .bench_sqlite import sqlite_commit_floor
 
 RESEARCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "research" / "unary-floor"
-PROTOTYPE_START_S = 1.5  # the prototypes write no port file: time to bind before the warm-up
 COMMIT_FLOOR_COMMITS_MAX = 20_000
 ACCOUNTS = 1_000
 IN_FLIGHT = (64, 1)
@@ -54,27 +52,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Prototype:
-    """``unary_modes.py PORT MODE``, run from the project root (it loads ``protos/``)."""
+class Prototype(Proc):
+    """``unary_modes.py PORT MODE``, run from the project root (it loads ``protos/``). It
+    writes no port file: the port is chosen here and written for :meth:`Proc.start`, which
+    then waits until the server answers."""
 
-    def __init__(self, script: Path, mode: str, log: Path) -> None:
+    def __init__(self, script: Path, mode: str, tmp: Path) -> None:
         port = _free_port()
-        self.target = f"127.0.0.1:{port}"
-        self._log = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, str(script), str(port), mode],
-                                     cwd=Path(__file__).resolve().parents[1],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        self.pid = self.proc.pid
-        time.sleep(PROTOTYPE_START_S)
+        super().__init__(f"prototype {mode}", [sys.executable, str(script), str(port), mode],
+                         tmp / f"{mode}.json", tmp / f"{mode}.log")
+        self._chosen = port
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
+    def start(self) -> Proc:
+        self.port_file.write_text(json.dumps({"grpc": self._chosen}))
+        return super().start()
 
 
 async def _rounds(servers: dict[str, Any], target: str, rounds: int, seconds: float,
@@ -139,19 +130,11 @@ def main(rounds: int, seconds: float, research: Path) -> None:
     print(f"load average {os.getloadavg()[0]:.2f} at the start; {rounds} rounds of {seconds:g} s")
     with tempfile.TemporaryDirectory(prefix="bench-designs-") as name:
         tmp = Path(name)
-        py = sys.executable
-        ledger = Proc("ledger", [py, "-m", "server", "serve", "--listen", "127.0.0.1:0",
-                                 "--db", str(tmp / "ledger.db"), "--port-file",
-                                 str(tmp / "ledger.json"), "--log-level", "warning"],
-                      tmp / "ledger.json", tmp / "ledger.log")
-        noop = Proc("baseline", [py, "-m", "tests.baseline_server", "--listen", "127.0.0.1:0",
-                                 "--port-file", str(tmp / "noop.json")],
-                    tmp / "noop.json", tmp / "noop.log")
-        protos: list[Prototype] = []
+        ledger, noop = ledger_and_noop(tmp)
+        protos = [Prototype(script, mode, tmp) for mode in ("group", "loop")]
         try:
-            ledger.start()
-            noop.start()
-            protos = [Prototype(script, mode, tmp / f"{mode}.log") for mode in ("group", "loop")]
+            for proc in (ledger, noop, *protos):
+                proc.start()
             servers = {"ledger": ledger, "no-op": noop, "prototype group": protos[0],
                        "prototype loop": protos[1]}
             got = asyncio.run(_rounds(servers, ledger.target, rounds, seconds, tmp))
