@@ -14,11 +14,8 @@ thread, under the same engine lock, so only the commit stands between it and its
 
 A single Consume is submitted as its consume row (a plain tuple, issue 18): the group's
 single rows run through the engine as one consume group, and each caller gets the group's
-columns and its own index, ``(GroupResult, j)``. Under load, single rows do not come to the
-writer thread at all: their event loop groups them and commits them on a thread of its own
-(:mod:`.loop_groups`, issue 18's design 3), unless the writer has work waiting. A
-ConsumeBatch's ``ConsumeRows`` run as a group of their own; administrative commands run one
-by one.
+columns and its own index, ``(GroupResult, j)``. A ConsumeBatch's ``ConsumeRows`` run as a
+group of their own; administrative commands run one by one.
 
 Answers go back in one hop per group: asyncio futures are resolved through one
 ``call_soon_threadsafe`` per event loop (directly when committed on the loop's own thread);
@@ -43,7 +40,6 @@ from .consume_group import ConsumeRows, GroupResult
 from .engine import Engine
 from .errors import LedgerError, Overloaded, Stale, Unavailable
 from .faults import PLANT_COMMIT_DELAY_S, fault, planted
-from .loop_groups import LoopGroups
 from .threads import name_this_thread
 
 log = logging.getLogger("quota_ledger.writer")
@@ -119,12 +115,8 @@ class Writer:
         self._stopping = False
         self._last_items = 0  # submissions in the previous group: the callers under load
         self._last_done_s = 0.0  # when the previous commit ended (perf_counter)
-        self._engine_lock = threading.Lock()  # one in the engine: writer, inline or loop group
+        self._engine_lock = threading.Lock()  # one thread in the engine: writer or inline
         self.inline = True
-        # Single consumes under load grouped on their event loop (issue 18, design 3; not
-        # on a shared store, whose groups open with round trips, nor with a planted bug).
-        self.loop_groups = not engine.shared and not _EARLY_REPLIES
-        self._loops: dict[asyncio.AbstractEventLoop, LoopGroups] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -134,8 +126,6 @@ class Writer:
         self._stopping = True
         self._q.put(None)
         self._thread.join(timeout_s)
-        for groups in self._loops.values():
-            groups.close()
 
     def depth(self) -> int:
         return self._q.qsize()
@@ -148,14 +138,7 @@ class Writer:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         item = _Item(cmd, fut, len(cmd) if isinstance(cmd, list) else 1)
-        if self._inline(item, loop):
-            return fut
-        if type(cmd) is tuple and self.loop_groups:  # a single Consume under load
-            groups = self._loops.get(loop)
-            if groups is None:
-                groups = self._loops[loop] = LoopGroups(self)
-            groups.add(item, loop)
-        else:
+        if not self._inline(item, loop):
             self._put(item)
         return fut
 
@@ -361,14 +344,9 @@ class Writer:
         fault("after_commit")
         if not replied:
             self._deliver(group, outcomes, direct)
-        if group:  # not an idle wake-up (due work only)
-            self._count_commit(sum(i.size for i in group), elapsed)
-
-    def _count_commit(self, n: int, elapsed: float, started: float = 0.0) -> None:
-        """A group of n requests committed in ``elapsed`` seconds (``started``: when it
-        opened, for the groups' time, when not counted yet)."""
-        if started:
-            self.stats.group_s += time.perf_counter() - started
+        if not group:  # an idle wake-up (due work only): not a group commit
+            return
+        n = sum(i.size for i in group)
         self.stats.commits += 1
         self.stats.requests += n
         self.stats.last_commit_s = elapsed
