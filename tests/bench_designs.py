@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -39,17 +38,12 @@ from .bench import Proc, drive, ledger_and_noop
 from .bench_cpu import CpuMeter
 from .bench_loads import Units
 from .bench_sqlite import sqlite_commit_floor
+from .pg_cluster import free_port
 
 RESEARCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "research" / "unary-floor"
 COMMIT_FLOOR_COMMITS_MAX = 20_000
 ACCOUNTS = 1_000
 IN_FLIGHT = (64, 1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Prototype(Proc):
@@ -58,7 +52,7 @@ class Prototype(Proc):
     then waits until the server answers."""
 
     def __init__(self, script: Path, mode: str, tmp: Path) -> None:
-        port = _free_port()
+        port = free_port()
         super().__init__(f"prototype {mode}", [sys.executable, str(script), str(port), mode],
                          tmp / f"{mode}.json", tmp / f"{mode}.log")
         self._chosen = port

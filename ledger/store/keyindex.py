@@ -77,6 +77,18 @@ CONVERT_ROWS_MAX = 10_000_000  # a schema-3 run converted at start (bounded read
 FILTER_META_KEY = "key_filter_through"  # "run:keys" the snapshot covers (meta table)
 FILTER_ADD_CHUNK = 10_000  # keys added to the filter per numpy call on the builder thread
 
+def _locations(claimed: Mapping[Key, tuple[Any, ...]]) -> Iterable[int]:
+    """The claimed keys' packed locations, in order. A group's keys are claimed once each,
+    in the order of its block's items, so when the first is item 0 and the last item n - 1
+    of one block, they are that block's items 0..n-1: one range."""
+    n = len(claimed)
+    first, last = next(iter(claimed.values())), next(reversed(claimed.values()))
+    if first[0] == last[0] and first[1] == 0 and last[1] == n - 1:
+        base = first[0] << LOC_IDX_BITS
+        return range(base + 1, base + n + 1)  # (seq, i) packed: base | (i + 1)
+    return [(v[0] << LOC_IDX_BITS) | (v[1] + 1) for v in claimed.values()]
+
+
 class KeyIndex:
     """The memtable, the runs and the filter of one SQLite journal (the writer's side)."""
 
@@ -261,22 +273,10 @@ class KeyIndex:
                 hashed = dict(zip(missing, hash_ints(missing), strict=True))
                 known = [h if h is not None else hashed[k]
                          for k, h in zip(keys, known, strict=True)]
-        self.memtable.update(zip(keys, self._locations(claimed), strict=True))
+        locs = _locations(claimed)
+        self.memtable.update(zip(keys, locs, strict=True))
         self._hashes += known
-
-    def _locations(self, claimed: Mapping[Key, tuple[Any, ...]]) -> Iterable[int]:
-        """The claimed keys' packed locations, in order (added to ``_locs`` too). A group's
-        keys are claimed once each, in the order of its block's items, so when the first is
-        item 0 and the last item n - 1 of one block, they are that block's items 0..n-1."""
-        n = len(claimed)
-        first, last = next(iter(claimed.values())), next(reversed(claimed.values()))
-        if first[0] == last[0] and first[1] == 0 and last[1] == n - 1:
-            base = first[0] << LOC_IDX_BITS
-            locs: Any = range(base + 1, base + n + 1)  # (seq, i) packed: base | (i + 1)
-        else:
-            locs = [(v[0] << LOC_IDX_BITS) | (v[1] + 1) for v in claimed.values()]
         self._locs += locs
-        return locs
 
     def _freeze(self) -> None:
         """The full memtable becomes the frozen one, which answers until its run commits;
