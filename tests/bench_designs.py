@@ -6,7 +6,9 @@ Issue 18's point 3 names a design to try first: the engine on the event loop, on
 commit on a thread of its own, pipelined (requests that arrive while a commit is in flight
 form the next group). ``../shared/research/unary-floor/unary_modes.py`` is a prototype of it
 (mode ``group``: a lean consume in a dict, one block row a group, WAL + synchronous=FULL)
-and of the commit on the loop itself (mode ``loop``). They do only the essential work: no
+and of the commit on the loop itself (mode ``loop``); ``group`` also runs with a 0.5 ms
+linger before each group. ``tests/floor_unary.py`` (``floor inline``) commits a lone consume
+inside its handler: no future, no callback, no thread. They do only the essential work: no
 validation, no derived rows, no key index, no metrics. So each is a floor for its design:
 what the design gets on this machine at best.
 
@@ -44,17 +46,23 @@ RESEARCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "research" / "un
 COMMIT_FLOOR_COMMITS_MAX = 20_000
 ACCOUNTS = 1_000
 IN_FLIGHT = (64, 1)
+# unary_modes.py's modes (and linger, s): design 3 as the issue names it, then with a linger
+# that lets more requests share a group's commit, and the commit on the loop.
+PROTOTYPES = (("prototype group", ["group"]), ("prototype group, 0.5 ms linger",
+              ["group", "0.0005"]), ("prototype loop", ["loop"]))
+FLOOR_SCRIPT = Path(__file__).with_name("floor_unary.py")  # a lone consume, nothing more
 
 
 class Prototype(Proc):
-    """``unary_modes.py PORT MODE``, run from the project root (it loads ``protos/``). It
-    writes no port file: the port is chosen here and written for :meth:`Proc.start`, which
-    then waits until the server answers."""
+    """``SCRIPT PORT ARGS...``, run from the project root (``unary_modes.py`` loads
+    ``protos/`` from there). It writes no port file: the port is chosen here and written for
+    :meth:`Proc.start`, which then waits until the server answers."""
 
-    def __init__(self, script: Path, mode: str, tmp: Path) -> None:
+    def __init__(self, name: str, script: Path, args: list[str], tmp: Path) -> None:
         port = free_port()
-        super().__init__(f"prototype {mode}", [sys.executable, str(script), str(port), mode],
-                         tmp / f"{mode}.json", tmp / f"{mode}.log")
+        slug = name.replace(" ", "-")
+        super().__init__(name, [sys.executable, str(script), str(port), *args],
+                         tmp / f"{slug}.json", tmp / f"{slug}.log")
         self._chosen = port
 
     def start(self) -> Proc:
@@ -104,9 +112,9 @@ def _report(got: dict[Any, list[tuple[float, float, float]]]) -> None:
         rate0, p50_0, cpu0 = med[(n, "no-op")]
         print(f"{n} in flight (no-op: {rate0:,.0f} calls/s, p50 {p50_0:.3f} ms, "
               f"{cpu0:.0f} µs a call):")
-        for name in ("ledger", "prototype group", "prototype loop"):
+        for name in ("ledger", *(name for name, _ in PROTOTYPES), "floor inline"):
             rate, p50, cpu = med[(n, name)]
-            print(f"  {name:16} {rate:7,.0f} calls/s {rate / rate0:6.3f}x   p50 {p50:.3f} ms"
+            print(f"  {name:26} {rate:7,.0f} calls/s {rate / rate0:6.3f}x   p50 {p50:.3f} ms"
                   f"   CPU {cpu:4.0f} µs, no-op {cpu - cpu0:+4.0f}, no-op + commit "
                   f"{cpu - cpu0 - commit_cpu:+4.0f}")
 
@@ -125,12 +133,12 @@ def main(rounds: int, seconds: float, research: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-designs-") as name:
         tmp = Path(name)
         ledger, noop = ledger_and_noop(tmp)
-        protos = [Prototype(script, mode, tmp) for mode in ("group", "loop")]
+        protos = [Prototype(name, script, args, tmp) for name, args in PROTOTYPES]
+        protos.append(Prototype("floor inline", FLOOR_SCRIPT, [str(tmp)], tmp))
         try:
             for proc in (ledger, noop, *protos):
                 proc.start()
-            servers = {"ledger": ledger, "no-op": noop, "prototype group": protos[0],
-                       "prototype loop": protos[1]}
+            servers = {"ledger": ledger, "no-op": noop, **{p.name: p for p in protos}}
             got = asyncio.run(_rounds(servers, ledger.target, rounds, seconds, tmp))
         finally:
             for p in protos:

@@ -1,0 +1,72 @@
+"""A floor for a lone Consume (issue 18), in the style of ``../shared/research/unary-floor/``.
+
+    .venv/bin/python -m tests.floor_unary PORT DIR    (the database: DIR/floor.db)
+
+A unary server on the project's protos that does only the essential work of a lone consume,
+inside the handler on the event loop: the key checked in a dict, one unit taken in a dict,
+the request packed as a one-item MessagePack block, SHA-256 chained, and committed as one
+row (``BEGIN IMMEDIATE``, ``INSERT``, ``COMMIT``; WAL + synchronous=FULL), before the reply.
+A replayed key commits nothing. No future, no callback, no thread: at 1 in flight nothing
+cheaper keeps R11 (the reply after its fsync). No validation, derived rows, key index,
+metrics or grouping either, so under concurrency it commits once per call: it is a floor for
+1 in flight only. ``python -m tests.bench_designs`` runs it beside the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import sys
+from pathlib import Path
+
+import grpc
+import msgpack
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protos"))
+from quota_ledger.v1 import quota_ledger_pb2 as qpb  # noqa: E402
+from quota_ledger.v1 import quota_ledger_pb2_grpc as qg  # noqa: E402
+
+PLAN_UNITS = 10**9  # what every account holds: the floor never runs out
+
+
+class Floor(qg.QuotaLedgerServicer):
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.keys: dict[tuple[str, str], tuple] = {}
+        self.remaining: dict[str, int] = {}
+        self.last = b"\0" * 32
+
+    async def Consume(self, req, ctx):  # noqa: N802
+        acc, rid = req.account_id, req.request_id
+        item = self.keys.get((acc, rid))
+        if item is None:
+            left = self.remaining.get(acc, PLAN_UNITS) - 1
+            self.remaining[acc] = left
+            item = (acc, rid, req.region, req.captcha_type, req.architecture, req.step, left)
+            blob = msgpack.packb([item])
+            self.last = hashlib.sha256(self.last + blob).digest()
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO journal (payload, hash) VALUES (?, ?)", (blob, self.last))
+            db.execute("COMMIT")
+            self.keys[(acc, rid)] = item
+        return qpb.ConsumeResponse(request_id=rid, billable=True, billing_day="2026-12-05",
+                                   plan_units_remaining=item[-1])
+
+
+async def serve(port: int, directory: Path) -> None:
+    db = sqlite3.connect(directory / "floor.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, payload BLOB,"
+               " hash BLOB)")
+    server = grpc.aio.server()
+    qg.add_QuotaLedgerServicer_to_server(Floor(db), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[1]), Path(sys.argv[2])))
