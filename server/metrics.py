@@ -119,6 +119,7 @@ class Metrics:
                           for by in ("plan", "payg")}
         self._region_names = {1: "chinese_mainland", 2: "outside_chinese_mainland"}
         self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._item_counts: dict[tuple[str, str], Any] = {}  # count_items's children
         self.settlements = Counter("ledger_settlements", "Billing days settled", registry=r)
         self.settlement_seconds = Histogram(
             "ledger_settlement_duration_seconds", "Time to settle one billing day",
@@ -136,15 +137,30 @@ class Metrics:
                         "(no 2xx, a timeout, a refused connection); each is retried",
                         registry=self.registry))
 
-    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        """One call's count and latency, through cached label children (the hot path)."""
+    def _rpc(self, method: str, code: str) -> tuple[Any, Any]:
+        """A method's count and latency children for one code, cached (the hot path)."""
         key = (method, code)
         children = self._rpc_children.get(key)
         if children is None:
             children = (self.rpcs.labels(method, code), self.rpc_latency.labels(method))
             self._rpc_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        return children
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        """One call's count and latency."""
+        count, latency = self._rpc(method, code)
+        count.inc()
+        latency.observe(seconds)
+
+    def count_items(self, method: str, ok: int, failed: int) -> None:
+        """Items answered inside a call (a stream's), counted as ``OK`` and ``ERROR`` and not
+        timed one by one (so the latency histogram gets no series of ``method``)."""
+        for code, n in (("OK", ok), ("ERROR", failed)):
+            if n:
+                child = self._item_counts.get((method, code))
+                if child is None:
+                    child = self._item_counts[(method, code)] = self.rpcs.labels(method, code)
+                child.inc(n)
 
     def watch_state(self, query: Callable[[str, tuple], list[Any]], top_accounts: int) -> None:
         self.registry.register(_StateCollector(query, top_accounts))

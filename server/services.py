@@ -263,20 +263,24 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
                     in_flight -= 1
                     flush()  # what arrived while this batch was being committed
                     _count_rows(metrics, [row for _, row, _ in items if row is not None], out)
-                j = 0
-                for request_id, _row, exc in items:
-                    msg = qpb.ConsumeResult(request_id=request_id)
-                    if exc is None:
-                        exc = out.errors.get(j)
+                j = failed = 0
+                answered = 0  # counted before each yield, as a caller may stop reading
+                try:
+                    for request_id, _row, exc in items:
+                        msg = qpb.ConsumeResult(request_id=request_id)
                         if exc is None:
-                            convert.fill_group_response(msg.response, request_id, out, j)
-                        j += 1
-                    if exc is not None:
-                        _error(msg, exc)
-                    metrics.observe_rpc("ConsumeStream.item", "OK" if exc is None else "ERROR",
-                                        0.0)
-                    space.release()
-                    yield msg
+                            exc = out.errors.get(j)
+                            if exc is None:
+                                convert.fill_group_response(msg.response, request_id, out, j)
+                            j += 1
+                        if exc is not None:
+                            _error(msg, exc)
+                            failed += 1
+                        answered += 1
+                        space.release()
+                        yield msg
+                finally:
+                    metrics.count_items("ConsumeStream.item", answered - failed, failed)
             await reader
         finally:
             reader.cancel()

@@ -270,3 +270,36 @@ def test_the_metrics_added_for_the_alerts_read_right(tmp_path, db):
                 cal.day_end(day) / cal.US_PER_SECOND
     finally:
         srv.stop()
+
+
+def _item_counts(port: int) -> dict[str, float]:
+    """ledger_rpc_requests_total of ConsumeStream.item, by code; and whether the latency
+    histogram has any series of it (it must not: items are not timed one by one)."""
+    counts: dict[str, float] = {}
+    timed = False
+    for family in _scrape(port):
+        for s in family.samples:
+            if s.labels.get("method") != "ConsumeStream.item":
+                continue
+            if s.name == "ledger_rpc_requests_total":
+                counts[s.labels["code"]] = s.value
+            timed = timed or s.name.startswith("ledger_rpc_latency_seconds")
+    counts["timed"] = float(timed)
+    return counts
+
+
+def test_stream_items_are_counted_each_once_by_outcome(server, client):
+    """A stream of five items, two of them refused (an unknown account), adds 3 to its
+    OK count and 2 to its ERROR count, and times none of them."""
+    make_account(client, "streamer", cash_micros=100_000_000)
+    before = _item_counts(server.metrics_port)
+    accounts = ("streamer", "nobody", "streamer", "nobody", "streamer")
+    items = [client.consume_request(a) for a in accounts]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = quota_ledger_pb2_grpc.QuotaLedgerStub(channel)
+        results = list(stub.ConsumeStream(iter(items), timeout=CALL_TIMEOUT_S))
+    assert [r.HasField("error") for r in results] == [False, True, False, True, False]
+    after = _item_counts(server.metrics_port)
+    assert after.get("OK", 0) - before.get("OK", 0) == 3
+    assert after.get("ERROR", 0) - before.get("ERROR", 0) == 2
+    assert after["timed"] == 0.0
