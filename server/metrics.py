@@ -137,20 +137,15 @@ class Metrics:
                         "(no 2xx, a timeout, a refused connection); each is retried",
                         registry=self.registry))
 
-    def _rpc(self, method: str, code: str) -> tuple[Any, Any]:
-        """A method's count and latency children for one code, cached (the hot path)."""
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        """One call's count and latency, through cached label children (the hot path)."""
         key = (method, code)
         children = self._rpc_children.get(key)
         if children is None:
             children = (self.rpcs.labels(method, code), self.rpc_latency.labels(method))
             self._rpc_children[key] = children
-        return children
-
-    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        """One call's count and latency."""
-        count, latency = self._rpc(method, code)
-        count.inc()
-        latency.observe(seconds)
+        children[0].inc()
+        children[1].observe(seconds)
 
     def count_items(self, method: str, ok: int, failed: int) -> None:
         """Items answered inside a call (a stream's), counted as ``OK`` and ``ERROR`` and not

@@ -112,7 +112,7 @@ def _report(got: dict[Any, list[tuple[float, float, float]]]) -> None:
         rate0, p50_0, cpu0 = med[(n, "no-op")]
         print(f"{n} in flight (no-op: {rate0:,.0f} calls/s, p50 {p50_0:.3f} ms, "
               f"{cpu0:.0f} µs a call):")
-        for name in ("ledger", *(name for name, _ in PROTOTYPES), "floor inline"):
+        for name in ("ledger", *(label for label, _ in PROTOTYPES), "floor inline"):
             rate, p50, cpu = med[(n, name)]
             print(f"  {name:26} {rate:7,.0f} calls/s {rate / rate0:6.3f}x   p50 {p50:.3f} ms"
                   f"   CPU {cpu:4.0f} µs, no-op {cpu - cpu0:+4.0f}, no-op + commit "
@@ -133,7 +133,7 @@ def main(rounds: int, seconds: float, research: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-designs-") as name:
         tmp = Path(name)
         ledger, noop = ledger_and_noop(tmp)
-        protos = [Prototype(name, script, args, tmp) for name, args in PROTOTYPES]
+        protos = [Prototype(label, script, args, tmp) for label, args in PROTOTYPES]
         protos.append(Prototype("floor inline", FLOOR_SCRIPT, [str(tmp)], tmp))
         try:
             for proc in (ledger, noop, *protos):
