@@ -1,6 +1,6 @@
 """The ledger's unary Consume against the research prototypes of other designs (issue 18).
 
-    python -m tests.bench_designs [--rounds 3] [--seconds 6] [--research DIR]
+    python -m tests.bench_designs [--rounds 3] [--seconds 6] [--research DIR] [--lone-only]
 
 Issue 18's point 3 names a design to try first: the engine on the event loop, only the
 commit on a thread of its own, pipelined (requests that arrive while a commit is in flight
@@ -10,7 +10,9 @@ and of the commit on the loop itself (mode ``loop``); ``group`` also runs with a
 linger before each group. ``tests/floor_unary.py`` (``floor inline``) commits a lone consume
 inside its handler: no future, no callback, no thread. They do only the essential work: no
 validation, no derived rows, no key index, no metrics. So each is a floor for its design:
-what the design gets on this machine at best.
+what the design gets on this machine at best. ``floor essential`` is the same floor with
+what the project's standards require of every call (validation, status mapping, per-call
+metrics, with the ledger's own code): the floor of any design that validates a lone call.
 
 This runs them beside the ledger (``python -m server serve``, its default SQLite) and the
 no-op server (``tests/baseline_server.py``), on the same 1,000 accounts each with a plan,
@@ -46,6 +48,7 @@ RESEARCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "research" / "un
 COMMIT_FLOOR_COMMITS_MAX = 20_000
 ACCOUNTS = 1_000
 IN_FLIGHT = (64, 1)
+FLOORS = (("floor inline", []), ("floor essential", ["essential"]))
 # unary_modes.py's modes (and linger, s): design 3 as the issue names it, then with a linger
 # that lets more requests share a group's commit, and the commit on the loop.
 PROTOTYPES = (("prototype group", ["group"]), ("prototype group, 0.5 ms linger",
@@ -71,7 +74,8 @@ class Prototype(Proc):
 
 
 async def _rounds(servers: dict[str, Any], target: str, rounds: int, seconds: float,
-                  tmp: Path) -> dict[Any, list[tuple[float, float, float]]]:
+                  tmp: Path, in_flight: tuple[int, ...] = IN_FLIGHT
+                  ) -> dict[Any, list[tuple[float, float, float]]]:
     """The loads; after each of the ledger's, its acknowledged requests must equal the
     units its journal recorded meanwhile."""
     cfg = LoadConfig(target=target, accounts=ACCOUNTS, account_prefix="design-",
@@ -84,7 +88,7 @@ async def _rounds(servers: dict[str, Any], target: str, rounds: int, seconds: fl
     got: dict[Any, list[tuple[float, float, float]]] = {}
     for r in range(rounds):
         names = list(servers) if r % 2 == 0 else list(reversed(servers))
-        for n in IN_FLIGHT:
+        for n in in_flight:
             for name in names:
                 meter = CpuMeter(servers[name].pid)
                 meter.start()
@@ -103,16 +107,17 @@ async def _rounds(servers: dict[str, Any], target: str, rounds: int, seconds: fl
     return got
 
 
-def _report(got: dict[Any, list[tuple[float, float, float]]]) -> None:
+def _report(got: dict[Any, list[tuple[float, float, float]]], names: list[str],
+            in_flight: tuple[int, ...] = IN_FLIGHT) -> None:
     med = {k: tuple(statistics.median(x[i] for x in v) for i in range(3)) for k, v in got.items()}
     commit_p50, commit_cpu = med["commit"][1], med["commit"][2]
     print(f"medians of {len(got['commit'])} rounds; one-row commit p50 {commit_p50:.3f} ms, "
           f"{commit_cpu:.0f} µs CPU")
-    for n in IN_FLIGHT:
+    for n in in_flight:
         rate0, p50_0, cpu0 = med[(n, "no-op")]
         print(f"{n} in flight (no-op: {rate0:,.0f} calls/s, p50 {p50_0:.3f} ms, "
               f"{cpu0:.0f} µs a call):")
-        for name in ("ledger", *(label for label, _ in PROTOTYPES), "floor inline"):
+        for name in names:
             rate, p50, cpu = med[(n, name)]
             print(f"  {name:26} {rate:7,.0f} calls/s {rate / rate0:6.3f}x   p50 {p50:.3f} ms"
                   f"   CPU {cpu:4.0f} µs, no-op {cpu - cpu0:+4.0f}, no-op + commit "
@@ -124,28 +129,33 @@ def _report(got: dict[Any, list[tuple[float, float, float]]]) -> None:
 @click.option("--seconds", default=6.0, show_default=True, type=click.FloatRange(1, 30))
 @click.option("--research", type=click.Path(path_type=Path), default=RESEARCH_DIR,
               show_default=True, help="the folder that holds unary_modes.py")
-def main(rounds: int, seconds: float, research: Path) -> None:
+@click.option("--lone-only", is_flag=True,
+              help="1 in flight only, and only the ledger, the no-op and the lone-call floors")
+def main(rounds: int, seconds: float, research: Path, lone_only: bool) -> None:
     """The ledger, the no-op server and the research prototypes side by side (issue 18)."""
     script = research / "unary_modes.py"
-    if not script.exists():
+    if not lone_only and not script.exists():
         raise SystemExit(f"{script} is not there: pass --research DIR")
     print(f"load average {os.getloadavg()[0]:.2f} at the start; {rounds} rounds of {seconds:g} s")
     with tempfile.TemporaryDirectory(prefix="bench-designs-") as name:
         tmp = Path(name)
         ledger, noop = ledger_and_noop(tmp)
-        protos = [Prototype(label, script, args, tmp) for label, args in PROTOTYPES]
-        protos.append(Prototype("floor inline", FLOOR_SCRIPT, [str(tmp)], tmp))
+        protos = [] if lone_only else [Prototype(label, script, args, tmp)
+                                       for label, args in PROTOTYPES]
+        protos += [Prototype(label, FLOOR_SCRIPT, [str(tmp), *args], tmp)
+                   for label, args in FLOORS]
+        in_flight = (1,) if lone_only else IN_FLIGHT
         try:
             for proc in (ledger, noop, *protos):
                 proc.start()
             servers = {"ledger": ledger, "no-op": noop, **{p.name: p for p in protos}}
-            got = asyncio.run(_rounds(servers, ledger.target, rounds, seconds, tmp))
+            got = asyncio.run(_rounds(servers, ledger.target, rounds, seconds, tmp, in_flight))
         finally:
             for p in protos:
                 p.stop()
             ledger.stop()
             noop.stop()
-    _report(got)
+    _report(got, ["ledger", *(p.name for p in protos)], in_flight)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 

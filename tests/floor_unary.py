@@ -1,6 +1,6 @@
 """A floor for a lone Consume (issue 18), in the style of ``../shared/research/unary-floor/``.
 
-    .venv/bin/python -m tests.floor_unary PORT DIR    (the database: DIR/floor.db)
+    .venv/bin/python -m tests.floor_unary PORT DIR [essential]   (the database: DIR/floor.db)
 
 A unary server on the project's protos that does only the essential work of a lone consume,
 inside the handler on the event loop: the key checked in a dict, one unit taken in a dict,
@@ -10,6 +10,13 @@ A replayed key commits nothing. No future, no callback, no thread: at 1 in fligh
 cheaper keeps R11 (the reply after its fsync). No validation, derived rows, key index,
 metrics or grouping either, so under concurrency it commits once per call: it is a floor for
 1 in flight only. ``python -m tests.bench_designs`` runs it beside the ledger.
+
+``essential`` adds only what the project's standards require of every call, with the
+ledger's own code: the request validated into its row (``server.convert.consume_row``: bad
+input never writes), domain errors mapped to gRPC statuses and the call counted and timed
+(``server.errors.rpc`` with ``server.metrics.Metrics``, authentication off as in the
+benchmarks). Still no derived rows, no key index, no engine: the floor of any design that
+validates and commits a lone call on the loop.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from pathlib import Path
 import grpc
 import msgpack
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protos"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "protos"), str(ROOT)]  # run as a script: the protos, server/
 from quota_ledger.v1 import quota_ledger_pb2 as qpb  # noqa: E402
 from quota_ledger.v1 import quota_ledger_pb2_grpc as qg  # noqa: E402
 
@@ -31,6 +39,8 @@ PLAN_UNITS = 10**9  # what every account holds: the floor never runs out
 
 
 class Floor(qg.QuotaLedgerServicer):
+    SERVICE = "QuotaLedger"  # the rpc wrapper's method names (essential mode)
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self.keys: dict[tuple[str, str], tuple] = {}
@@ -55,18 +65,54 @@ class Floor(qg.QuotaLedgerServicer):
                                    plan_units_remaining=item[-1])
 
 
-async def serve(port: int, directory: Path) -> None:
+def essential(db: sqlite3.Connection) -> Floor:
+    """The floor with validation, status mapping and per-call metrics (the ledger's own)."""
+    from types import SimpleNamespace
+
+    from server.auth import Authorizer
+    from server.convert import consume_row
+    from server.errors import rpc
+    from server.metrics import Metrics
+
+    class Essential(Floor):
+        @rpc
+        async def Consume(self, req, ctx):  # noqa: N802
+            row = consume_row(req)
+            acc, rid = row[0], row[1]
+            item = self.keys.get((acc, rid))
+            if item is None:
+                left = self.remaining.get(acc, PLAN_UNITS) - row[7]
+                self.remaining[acc] = left
+                item = (acc, rid, row[2], row[3], row[4], row[5], left)
+                blob = msgpack.packb([item])
+                self.last = hashlib.sha256(self.last + blob).digest()
+                db = self.db
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("INSERT INTO journal (payload, hash) VALUES (?, ?)",
+                           (blob, self.last))
+                db.execute("COMMIT")
+                self.keys[(acc, rid)] = item
+            return qpb.ConsumeResponse(request_id=rid, billable=True,
+                                       billing_day="2026-12-05", plan_units_remaining=item[-1])
+
+    floor = Essential(db)
+    floor.ctx = SimpleNamespace(metrics=Metrics(), draining=False, auth=Authorizer(None))
+    return floor
+
+
+async def serve(port: int, directory: Path, mode: str = "") -> None:
     db = sqlite3.connect(directory / "floor.db", isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, payload BLOB,"
                " hash BLOB)")
     server = grpc.aio.server()
-    qg.add_QuotaLedgerServicer_to_server(Floor(db), server)
+    qg.add_QuotaLedgerServicer_to_server(essential(db) if mode == "essential" else Floor(db),
+                                         server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(int(sys.argv[1]), Path(sys.argv[2])))
+    asyncio.run(serve(int(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:4]))
