@@ -6,7 +6,9 @@ printed in microseconds per call, not only as a ratio. The ledger names its own 
 the OS (``ledger/threads.py``: ``ledger-writer``, ``ledger-checkpoint``, ``ledger-keyrun``);
 the main thread (the event loop) is reported as ``loop``; gRPC's C threads under their own
 names. Threads that ended during the load (a key-run builder) are counted in the process's
-total (``/proc/PID/stat``), shown as ``ended``.
+total (``/proc/PID/stat``), shown as ``ended``. A server's child processes (a floor whose
+commit runs in a process of its own, ``tests/floor_process.py``) count in its CPU, each as
+``child <name>``.
 
 The clock tick is 10 ms: over a load of 8 s at a few thousand calls a second that is well
 under a microsecond per call.
@@ -53,8 +55,33 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return dict(out)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The process's live child processes (``/proc/PID/task/TID/children``)."""
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    return out
+
+
+def _tree_cpu_s(pid: int) -> tuple[dict[str, float], float]:
+    """(CPU seconds by thread, and of each child process as ``child NAME``; the total)."""
+    threads, total = thread_cpu_s(pid), process_cpu_s(pid)
+    for child in child_pids(pid):
+        try:
+            comm, s = _cpu_s(Path(f"/proc/{child}/stat").read_text())
+        except (OSError, ValueError):  # it ended meanwhile
+            continue
+        threads[f"child {comm}"] = threads.get(f"child {comm}", 0.0) + s
+        total += s
+    return threads, total
+
+
 class CpuMeter:
-    """CPU of one server process over one load, per call: ``start()``, then ``stop(calls)``."""
+    """CPU of one server process (and its children) over one load, per call: ``start()``,
+    then ``stop(calls)``."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -62,11 +89,11 @@ class CpuMeter:
         self._total = 0.0
 
     def start(self) -> None:
-        self._threads, self._total = thread_cpu_s(self.pid), process_cpu_s(self.pid)
+        self._threads, self._total = _tree_cpu_s(self.pid)
 
     def stop(self, calls: int) -> dict[str, object]:
         """{"us_per_call": total, "threads": {name: µs per call}} since start()."""
-        threads, total = thread_cpu_s(self.pid), process_cpu_s(self.pid)
+        threads, total = _tree_cpu_s(self.pid)
         n = max(1, calls)
         per = {name: (s - self._threads.get(name, 0.0)) * 1e6 / n for name, s in threads.items()}
         live = sum(per.values())

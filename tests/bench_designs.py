@@ -49,6 +49,9 @@ COMMIT_FLOOR_COMMITS_MAX = 20_000
 ACCOUNTS = 1_000
 IN_FLIGHT = (64, 1)
 FLOORS = (("floor inline", []), ("floor essential", ["essential"]))
+# Design 3 with the commit in a child process (64 in flight: the next step), bare and essential
+PROCESS_FLOORS = (("process floor", []), ("process floor essential", ["essential"]))
+PROCESS_SCRIPT = Path(__file__).with_name("floor_process.py")
 # unary_modes.py's modes (and linger, s): design 3 as the issue names it, then with a linger
 # that lets more requests share a group's commit, and the commit on the loop.
 PROTOTYPES = (("prototype group", ["group"]), ("prototype group, 0.5 ms linger",
@@ -144,6 +147,9 @@ def main(rounds: int, seconds: float, research: Path, lone_only: bool) -> None:
                                        for label, args in PROTOTYPES]
         protos += [Prototype(label, FLOOR_SCRIPT, [str(tmp), *args], tmp)
                    for label, args in FLOORS]
+        if not lone_only:
+            protos += [Prototype(label, PROCESS_SCRIPT, [str(tmp), *args], tmp)
+                       for label, args in PROCESS_FLOORS]
         in_flight = (1,) if lone_only else IN_FLIGHT
         try:
             for proc in (ledger, noop, *protos):

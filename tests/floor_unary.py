@@ -1,6 +1,8 @@
 """A floor for a lone Consume (issue 18), in the style of ``../shared/research/unary-floor/``.
 
-    .venv/bin/python -m tests.floor_unary PORT DIR [essential]   (the database: DIR/floor.db)
+    .venv/bin/python -m tests.floor_unary PORT DIR [essential]
+
+(its database: DIR/floor.db, or DIR/floor-essential.db)
 
 A unary server on the project's protos that does only the essential work of a lone consume,
 inside the handler on the event loop: the key checked in a dict, one unit taken in a dict,
@@ -101,7 +103,7 @@ def essential(db: sqlite3.Connection) -> Floor:
 
 
 async def serve(port: int, directory: Path, mode: str = "") -> None:
-    db = sqlite3.connect(directory / "floor.db", isolation_level=None)
+    db = sqlite3.connect(directory / f"floor{'-' + mode if mode else ''}.db", isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, payload BLOB,"
