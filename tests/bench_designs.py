@@ -12,7 +12,8 @@ inside its handler: no future, no callback, no thread. They do only the essentia
 validation, no derived rows, no key index, no metrics. So each is a floor for its design:
 what the design gets on this machine at best. ``floor essential`` is the same floor with
 what the project's standards require of every call (validation, status mapping, per-call
-metrics, with the ledger's own code): the floor of any design that validates a lone call.
+metrics, with the ledger's own code): the floor of any design that validates a lone call;
+``floor derived`` adds a derived row to each lone commit, as the ledger writes its plan's.
 
 This runs them beside the ledger (``python -m server serve``, its default SQLite) and the
 no-op server (``tests/baseline_server.py``), on the same 1,000 accounts each with a plan,
@@ -48,7 +49,8 @@ RESEARCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "research" / "un
 COMMIT_FLOOR_COMMITS_MAX = 20_000
 ACCOUNTS = 1_000
 IN_FLIGHT = (64, 1)
-FLOORS = (("floor inline", []), ("floor essential", ["essential"]))
+FLOORS = (("floor inline", []), ("floor essential", ["essential"]),
+          ("floor derived", ["derived"]))
 # Design 3 with the commit in a child process (64 in flight: the next step), bare and essential
 PROCESS_FLOORS = (("process floor", []), ("process floor essential", ["essential"]))
 PROCESS_SCRIPT = Path(__file__).with_name("floor_process.py")

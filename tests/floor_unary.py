@@ -1,8 +1,8 @@
 """A floor for a lone Consume (issue 18), in the style of ``../shared/research/unary-floor/``.
 
-    .venv/bin/python -m tests.floor_unary PORT DIR [essential]
+    .venv/bin/python -m tests.floor_unary PORT DIR [essential|derived]
 
-(its database: DIR/floor.db, or DIR/floor-essential.db)
+(its database: DIR/floor.db, or DIR/floor-MODE.db)
 
 A unary server on the project's protos that does only the essential work of a lone consume,
 inside the handler on the event loop: the key checked in a dict, one unit taken in a dict,
@@ -19,6 +19,11 @@ input never writes), domain errors mapped to gRPC statuses and the call counted 
 (``server.errors.rpc`` with ``server.metrics.Metrics``, authentication off as in the
 benchmarks). Still no derived rows, no key index, no engine: the floor of any design that
 validates and commits a lone call on the loop.
+
+``derived`` is ``essential`` with one derived row written in the same transaction, as the
+ledger writes its plan's row: an ``UPDATE`` of the account's row by rowid (an ``INSERT`` the
+first time). What it costs over ``essential`` is what writing derived rows with each lone
+commit costs, against deferring them.
 """
 
 from __future__ import annotations
@@ -50,24 +55,45 @@ class Floor(qg.QuotaLedgerServicer):
         self.last = b"\0" * 32
 
     async def Consume(self, req, ctx):  # noqa: N802
-        acc, rid = req.account_id, req.request_id
+        item = self.take(req.account_id, req.request_id, req.region, req.captcha_type,
+                         req.architecture, req.step, 1)
+        return qpb.ConsumeResponse(request_id=req.request_id, billable=True,
+                                   billing_day="2026-12-05", plan_units_remaining=item[-1])
+
+    def take(self, acc: str, rid: str, region: int, ctype: int, arch: int, step: int,
+             qty: int) -> tuple:
+        """The lean consume, committed before it returns (a replayed key commits nothing)."""
         item = self.keys.get((acc, rid))
         if item is None:
-            left = self.remaining.get(acc, PLAN_UNITS) - 1
+            left = self.remaining.get(acc, PLAN_UNITS) - qty
             self.remaining[acc] = left
-            item = (acc, rid, req.region, req.captcha_type, req.architecture, req.step, left)
+            item = (acc, rid, region, ctype, arch, step, left)
             blob = msgpack.packb([item])
             self.last = hashlib.sha256(self.last + blob).digest()
             db = self.db
             db.execute("BEGIN IMMEDIATE")
             db.execute("INSERT INTO journal (payload, hash) VALUES (?, ?)", (blob, self.last))
+            if self.plan_rows:
+                self.write_plan(acc, left)
             db.execute("COMMIT")
             self.keys[(acc, rid)] = item
-        return qpb.ConsumeResponse(request_id=rid, billable=True, billing_day="2026-12-05",
-                                   plan_units_remaining=item[-1])
+        return item
+
+    plan_rows = False  # mode ``derived``: the account's plan row in the same transaction
+    _rowids: dict[str, int]
+
+    def write_plan(self, acc: str, left: int) -> None:
+        rowid = self._rowids.get(acc)
+        if rowid is None:
+            rowid = self.db.execute("INSERT INTO plans (account_id, units_remaining) VALUES"
+                                    " (?, ?)", (acc, left)).lastrowid
+            self._rowids[acc] = rowid
+        else:
+            self.db.execute("UPDATE plans SET units_remaining = ? WHERE rowid = ?",
+                            (left, rowid))
 
 
-def essential(db: sqlite3.Connection) -> Floor:
+def essential(db: sqlite3.Connection, plan_rows: bool = False) -> Floor:
     """The floor with validation, status mapping and per-call metrics (the ledger's own)."""
     from types import SimpleNamespace
 
@@ -80,24 +106,12 @@ def essential(db: sqlite3.Connection) -> Floor:
         @rpc
         async def Consume(self, req, ctx):  # noqa: N802
             row = consume_row(req)
-            acc, rid = row[0], row[1]
-            item = self.keys.get((acc, rid))
-            if item is None:
-                left = self.remaining.get(acc, PLAN_UNITS) - row[7]
-                self.remaining[acc] = left
-                item = (acc, rid, row[2], row[3], row[4], row[5], left)
-                blob = msgpack.packb([item])
-                self.last = hashlib.sha256(self.last + blob).digest()
-                db = self.db
-                db.execute("BEGIN IMMEDIATE")
-                db.execute("INSERT INTO journal (payload, hash) VALUES (?, ?)",
-                           (blob, self.last))
-                db.execute("COMMIT")
-                self.keys[(acc, rid)] = item
-            return qpb.ConsumeResponse(request_id=rid, billable=True,
+            item = self.take(*row[:6], row[7])
+            return qpb.ConsumeResponse(request_id=row[1], billable=True,
                                        billing_day="2026-12-05", plan_units_remaining=item[-1])
 
     floor = Essential(db)
+    floor.plan_rows, floor._rowids = plan_rows, {}
     floor.ctx = SimpleNamespace(metrics=Metrics(), draining=False, auth=Authorizer(None))
     return floor
 
@@ -108,9 +122,10 @@ async def serve(port: int, directory: Path, mode: str = "") -> None:
     db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, payload BLOB,"
                " hash BLOB)")
+    db.execute("CREATE TABLE IF NOT EXISTS plans (account_id TEXT, units_remaining INTEGER)")
+    floor = essential(db, mode == "derived") if mode in ("essential", "derived") else Floor(db)
     server = grpc.aio.server()
-    qg.add_QuotaLedgerServicer_to_server(essential(db) if mode == "essential" else Floor(db),
-                                         server)
+    qg.add_QuotaLedgerServicer_to_server(floor, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
