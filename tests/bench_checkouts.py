@@ -1,7 +1,7 @@
 """Unary Consume from two checkouts side by side, on SQLite or PostgreSQL (issues 18, 20).
 
     python -m tests.bench_checkouts --before DIR [--after .] [--backend postgres]
-                                    [--rounds 4] [--seconds 5]
+                                    [--rounds 4] [--seconds 5] [--history N]
 
 A change's effect on a lone call is smaller than this machine's swings from one hour to the
 next, so it is measured against the code before, in alternation: one server from each
@@ -10,6 +10,8 @@ throwaway PostgreSQL cluster with fsync on, or an SQLite file), 1,000 accounts e
 plan, then rounds of unary Consume at 1 and at 64 in flight (``ledgerctl loadtest``'s load),
 the checkouts taking turns. Each line gives the calls a second, the p50, and the server
 process's CPU per call (from ``/proc``). Bounded: 2 x --rounds x 2 loads of --seconds.
+``--history N`` first sends each server N requests in COMPACT batches of 1,000 (at most
+HISTORY_S_MAX seconds), so that its key index holds runs, as a ledger in service does.
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ import grpc
 from clients.loadgen import LoadConfig, prepare_accounts, run_load
 
 from .bench_cpu import process_cpu_s
+from .bench_loads import batch_load
 from .pg_cluster import PgCluster
 
 START_TIMEOUT_S = 30
 ACCOUNTS = 1_000
 REQUESTS_CAP = 10_000_000
+HISTORY_BATCH = 1_000
+HISTORY_S_MAX = 60.0
 
 
 def start(code: Path, db: str, d: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -55,7 +60,8 @@ def start(code: Path, db: str, d: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, target
 
 
-async def run(codes: dict[str, Path], backend: str, rounds: int, seconds: float) -> None:
+async def run(codes: dict[str, Path], backend: str, rounds: int, seconds: float,
+              history: int = 0) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-checkouts-") as d:
         cluster = (PgCluster(Path(tempfile.mkdtemp(prefix="bench-checkouts-pg-")),
                              durable=True).start() if backend == "postgres" else None)
@@ -70,6 +76,11 @@ async def run(codes: dict[str, Path], backend: str, rounds: int, seconds: float)
                                  top_up_micros=10_000_000, account_prefix="s-")
                 await prepare_accounts(cfg)
                 servers[name] = (proc, target, cfg.ids())
+                if history:
+                    h = await batch_load(target, cfg.ids(), view="compact",
+                                         batch_size=HISTORY_BATCH, concurrency=4,
+                                         seconds=HISTORY_S_MAX, requests_max=history)
+                    print(f"{name}: a history of {h.calls:,} batches", flush=True)
                 await run_load(LoadConfig(target=target, account_ids=cfg.ids(),  # warm
                                           requests=REQUESTS_CAP, duration_s=1.5,
                                           shape="unary", concurrency=16))
@@ -102,11 +113,14 @@ async def run(codes: dict[str, Path], backend: str, rounds: int, seconds: float)
               show_default=True)
 @click.option("--rounds", default=4, show_default=True, type=click.IntRange(1, 20))
 @click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(1, 60))
-def main(before: str, after: str, backend: str, rounds: int, seconds: float) -> None:
+@click.option("--history", default=0, show_default=True, type=click.IntRange(0, 10_000_000),
+              help="Requests sent to each server in batches first (its key index's runs).")
+def main(before: str, after: str, backend: str, rounds: int, seconds: float,
+         history: int) -> None:
     """Unary Consume from two checkouts side by side, at 1 and 64 in flight."""
     print(f"load average {os.getloadavg()[0]:.2f} at the start")
     asyncio.run(run({"before": Path(before).resolve(), "after": Path(after).resolve()},
-                    backend, rounds, seconds))
+                    backend, rounds, seconds, history))
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 

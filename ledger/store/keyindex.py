@@ -52,6 +52,7 @@ import numpy as np
 from ..threads import name_this_thread
 from .keyruns import (
     LOC_IDX_BITS,
+    SMALL_KEYS_MAX,
     Filter,
     Key,
     Location,
@@ -216,10 +217,19 @@ class KeyIndex:
                 unseen.append(key)
         if not unseen:
             return found
-        hashes = hash_keys(unseen)
         if len(self._hashed) > MEMTABLE_KEYS_MAX:  # groups that committed no consume
             self._hashed_keys, self._hashed = [], []
         self._hashed_keys += unseen  # for add()
+        if len(unseen) <= SMALL_KEYS_MAX:  # a unary group's few keys: no numpy (issue 18)
+            ints = hash_ints(unseen)
+            self._hashed += ints
+            contains = self.filter.contains
+            may_ints = [i for i, h in enumerate(ints) if contains(h)]
+            if may_ints:
+                self._search_runs([unseen[i] for i in may_ints],
+                                  np.array([ints[i] for i in may_ints], dtype=np.int64), found)
+            return found
+        hashes = hash_keys(unseen)
         self._hashed += hashes.tolist()
         may = np.flatnonzero(self.filter.contains_many(hashes))
         if len(may):

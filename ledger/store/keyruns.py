@@ -1,6 +1,7 @@
 """The pieces of the key index (:mod:`.keyindex`) that hold no state: the 64-bit hash of a
 consume key, a key's packed journal location, the Bloom filter, and a run's pages, fences
-and filter built from its keys (numpy throughout: no Python loop a key)."""
+and filter built from its keys (numpy throughout: no Python loop a key; a lone key's probe
+excepted)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ Key = tuple[str, str]  # (account_id, request_id)
 Location = tuple[int, int]  # (journal seq, index in its block; -1: a one-row entry)
 
 
+_U64, _U32 = (1 << 64) - 1, (1 << 32) - 1
 _BLAKE2B_8 = hashlib.blake2b(digest_size=8)  # copied: cheaper than a new one's parameters
 
 
@@ -92,6 +94,20 @@ class Filter:
         p = self._positions(hashes)
         hit = self.bits[p >> np.uint64(3)] & np.left_shift(1, p & np.uint64(7)).astype(np.uint8)
         return (hit != 0).all(axis=1)
+
+    def contains(self, h: int) -> bool:
+        """:meth:`contains_many` for one hash (a Python int), without numpy: a lone call's
+        key (issue 18). numpy's fixed cost is some 10 µs a call warm, and several times
+        that in a server between two commits; these are seven bit reads. The positions are
+        the same: ``h1 + i * h2`` stays below 2**36, so numpy's uint64 arithmetic never
+        wraps there either."""
+        u = h & _U64
+        h1, h2, m, bits = u & _U32, (u >> 32) | 1, int(self.m), self.bits.data
+        for i in range(FILTER_HASHES):
+            p = (h1 + i * h2) % m
+            if not bits[p >> 3] >> (p & 7) & 1:
+                return False
+        return True
 
 
 class Run:
