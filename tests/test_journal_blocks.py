@@ -21,7 +21,7 @@ from ledger import model as m
 from ledger.catalog import builtin
 from ledger.clock import TestClock
 from ledger.engine import Engine
-from ledger.errors import AlreadyExists
+from ledger.errors import AlreadyExists, Unavailable
 from ledger.money import Region
 from ledger.store import Store, consume_entries, keyindex, keyruns
 from ledger.verify import verify
@@ -113,9 +113,14 @@ def test_r12_keys_replay_from_memtable_runs_and_after_restarts(tmp_path, small_i
     assert verify(str(tmp_path / "l.db")).ok
 
 
-def test_r12_lone_keys_are_probed_one_by_one_as_in_a_group(tmp_path, small_index):
+def test_r12_lone_keys_are_probed_one_by_one_as_in_a_group(tmp_path, small_index,
+                                                           monkeypatch):
     """A lone call's key is hashed and probed in the filter without numpy (issue 18): old
     keys still replay from the memtable, a run or after a restart, new keys stay new."""
+    probes = []
+    one = keyruns.Filter.contains
+    monkeypatch.setattr(keyruns.Filter, "contains",
+                        lambda self, h: probes.append(h) or one(self, h))
     led = Ledger(tmp_path / "l.db")
     try:
         led.call(m.CreateAccount("acme"))
@@ -131,8 +136,33 @@ def test_r12_lone_keys_are_probed_one_by_one_as_in_a_group(tmp_path, small_index
                 r = led.call(consume(*k))
                 assert r.replayed and outcome(r) == outcome(first[k]), (round_, k)
             assert not led.call(consume("acme", str(uuid.uuid4()))).replayed
+        assert probes  # the one-hash probe answered them
     finally:
         led.close()
+
+
+def test_r12_a_key_that_cannot_be_hashed_fails_alone(tmp_path, small_index):
+    """A request id that cannot be encoded (the in-process API does not validate) fails its
+    own group; the index stays in step, so the next key is charged once and replays."""
+    led = Ledger(tmp_path / "l.db")
+    try:
+        led.call(m.CreateAccount("acme"))
+        led.call(m.TopUp("acme", "t", m.FundsKind.CASH, 100_000_000))
+        for i in range(60):
+            led.call(consume("acme", f"h{i}"))
+        assert led.store.keys.runs  # new keys are hashed for the runs' filter
+        with pytest.raises(Unavailable):
+            led.call(consume("acme", "bad\ud800"))
+        first = led.call(consume("acme", "new-1"))
+        again = led.call(consume("acme", "new-1"))
+        assert not first.replayed and again.replayed and outcome(again) == outcome(first)
+    finally:
+        led.close()
+    conn = sqlite3.connect(tmp_path / "l.db")
+    try:
+        assert sum(e[3] == "new-1" for e in consume_entries(conn)) == 1
+    finally:
+        conn.close()
 
 
 def test_one_hash_probe_agrees_with_the_vectorized_filter():

@@ -217,12 +217,11 @@ class KeyIndex:
                 unseen.append(key)
         if not unseen:
             return found
-        if len(self._hashed) > MEMTABLE_KEYS_MAX:  # groups that committed no consume
-            self._hashed_keys, self._hashed = [], []
-        self._hashed_keys += unseen  # for add()
+        # Hashed first: a key that cannot be hashed fails the group before the two lists
+        # add() pairs up grow, so they never fall out of step.
         if len(unseen) <= SMALL_KEYS_MAX:  # a unary group's few keys: no numpy (issue 18)
             ints = hash_ints(unseen)
-            self._hashed += ints
+            self._remember(unseen, ints)
             contains = self.filter.contains
             may_ints = [i for i, h in enumerate(ints) if contains(h)]
             if may_ints:
@@ -230,11 +229,18 @@ class KeyIndex:
                                   np.array([ints[i] for i in may_ints], dtype=np.int64), found)
             return found
         hashes = hash_keys(unseen)
-        self._hashed += hashes.tolist()
+        self._remember(unseen, hashes.tolist())
         may = np.flatnonzero(self.filter.contains_many(hashes))
         if len(may):
             self._search_runs([unseen[i] for i in may], hashes[may], found)
         return found
+
+    def _remember(self, keys: list[Key], hashes: list[int]) -> None:
+        """The keys candidates() hashed, and their hashes, for add()."""
+        if len(self._hashed) > MEMTABLE_KEYS_MAX:  # groups that committed no consume
+            self._hashed_keys, self._hashed = [], []
+        self._hashed_keys += keys
+        self._hashed += hashes
 
     def _search_runs(self, keys: list[Key], hashes: np.ndarray,
                      found: dict[Key, list[Location]]) -> None:
@@ -264,8 +270,10 @@ class KeyIndex:
     def add(self, claimed: Mapping[Key, tuple[Any, ...]]) -> None:
         """The keys a group committed: key -> (seq, index in its block, ...). A full
         memtable is frozen, to be written as a run by the next group commits."""
-        self._add(claimed)
-        self._hashed_keys, self._hashed = [], []
+        try:
+            self._add(claimed)
+        finally:  # the hashes candidates() kept never outlive their group
+            self._hashed_keys, self._hashed = [], []
         if len(self.memtable) >= MEMTABLE_KEYS_MAX:
             self._freeze()
 
