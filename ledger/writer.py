@@ -8,7 +8,8 @@ waiting without limit.
 
 Groups are formed on purpose (issue 9): when the previous group held several submissions,
 their callers are about to come back, so the writer waits for as many, at most
-``LINGER_S_MAX``; after a lone submission it never waits. And a lone submission to an idle
+``LINGER_S_MAX``, asleep until the submission that completes them wakes it; after a lone
+submission it never waits. And a lone submission to an idle
 writer (1 in flight) does not travel at all: it is run and committed on the submitting
 thread, under the same engine lock, so only the commit stands between it and its reply.
 
@@ -121,6 +122,11 @@ class Writer:
         self._last_done_s = 0.0  # when the previous commit ended (perf_counter)
         self._engine_lock = threading.Lock()  # one thread in the engine: writer or inline
         self.inline = True
+        # A lingering writer sleeps until as many submissions as it waits for are queued
+        # (``_need``, set by it; the submitter that reaches it wakes it once), not once per
+        # submission: each wake-up of the thread is a GIL handoff (issue 18).
+        self._enough = threading.Event()
+        self._need = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -129,6 +135,7 @@ class Writer:
         """Answer everything already queued, then stop."""
         self._stopping = True
         self._q.put(None)
+        self._enough.set()
         self._thread.join(timeout_s)
 
     def depth(self) -> int:
@@ -193,6 +200,10 @@ class Writer:
                 f"the ledger's write queue is full ({self.queue_depth_max} waiting); retry"
                 " shortly", reason="QUEUE_FULL")
         self._q.put(item)
+        need = self._need
+        if need and self._q.qsize() >= need:  # the lingering writer's group is here
+            self._need = 0
+            self._enough.set()
 
     # ------------------------------------------------------------------ the loop
 
@@ -224,10 +235,12 @@ class Writer:
                     deadline = now + self.linger_s_max
                 if now >= deadline:
                     break
-                try:
-                    item = self._q.get(timeout=deadline - now)
-                except queue.Empty:
-                    break
+                self._enough.clear()
+                self._need = want - len(group)
+                if self._q.qsize() < self._need:  # else they came meanwhile
+                    self._enough.wait(deadline - now)
+                self._need = 0
+                continue
             if item is None:
                 stop = True
                 break
