@@ -9,9 +9,9 @@ waiting without limit.
 Groups are formed on purpose (issue 9): when the previous group held several submissions,
 their callers are about to come back, so the writer waits for as many, at most
 ``LINGER_S_MAX``, asleep until the submission that completes them wakes it; after a lone
-submission it never waits. And a lone submission to an idle
-writer (1 in flight) does not travel at all: it is run and committed on the submitting
-thread, under the same engine lock, so only the commit stands between it and its reply.
+submission it never waits. And a lone submission to an idle writer (1 in flight) does not
+travel at all: it is run and committed on the submitting thread, under the same engine
+lock, so only the commit stands between it and its reply.
 
 A single Consume is submitted as its consume row (a plain tuple, issue 18): the group's
 single rows run through the engine as one consume group, and each caller gets the group's

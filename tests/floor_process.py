@@ -130,12 +130,9 @@ class Floor(qg.QuotaLedgerServicer):
 
 def essential(wfd: int, rfd: int) -> Floor:
     """The floor with validation, status mapping and per-call metrics (the ledger's own)."""
-    from types import SimpleNamespace
-
-    from server.auth import Authorizer
     from server.convert import consume_row
     from server.errors import rpc
-    from server.metrics import Metrics
+    from tests.floor_unary import essential_context
 
     class Essential(Floor):
         @rpc
@@ -147,7 +144,7 @@ def essential(wfd: int, rfd: int) -> Floor:
                                        plan_units_remaining=item[-1])
 
     floor = Essential(wfd, rfd)
-    floor.ctx = SimpleNamespace(metrics=Metrics(), draining=False, auth=Authorizer(None))
+    floor.ctx = essential_context()
     return floor
 
 

@@ -33,6 +33,7 @@ import hashlib
 import sqlite3
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import msgpack
@@ -48,11 +49,13 @@ PLAN_UNITS = 10**9  # what every account holds: the floor never runs out
 class Floor(qg.QuotaLedgerServicer):
     SERVICE = "QuotaLedger"  # the rpc wrapper's method names (essential mode)
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, plan_rows: bool = False) -> None:
         self.db = db
         self.keys: dict[tuple[str, str], tuple] = {}
         self.remaining: dict[str, int] = {}
         self.last = b"\0" * 32
+        self.plan_rows = plan_rows  # mode ``derived``: the account's row in the transaction
+        self._rowids: dict[str, int] = {}
 
     async def Consume(self, req, ctx):  # noqa: N802
         item = self.take(req.account_id, req.request_id, req.region, req.captcha_type,
@@ -79,9 +82,6 @@ class Floor(qg.QuotaLedgerServicer):
             self.keys[(acc, rid)] = item
         return item
 
-    plan_rows = False  # mode ``derived``: the account's plan row in the same transaction
-    _rowids: dict[str, int]
-
     def write_plan(self, acc: str, left: int) -> None:
         rowid = self._rowids.get(acc)
         if rowid is None:
@@ -93,14 +93,20 @@ class Floor(qg.QuotaLedgerServicer):
                             (left, rowid))
 
 
+def essential_context() -> SimpleNamespace:
+    """What the ledger's ``rpc`` wrapper reads of its servicer (``self.ctx``): the ledger's
+    own metrics, not draining, authentication off (as in every benchmark). Shared with
+    ``tests/floor_process.py``."""
+    from server.auth import Authorizer
+    from server.metrics import Metrics
+
+    return SimpleNamespace(metrics=Metrics(), draining=False, auth=Authorizer(None))
+
+
 def essential(db: sqlite3.Connection, plan_rows: bool = False) -> Floor:
     """The floor with validation, status mapping and per-call metrics (the ledger's own)."""
-    from types import SimpleNamespace
-
-    from server.auth import Authorizer
     from server.convert import consume_row
     from server.errors import rpc
-    from server.metrics import Metrics
 
     class Essential(Floor):
         @rpc
@@ -110,9 +116,8 @@ def essential(db: sqlite3.Connection, plan_rows: bool = False) -> Floor:
             return qpb.ConsumeResponse(request_id=row[1], billable=True,
                                        billing_day="2026-12-05", plan_units_remaining=item[-1])
 
-    floor = Essential(db)
-    floor.plan_rows, floor._rowids = plan_rows, {}
-    floor.ctx = SimpleNamespace(metrics=Metrics(), draining=False, auth=Authorizer(None))
+    floor = Essential(db, plan_rows)
+    floor.ctx = essential_context()
     return floor
 
 
