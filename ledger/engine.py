@@ -146,15 +146,18 @@ class Engine(AccountCommands, Lifecycle):
         self._looked_up.update(keys)
         self._found.update(self.store.find_consume_keys(keys))
 
-    def commit(self) -> None:
+    def commit(self, defer: bool = False) -> None:
         """Commit the open group; on failure reload state and re-raise (Unavailable).
         An optimistic group that lost (:class:`Stale`) drops its accounts' cached copies
-        and re-raises: the writer runs it again."""
+        and re-raises: the writer runs it again. ``defer`` (one writer's SQLite store):
+        the store's after-commit work waits for :meth:`finish` or the next group."""
         uow = self._uow
         if uow or self.shared:  # a shared store's group always ends its transaction
             try:
                 if self._check is not None:
                     versions = self.store.commit(uow, self._check[1])
+                elif defer and not self.shared:
+                    versions = self.store.commit(uow, defer=True)
                 else:
                     versions = self.store.commit(uow)
             except Stale as exc:
@@ -168,6 +171,11 @@ class Engine(AccountCommands, Lifecycle):
                 self._shared_written(uow, versions)
         self.last_hash, self.next_seq = uow.last_hash, uow.next_seq
         self.uow = None
+
+    def finish(self) -> None:
+        """The after-commit work a deferred commit left (one writer's SQLite store)."""
+        if not self.shared:
+            self.store.finish()
 
     def _shared_written(self, uow: UnitOfWork, versions: dict[str, int]) -> None:
         """A shared store's group wrote: the accounts' new versions, and the meta this node

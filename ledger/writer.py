@@ -137,6 +137,11 @@ class Writer:
         self._q.put(None)
         self._enough.set()
         self._thread.join(timeout_s)
+        if self._engine_lock.acquire(timeout=timeout_s):  # an inline group's deferred work
+            try:
+                self._finish()
+            finally:
+                self._engine_lock.release()
 
     def depth(self) -> int:
         return self._q.qsize()
@@ -174,14 +179,39 @@ class Writer:
             due = None if engine.shared else engine.next_due_us()
             if due is not None and due <= engine.clock.now_us():  # settlements run threaded
                 return False
-            self._process([item], direct=True)
+            self._process([item], direct=True, defer=True)
             self.stats.inline += 1
         except Exception:  # the group was answered; never fail the caller's loop
             log.exception("inline group failed")
         finally:
             self._last_done_s = time.perf_counter()
             self._engine_lock.release()
+        # What the reply does not need (the key index, the commit's metrics) is done once
+        # the loop has sent it: the handler returns first (issue 18). The next group does
+        # it first if it gets here sooner.
+        loop.call_soon(self._finish_deferred)
         return True
+
+    def _finish_deferred(self) -> None:
+        """On the loop, after an inline group's reply: its after-commit work, unless a
+        group on the writer thread holds the engine now (that group did it first)."""
+        if not self._engine_lock.acquire(blocking=False):
+            return
+        try:
+            self._finish()
+        except Exception:  # never fail the loop; the next group tries again
+            log.exception("after-commit work failed")
+        finally:
+            self._engine_lock.release()
+
+    def _finish(self) -> None:
+        """Under the engine lock: a deferred group's after-commit work and its metrics."""
+        self.engine.finish()
+        done, self._unreported = self._unreported, None
+        if done is not None:
+            self._report(*done)
+
+    _unreported: tuple[int, float] | None = None
 
     def submit(self, cmd: Any) -> Future[Any]:
         fut: Future[Any] = Future()
@@ -258,6 +288,8 @@ class Writer:
                 with self._engine_lock:
                     if group or not self.engine.shared:
                         self._process(group)
+                    else:
+                        self._finish()
                     self._due_shared()
             except Exception:  # never let the writer die: answer and go on
                 log.exception("writer group failed")
@@ -300,9 +332,11 @@ class Writer:
                 with self._engine_lock:
                     self._process([item])
 
-    def _process(self, group: list[_Item], direct: bool = False) -> None:
-        """Run and commit one group, then answer it (``direct``: on the futures' own loop)."""
+    def _process(self, group: list[_Item], direct: bool = False, defer: bool = False) -> None:
+        """Run and commit one group, then answer it (``direct``: on the futures' own loop;
+        ``defer``: its after-commit work and metrics wait for :meth:`_finish`)."""
         engine = self.engine
+        self._finish()  # the previous group's, if it was deferred
         started = time.perf_counter()
         engine.begin()
         outcomes: list[Any] = []
@@ -335,7 +369,7 @@ class Writer:
                 replied = True
                 time.sleep(PLANT_COMMIT_DELAY_S)
             t0 = time.perf_counter()
-            engine.commit()
+            engine.commit(defer)
             done = time.perf_counter()
             elapsed = done - t0
             self.stats.group_s += done - started
@@ -343,7 +377,7 @@ class Writer:
             if replied:
                 raise
             self.stats.group_s += time.perf_counter() - started  # the lost attempt's time
-            self._process(group, direct)  # again, on the locked path (shared.lost)
+            self._process(group, direct, defer)  # again, on the locked path (shared.lost)
             return
         except LedgerError as exc:  # the commit failed: nothing of this group is written
             engine.abort()
@@ -363,6 +397,12 @@ class Writer:
         if not group:  # an idle wake-up (due work only): not a group commit
             return
         n = sum(i.size for i in group)
+        if defer:
+            self._unreported = (n, elapsed)
+        else:
+            self._report(n, elapsed)
+
+    def _report(self, n: int, elapsed: float) -> None:
         self.stats.commits += 1
         self.stats.requests += n
         self.stats.last_commit_s = elapsed

@@ -141,18 +141,22 @@ def test_r12_lone_keys_are_probed_one_by_one_as_in_a_group(tmp_path, small_index
         led.close()
 
 
-def test_r12_a_key_that_cannot_be_hashed_fails_alone(tmp_path, small_index):
+@pytest.mark.parametrize("history", [60, 0], ids=["with-runs", "empty-index"])
+def test_r12_a_key_that_cannot_be_hashed_fails_alone(tmp_path, small_index, history):
     """A request id that cannot be encoded (the in-process API does not validate) fails its
-    own group; the index stays in step, so the next key is charged once and replays."""
+    own group before its commit, whether or not the index has runs to probe yet: nothing
+    of it is written, the index stays in step, and the next key is charged once and
+    replays."""
     led = Ledger(tmp_path / "l.db")
     try:
         led.call(m.CreateAccount("acme"))
         led.call(m.TopUp("acme", "t", m.FundsKind.CASH, 100_000_000))
-        for i in range(60):
+        for i in range(history):
             led.call(consume("acme", f"h{i}"))
-        assert led.store.keys.runs  # new keys are hashed for the runs' filter
+        assert bool(led.store.keys.runs) == bool(history)
         with pytest.raises(Unavailable):
             led.call(consume("acme", "bad\ud800"))
+        assert led.store.commits == 2 + history  # the bad key's group wrote nothing
         first = led.call(consume("acme", "new-1"))
         again = led.call(consume("acme", "new-1"))
         assert not first.replayed and again.replayed and outcome(again) == outcome(first)

@@ -56,6 +56,39 @@ def test_lone_submission_is_committed_inline(writer):
     asyncio.run(main())
 
 
+def test_r12_an_inline_groups_after_commit_work_follows_its_reply(writer):
+    """Issue 18: an inline group's reply does not wait for what follows its COMMIT (the
+    keys into the key index, the commit's metrics): the loop does that on its next pass.
+    Any later group does it first, so a retry that comes before the loop has run still
+    replays (R12) instead of being charged again."""
+    store = writer.engine.store
+
+    async def main() -> None:
+        await asyncio.sleep(0.01)  # idle
+        commits = writer.stats.commits
+        first = writer.submit_async(consume(40))
+        assert first.done() and first.result().error is None and writer.stats.inline == 1
+        assert store._unfinished is not None and writer.stats.commits == commits  # deferred
+        await asyncio.sleep(0)  # the loop's next pass
+        assert store._unfinished is None and writer.stats.commits == commits + 1
+        assert ("acme", "r-40") in store.keys.memtable
+        time.sleep(0.001)  # idle (INLINE_GAP_S)
+        second = writer.submit_async(consume(41))
+        assert second.done() and store._unfinished is not None
+        # the retry queues (the loop has a callback ready); the engine is held while the
+        # loop passes, so the writer thread's group must finish the work before its lookup
+        with writer._engine_lock:
+            retry = writer.submit_async(consume(41))
+            await asyncio.sleep(0)
+            assert not retry.done() and store._unfinished is not None
+        again = (await retry).value
+        assert again.replayed and again.journal_seq == second.result().value.journal_seq
+        assert writer.stats.inline == 2
+
+    asyncio.run(main())
+    assert store.commits == 3  # the account, r-40 and r-41: the retry wrote nothing
+
+
 def test_linger_only_after_a_group_of_several(writer):
     """After a group of 3 the writer waits for 3 submissions (up to its linger) and commits
     them together; after a group of 1 it commits at once."""

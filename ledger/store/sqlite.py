@@ -120,6 +120,7 @@ class Store(StoreReads):
                 raise
 
     def close(self) -> None:
+        self.finish()
         if self._checkpointer is not None:
             self._checkpointer.stop()
         try:
@@ -193,6 +194,7 @@ class Store(StoreReads):
                           ) -> dict[tuple[str, str], blocks.Prior]:
         """R12 for a group's consumes at once: {(account_id, request_id): what it recorded}.
         The index answers where a key may be; the journal itself confirms it."""
+        self.finish()  # the previous group's keys first
         found = {}
         for key, locations in self.keys.candidates(keys).items():
             for seq, idx in locations:
@@ -234,8 +236,14 @@ class Store(StoreReads):
         """A plan's place among its account's purchases (R8 ties): its entry's seq."""
         return seq
 
-    def commit(self, uow: UnitOfWork) -> None:
-        """Write one group in one transaction. Raises Unavailable; then nothing was written."""
+    def commit(self, uow: UnitOfWork, *, defer: bool = False) -> None:
+        """Write one group in one transaction. Raises Unavailable; then nothing was written.
+
+        ``defer``: what follows the COMMIT (the keys into the key index, the rows' and the
+        key runs' bookkeeping, the WAL's restart) waits for :meth:`finish`, which every later
+        key lookup and commit runs first. The writer defers it at 1 in flight and finishes
+        right after the reply has left (issue 18)."""
+        self.finish()
         c = self.conn
         uow.seal_block()
         fault("before_commit")
@@ -256,8 +264,23 @@ class Store(StoreReads):
             raise Unavailable(f"the journal could not be written: {exc}") from exc
         self.commits += 1
         self.entries_committed += len(uow.rows)
+        if defer:
+            self._unfinished = uow
+        else:
+            self._after_commit(uow)
+
+    def finish(self) -> None:
+        """The after-commit work of a group committed with ``defer``, if any (idempotent)."""
+        uow = self._unfinished
+        if uow is not None:
+            self._unfinished = None
+            self._after_commit(uow)
+
+    _unfinished: UnitOfWork | None = None
+
+    def _after_commit(self, uow: UnitOfWork) -> None:
         self.rows.committed()
-        self._restart_wal(c)
+        self._restart_wal(self.conn)
         self.keys.committed()
         # Committed: the keys are durable in their block (R12). Called for every group, so
         # the hashes the group's lookups computed never outlive it.
