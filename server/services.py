@@ -177,7 +177,8 @@ class QuotaLedgerService(qpb_grpc.QuotaLedgerServicer):
         # every single Consume of a commit group as one consume group, and the reply is
         # filled from that group's columns (no command, outcome or result objects).
         row = convert.consume_row(request)
-        out, j = await self.ctx.writer.submit_async(row)
+        writer = self.ctx.writer
+        out, j = writer.consume_now(row) or await writer.submit_async(row)  # now: 1 in flight
         if out.errors:
             exc = out.errors.get(j)
             if exc is not None:

@@ -13,7 +13,9 @@ import pytest
 from ledger import catalog
 from ledger import model as m
 from ledger.clock import TestClock
+from ledger.consume_group import row_of
 from ledger.engine import Engine
+from ledger.errors import NotFound
 from ledger.money import Region
 from ledger.store import Store
 from ledger.writer import Writer
@@ -87,6 +89,28 @@ def test_r12_an_inline_groups_after_commit_work_follows_its_reply(writer):
 
     asyncio.run(main())
     assert store.commits == 3  # the account, r-40 and r-41: the retry wrote nothing
+
+
+def test_a_lone_consume_row_is_run_now_or_left_to_submit(writer):
+    """Issue 18's lean path: an idle writer runs a single Consume's row at once and hands
+    back its group's columns; a refusal comes back as the row's error (R5); a held engine
+    (a busy writer) or a loop with callbacks ready leaves it to ``submit_async``."""
+    async def main() -> None:
+        await asyncio.sleep(0.01)  # idle
+        out, j = writer.consume_now(row_of(consume(50)))
+        assert j == 0 and not out.errors and out.billable[0] and out.seq[0]
+        assert writer.consume_now(row_of(consume(51))) is None  # its callback is ready
+        await asyncio.sleep(0.01)
+        out, _ = writer.consume_now(row_of(m.Consume(
+            "nobody", "r-52", Region.CHINESE_MAINLAND, m.CaptchaType.SLIDER,
+            m.Architecture.V2, m.Step.STEP_3)))
+        assert isinstance(out.errors[0], NotFound) and not out.seq[0]
+        await asyncio.sleep(0.01)
+        with writer._engine_lock:
+            assert writer.consume_now(row_of(consume(53))) is None
+        assert writer.stats.inline == 2
+
+    asyncio.run(main())
 
 
 def test_linger_only_after_a_group_of_several(writer):
