@@ -5,12 +5,18 @@ Label sets are bounded: RPC method names and status codes are fixed lists, regio
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                      1.0, 2.5)
@@ -68,6 +74,71 @@ class _ContentionCollector(Collector):
             " their commit's end (lock waits included)", value=self.group_s())
 
 
+class _Histogram:
+    """One histogram's counts as plain numbers: a count per bucket (the last is +Inf) and
+    the sum. Added to by one thread at a time (see :class:`_HotCollector`)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with le >= v
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((floatToGoString(bound), total))
+        return out
+
+
+class _HotCollector(Collector):
+    """The series every call or commit adds to (issue 18): plain ints and floats on the hot
+    path, turned into metric families only at scrape time, the same names, labels and
+    buckets as prometheus-client's own Counter and Histogram (without their ``_created``
+    series). A prometheus-client child takes a lock per increment: four to six a lone call.
+    Each figure has one writer at a time: the RPC figures the event loop's thread, the
+    commit figures whichever thread holds the engine lock."""
+
+    def __init__(self) -> None:
+        self.rpcs: dict[tuple[str, str], int] = {}
+        self.rpc_latency: dict[str, _Histogram] = {}
+        self.billable: dict[tuple[str, str], int] = {}
+        self.commits = 0
+        self.group_size = _Histogram(tuple(float(b) for b in GROUP_SIZE_BUCKETS))
+        self.commit_latency = _Histogram(LATENCY_BUCKETS_S)
+
+    def collect(self) -> Iterator[Any]:
+        rpcs = CounterMetricFamily("ledger_rpc_requests", "RPCs handled, by method and status"
+                                   " code", labels=["method", "code"])
+        for key, n in list(self.rpcs.items()):
+            rpcs.add_metric(list(key), n)
+        yield rpcs
+        latency = HistogramMetricFamily("ledger_rpc_latency_seconds", "RPC handling time",
+                                        labels=["method"])
+        for method, h in list(self.rpc_latency.items()):
+            latency.add_metric([method], h.buckets(), h.sum)
+        yield latency
+        yield CounterMetricFamily("ledger_commits", "Group commits (one transaction and "
+                                  "fsync)", value=self.commits)
+        for name, doc, h in (
+                ("ledger_commit_group_requests", "Requests committed together in one "
+                 "transaction", self.group_size),
+                ("ledger_commit_latency_seconds", "Time to write and fsync one group",
+                 self.commit_latency)):
+            yield HistogramMetricFamily(name, doc, buckets=h.buckets(), sum_value=h.sum)
+        units = CounterMetricFamily("ledger_billable_units", "Billable requests, by region "
+                                    "and how they were paid", labels=["region", "paid_by"])
+        for key, n in list(self.billable.items()):
+            units.add_metric(list(key), n)
+        yield units
+
+
 class _NoticeCollector(Collector):
     def __init__(self, stats: Callable[[], tuple[int, float | None]],
                  now_s: Callable[[], float]) -> None:
@@ -86,18 +157,9 @@ class _NoticeCollector(Collector):
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.rpcs = Counter("ledger_rpc_requests", "RPCs handled, by method and status code",
-                            ["method", "code"], registry=r)
-        self.rpc_latency = Histogram("ledger_rpc_latency_seconds", "RPC handling time",
-                                     ["method"], buckets=LATENCY_BUCKETS_S, registry=r)
-        self.commits = Counter("ledger_commits", "Group commits (one transaction and fsync)",
-                               registry=r)
-        self.group_size = Histogram("ledger_commit_group_requests",
-                                    "Requests committed together in one transaction",
-                                    buckets=GROUP_SIZE_BUCKETS, registry=r)
-        self.commit_latency = Histogram("ledger_commit_latency_seconds",
-                                        "Time to write and fsync one group",
-                                        buckets=LATENCY_BUCKETS_S, registry=r)
+        self.hot = _HotCollector()
+        r.register(self.hot)
+        self._rpc_latency = self.hot.rpc_latency
         self.queue_depth = Gauge("ledger_writer_queue_depth", "Submissions waiting for the writer",
                                  registry=r)
         self.queue_limit = Gauge("ledger_writer_queue_limit", "Writer queue bound "
@@ -111,15 +173,7 @@ class Metrics:
             registry=r)
         self.journal_rows = Gauge("ledger_journal_entries", "Journal entries committed",
                                   registry=r)
-        self.billable_units = Counter(
-            "ledger_billable_units", "Billable requests, by region and how they were paid",
-            ["region", "paid_by"], registry=r)
-        self._billable = {(reg, by): self.billable_units.labels(reg, by)
-                          for reg in ("chinese_mainland", "outside_chinese_mainland")
-                          for by in ("plan", "payg")}
         self._region_names = {1: "chinese_mainland", 2: "outside_chinese_mainland"}
-        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._item_counts: dict[tuple[str, str], Any] = {}  # count_items's children
         self.settlements = Counter("ledger_settlements", "Billing days settled", registry=r)
         self.settlement_seconds = Histogram(
             "ledger_settlement_duration_seconds", "Time to settle one billing day",
@@ -138,24 +192,22 @@ class Metrics:
                         registry=self.registry))
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        """One call's count and latency, through cached label children (the hot path)."""
+        """One call's count and latency (the hot path: plain numbers, :class:`_HotCollector`)."""
+        rpcs = self.hot.rpcs
         key = (method, code)
-        children = self._rpc_children.get(key)
-        if children is None:
-            children = (self.rpcs.labels(method, code), self.rpc_latency.labels(method))
-            self._rpc_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        rpcs[key] = rpcs.get(key, 0) + 1
+        h = self._rpc_latency.get(method)
+        if h is None:
+            h = self._rpc_latency[method] = _Histogram(LATENCY_BUCKETS_S)
+        h.observe(seconds)
 
     def count_items(self, method: str, ok: int, failed: int) -> None:
         """Items answered inside a call (a stream's), counted as ``OK`` and ``ERROR`` and not
         timed one by one (so the latency histogram gets no series of ``method``)."""
+        rpcs = self.hot.rpcs
         for code, n in (("OK", ok), ("ERROR", failed)):
             if n:
-                child = self._item_counts.get((method, code))
-                if child is None:
-                    child = self._item_counts[(method, code)] = self.rpcs.labels(method, code)
-                child.inc(n)
+                rpcs[(method, code)] = rpcs.get((method, code), 0) + n
 
     def watch_state(self, query: Callable[[str, tuple], list[Any]], top_accounts: int) -> None:
         self.registry.register(_StateCollector(query, top_accounts))
@@ -170,16 +222,18 @@ class Metrics:
         self.settlement_seconds.observe(seconds)
 
     def on_commit(self, requests: int, seconds: float) -> None:
-        self.commits.inc()
-        self.group_size.observe(requests)
-        self.commit_latency.observe(seconds)
+        hot = self.hot
+        hot.commits += 1
+        hot.group_size.observe(requests)
+        hot.commit_latency.observe(seconds)
 
     def on_consume(self, region: int, plan_units: int, payg_units: int) -> None:
         name = self._region_names[region]
+        billable = self.hot.billable
         if plan_units:
-            self._billable[(name, "plan")].inc(plan_units)
+            billable[(name, "plan")] = billable.get((name, "plan"), 0) + plan_units
         if payg_units:
-            self._billable[(name, "payg")].inc(payg_units)
+            billable[(name, "payg")] = billable.get((name, "payg"), 0) + payg_units
 
     def serve(self, listen: str) -> int:
         host, _, port = listen.rpartition(":")
