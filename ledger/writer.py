@@ -142,6 +142,8 @@ class Writer:
                 self._finish()
             finally:
                 self._engine_lock.release()
+        else:
+            log.warning("the writer did not stop within %.1f s", timeout_s)
 
     def depth(self) -> int:
         return self._q.qsize()
@@ -253,20 +255,23 @@ class Writer:
         return out
 
     def _finish_deferred(self) -> None:
-        """On the loop, after an inline group's reply: its after-commit work, unless a
-        group on the writer thread holds the engine now (that group did it first)."""
+        """On the loop, after an inline group's reply: its after-commit work, unless the
+        writer thread holds the engine now (it does the work before it lets go)."""
         if not self._engine_lock.acquire(blocking=False):
             return
         try:
             self._finish()
-        except Exception:  # never fail the loop; the next group tries again
-            log.exception("after-commit work failed")
         finally:
             self._engine_lock.release()
 
     def _finish(self) -> None:
-        """Under the engine lock: a deferred group's after-commit work and its metrics."""
-        self.engine.finish()
+        """Under the engine lock: a deferred group's after-commit work and its metrics.
+        Never fails the group that runs it: a failure is logged, and the store rebuilds
+        its key index before the next lookup (or fails that group, writing nothing)."""
+        try:
+            self.engine.finish()
+        except Exception:
+            log.exception("after-commit work failed")
         done, self._unreported = self._unreported, None
         if done is not None:
             self._report(*done)
@@ -299,6 +304,7 @@ class Writer:
 
     def _take_group(self) -> tuple[list[_Item], bool]:
         with self._engine_lock:
+            self._finish()  # an inline group's, if the loop's callback found the lock taken
             due = self.engine.next_due_us()
         wait = IDLE_WAKE_S
         if due is not None and not self.engine.clock.is_test_clock and not self.engine.shared:

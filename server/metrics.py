@@ -23,6 +23,7 @@ LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1
 GROUP_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SETTLEMENT_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STATUS_NAMES = {1: "active", 2: "overdue", 3: "suspended"}
+REGION_NAMES = {1: "chinese_mainland", 2: "outside_chinese_mainland"}
 
 
 class _StateCollector(Collector):
@@ -108,7 +109,8 @@ class _HotCollector(Collector):
     def __init__(self) -> None:
         self.rpcs: dict[tuple[str, str], int] = {}
         self.rpc_latency: dict[str, _Histogram] = {}
-        self.billable: dict[tuple[str, str], int] = {}
+        self.billable: dict[tuple[str, str], int] = dict.fromkeys(  # every series from 0
+            ((region, by) for region in REGION_NAMES.values() for by in ("plan", "payg")), 0)
         self.commits = 0
         self.group_size = _Histogram(tuple(float(b) for b in GROUP_SIZE_BUCKETS))
         self.commit_latency = _Histogram(LATENCY_BUCKETS_S)
@@ -173,7 +175,7 @@ class Metrics:
             registry=r)
         self.journal_rows = Gauge("ledger_journal_entries", "Journal entries committed",
                                   registry=r)
-        self._region_names = {1: "chinese_mainland", 2: "outside_chinese_mainland"}
+        self._region_names = REGION_NAMES
         self.settlements = Counter("ledger_settlements", "Billing days settled", registry=r)
         self.settlement_seconds = Histogram(
             "ledger_settlement_duration_seconds", "Time to settle one billing day",

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from server.metrics import GROUP_SIZE_BUCKETS, LATENCY_BUCKETS_S, Metrics
+from server.metrics import GROUP_SIZE_BUCKETS, LATENCY_BUCKETS_S, REGION_NAMES, Metrics
 
 HOT = ("ledger_rpc_", "ledger_commit", "ledger_billable_units")
 
 
 def _reference() -> tuple[CollectorRegistry, dict]:
     r = CollectorRegistry()
-    return r, {
+    ref = {
         "rpcs": Counter("ledger_rpc_requests", "RPCs handled, by method and status code",
                         ["method", "code"], registry=r),
         "latency": Histogram("ledger_rpc_latency_seconds", "RPC handling time", ["method"],
@@ -30,6 +30,10 @@ def _reference() -> tuple[CollectorRegistry, dict]:
                          "Billable requests, by region and how they were paid",
                          ["region", "paid_by"], registry=r),
     }
+    for region in REGION_NAMES.values():  # as the server always did: every series from 0
+        for by in ("plan", "payg"):
+            ref["units"].labels(region, by)
+    return r, ref
 
 
 def _read(registry: CollectorRegistry) -> tuple[dict, list]:
@@ -63,7 +67,7 @@ def test_hot_series_read_as_prometheus_clients_own():
         ref["commit_latency"].observe(seconds)
     for region, plan, payg in [(1, 3, 0), (2, 0, 4), (1, 1, 1)]:
         ours.on_consume(region, plan, payg)
-        name = {1: "chinese_mainland", 2: "outside_chinese_mainland"}[region]
+        name = REGION_NAMES[region]
         if plan:
             ref["units"].labels(name, "plan").inc(plan)
         if payg:

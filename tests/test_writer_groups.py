@@ -91,6 +91,40 @@ def test_r12_an_inline_groups_after_commit_work_follows_its_reply(writer):
     assert store.commits == 3  # the account, r-40 and r-41: the retry wrote nothing
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["deferred", "on-the-writer-thread"])
+def test_r12_keys_a_failed_after_commit_lost_are_rebuilt_from_the_journal(writer, inline):
+    """The bookkeeping after a COMMIT fails (here the key index's add, as a full disk could
+    make it): the committed group's key may be missing from the index, so the store
+    rebuilds the index from the journal before the next lookup, and a retry replays."""
+    store = writer.engine.store
+    real_add, failed = store.keys.add, []
+
+    def add_failing_once(claimed):  # noqa: ANN001, ANN202
+        if not failed:
+            failed.append(claimed)
+            raise OSError("no space left on device (simulated)")
+        return real_add(claimed)
+
+    store.keys.add = add_failing_once
+
+    async def main() -> None:
+        await asyncio.sleep(0.01)  # idle
+        if inline:
+            first = writer.submit_async(consume(60))
+            assert first.done() and first.result().error is None  # committed, answered
+            await asyncio.sleep(0)  # the deferred work runs, and fails
+        else:
+            writer.inline = False
+            await writer.submit_async(consume(60))  # committed; its reply may be an error
+        assert failed  # (the writer thread may rebuild the index at once: not checked here)
+        time.sleep(0.001)  # idle again
+        retry = (await writer.submit_async(consume(60))).value
+        assert retry.replayed and not store._keys_stale
+
+    asyncio.run(main())
+    assert store.commits == 2  # the account and r-60: the retry wrote nothing
+
+
 def test_a_lone_consume_row_is_run_now_or_left_to_submit(writer):
     """Issue 18's lean path: an idle writer runs a single Consume's row at once and hands
     back its group's columns; a refusal comes back as the row's error (R5); a held engine

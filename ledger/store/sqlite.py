@@ -75,9 +75,7 @@ class Store(StoreReads):
         self.entries_committed = 0
         self._blocks: dict[int, tuple[int, str, list]] = {}  # seq -> (at_us, day, items)
         self.rows = GroupRows()
-        self.keys = KeyIndex(self.conn)
-        self.keys.load()
-        self.keys.recover(self._consumes_after(self.keys.through_seq))
+        self.keys = self._load_keys()
         self._checkpointer: Checkpointer | None = None
         if lock:  # the writer's store: its WAL is checkpointed off the commit path
             self.conn.execute("PRAGMA wal_autocheckpoint = 0")
@@ -120,7 +118,10 @@ class Store(StoreReads):
                 raise
 
     def close(self) -> None:
-        self.finish()
+        try:
+            self.finish()
+        except Exception:  # the keys and metrics of the last group only: close regardless
+            log.exception("after-commit work failed at close")
         if self._checkpointer is not None:
             self._checkpointer.stop()
         try:
@@ -270,21 +271,47 @@ class Store(StoreReads):
             self._after_commit(uow)
 
     def finish(self) -> None:
-        """The after-commit work of a group committed with ``defer``, if any (idempotent)."""
+        """The after-commit work of a group committed with ``defer``, if any (idempotent);
+        first, a key index that may lack a committed group's keys is rebuilt (raises
+        Unavailable when it cannot be: the calling group then writes nothing)."""
+        if self._keys_stale:
+            try:
+                self.keys = self._load_keys()
+            except (sqlite3.Error, OSError) as exc:
+                raise Unavailable(f"the idempotency key index could not be rebuilt from the"
+                                  f" journal: {exc}") from exc
+            self._keys_stale = False
+            log.warning("key index rebuilt from the journal", extra={"event": "keys_rebuilt"})
         uow = self._unfinished
         if uow is not None:
             self._unfinished = None
             self._after_commit(uow)
 
     _unfinished: UnitOfWork | None = None
+    _keys_stale = False
 
     def _after_commit(self, uow: UnitOfWork) -> None:
-        self.rows.committed()
-        self._restart_wal(self.conn)
-        self.keys.committed()
-        # Committed: the keys are durable in their block (R12). Called for every group, so
-        # the hashes the group's lookups computed never outlive it.
-        self.keys.add(uow.consumed)
+        """The bookkeeping after a group's COMMIT. Should it fail (a full disk while a run
+        is written), the index may lack the group's keys: it is rebuilt from the journal
+        before any later lookup (R12: a retry replays, never charged twice)."""
+        try:
+            self.rows.committed()
+            self._restart_wal(self.conn)
+            self.keys.committed()
+            # Committed: the keys are durable in their block (R12). Called for every group,
+            # so the hashes the group's lookups computed never outlive it.
+            self.keys.add(uow.consumed)
+        except BaseException:
+            self._keys_stale = True
+            raise
+
+    def _load_keys(self) -> KeyIndex:
+        """The key index as start-up builds it: its runs and filter, and the memtable from
+        the journal's newest blocks."""
+        keys = KeyIndex(self.conn)
+        keys.load()
+        keys.recover(self._consumes_after(keys.through_seq))
+        return keys
 
     def _restart_wal(self, c: sqlite3.Connection) -> None:
         """Let the WAL start over from its beginning (issue 18). SQLite restarts it only at
