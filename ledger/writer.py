@@ -40,8 +40,9 @@ from typing import Any
 from .consume_group import ConsumeRows, GroupResult
 from .engine import Engine
 from .errors import LedgerError, Overloaded, Stale, Unavailable
-from .faults import PLANT_COMMIT_DELAY_S, fault, planted
+from .faults import PLANT_COMMIT_DELAY_S, fault
 from .threads import name_this_thread
+from .writer_inline import _EARLY_REPLIES, INLINE_GAP_S, InlineGroups  # noqa: F401
 
 log = logging.getLogger("quota_ledger.writer")
 
@@ -51,13 +52,9 @@ log = logging.getLogger("quota_ledger.writer")
 # and the thresholds are raised: nothing on the hot path makes reference cycles.
 GC_THRESHOLDS = (50_000, 20, 10)
 QUEUE_DEPTH_MAX = 10_000  # queued submissions (a batch counts once)
-_EARLY_REPLIES = planted("reply_before_commit")
 GROUP_REQUESTS_MAX = 4_096  # requests committed together at most
 IDLE_WAKE_S = 0.5  # how often an idle writer looks for due work (expiries, settlements)
 LINGER_S_MAX = 0.001  # under load, how long a group waits at most for its callers to return
-# A submission this soon after the previous commit ended was waiting behind it (load): it
-# goes through the queue. One that comes later, to an idle writer, is committed inline.
-INLINE_GAP_S = 0.0002
 
 
 class Batch(list):
@@ -101,7 +98,7 @@ class WriterStats:
     group_s: float = 0.0  # groups' time from their opening to their commit's end, in all
 
 
-class Writer:
+class Writer(InlineGroups):
     def __init__(self, engine: Engine, *, queue_depth_max: int = QUEUE_DEPTH_MAX,
                  group_requests_max: int = GROUP_REQUESTS_MAX,
                  on_commit: Callable[[int, float], None] | None = None,
@@ -159,110 +156,6 @@ class Writer:
         if not self._inline(item, loop):
             self._put(item)
         return fut
-
-    def _inline(self, item: _Item, loop: asyncio.AbstractEventLoop) -> bool:
-        """At 1 in flight nothing but the commit (its fsync) should stand between a request
-        and its reply (issue 9): no hop to the writer thread and back. Only when the writer
-        is idle (:meth:`_idle`); then the engine lock keeps the writer thread out while the
-        group of one runs here."""
-        if not self._idle(loop) or not self._engine_lock.acquire(blocking=False):
-            return False
-        try:
-            if self._due_now():  # settlements run threaded
-                return False
-            self._process([item], direct=True, defer=True)
-            self.stats.inline += 1
-        except Exception:  # the group was answered; never fail the caller's loop
-            log.exception("inline group failed")
-        finally:
-            self._last_done_s = time.perf_counter()
-            self._engine_lock.release()
-        # What the reply does not need (the key index, the commit's metrics) is done once
-        # the loop has sent it: the handler returns first (issue 18). The next group does
-        # it first if it gets here sooner.
-        loop.call_soon(self._finish_deferred)
-        return True
-
-    def consume_now(self, row: tuple) -> tuple[GroupResult, int] | None:
-        """A single Consume's row, run and committed here on the loop when the writer is
-        idle, as :meth:`submit_async` would, without its future and queue item (the lone
-        call's lean path, issue 18): ``(columns, 0)``, or None when it must be submitted."""
-        loop = asyncio.get_running_loop()
-        if not self._idle(loop) or not self._engine_lock.acquire(blocking=False):
-            return None
-        try:
-            if self._due_now():
-                return None
-            out = self._lone(row)
-            self.stats.inline += 1
-        finally:
-            self._last_done_s = time.perf_counter()
-            self._engine_lock.release()
-        loop.call_soon(self._finish_deferred)
-        return out, 0
-
-    def _idle(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """A lone submission may be committed inline: the last group was alone, nothing is
-        queued, and it did not queue up behind the previous commit."""
-        return not (
-            not self.inline or self._last_items > 1 or not self._q.empty() or self._stopping
-            or _EARLY_REPLIES  # a planted bug (issue 23) needs replies off the loop
-            # asyncio's queue of ready callbacks: handlers of other requests wait to run (a
-            # burst after a blocking commit), so this is not a lone request. A loop without
-            # it (not asyncio's own) never commits inline.
-            or getattr(loop, "_ready", True)
-            or time.perf_counter() - self._last_done_s < INLINE_GAP_S)
-
-    def _due_now(self) -> bool:
-        """Due work (expiries, settlements) waits for the writer thread."""
-        engine = self.engine
-        due = None if engine.shared else engine.next_due_us()
-        return due is not None and due <= engine.clock.now_us()
-
-    def _lone(self, row: tuple) -> GroupResult:
-        """:meth:`_process` for one consume row, under the engine lock, its after-commit
-        work deferred; every failure comes back as the row's error."""
-        engine = self.engine
-        self._finish()
-        started = time.perf_counter()
-        engine.begin()
-        rows = [row]
-        try:
-            engine.open(_NO_CMDS, rows)
-            if not engine.clock.is_test_clock and not engine.shared:
-                engine.run_due(engine.now())
-            out = engine.consume_rows(rows)
-            t0 = time.perf_counter()
-            engine.commit(True)
-            done = time.perf_counter()
-        except Stale:  # lost to another node: nothing written; again, on the locked path
-            self.stats.group_s += time.perf_counter() - started
-            return self._lone(row)
-        except LedgerError as exc:  # nothing of it is written
-            engine.abort()
-            return GroupResult.failed(1, exc)
-        except Exception as exc:
-            engine.abort()
-            log.exception("lone group failed")
-            return GroupResult.failed(1, Unavailable(f"internal error: {exc!r}",
-                                                     reason="INTERNAL"))
-        except BaseException:
-            engine.abort()
-            raise
-        fault("after_commit")
-        self.stats.group_s += done - started
-        self._unreported = (1, done - t0)
-        return out
-
-    def _finish_deferred(self) -> None:
-        """On the loop, after an inline group's reply: its after-commit work, unless the
-        writer thread holds the engine now (it does the work before it lets go)."""
-        if not self._engine_lock.acquire(blocking=False):
-            return
-        try:
-            self._finish()
-        finally:
-            self._engine_lock.release()
 
     def _finish(self) -> None:
         """Under the engine lock: a deferred group's after-commit work and its metrics.
@@ -496,9 +389,6 @@ class Writer:
                 loop.call_soon_threadsafe(_resolve_all, pairs)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
-
-
-_NO_CMDS: list[Any] = []  # a lone consume row's group has no commands
 
 
 def _flatten(group: list[_Item]) -> tuple[list[Any], list[tuple]]:
