@@ -45,44 +45,42 @@ class InlineGroups:
 
     def _inline(self, item: _Item, loop: asyncio.AbstractEventLoop) -> bool:
         """At 1 in flight nothing but the commit (its fsync) should stand between a request
-        and its reply (issue 9): no hop to the writer thread and back. Only when the writer
-        is idle (:meth:`_idle`); then the engine lock keeps the writer thread out while the
-        group of one runs here."""
-        if not self._idle(loop) or not self._engine_lock.acquire(blocking=False):
-            return False
+        and its reply (issue 9): no hop to the writer thread and back. Whether the item was
+        run (and answered) here; see :meth:`_now`."""
+        return self._now(loop, lambda: self._answer_here(item)) is not None
+
+    def _answer_here(self, item: _Item) -> bool:
         try:
-            if self._due_now():  # settlements run threaded
-                return False
             self._process([item], direct=True, defer=True)
-            self.stats.inline += 1
         except Exception:  # the group was answered; never fail the caller's loop
             log.exception("inline group failed")
-        finally:
-            self._last_done_s = time.perf_counter()
-            self._engine_lock.release()
-        # What the reply does not need (the key index, the commit's metrics) is done once
-        # the loop has sent it: the handler returns first (issue 18). The next group does
-        # it first if it gets here sooner.
-        loop.call_soon(self._finish_deferred)
         return True
 
     def consume_now(self, row: tuple) -> tuple[GroupResult, int] | None:
         """A single Consume's row, run and committed here on the loop when the writer is
         idle, as :meth:`submit_async` would, without its future and queue item (the lone
         call's lean path, issue 18): ``(columns, 0)``, or None when it must be submitted."""
-        loop = asyncio.get_running_loop()
+        return self._now(asyncio.get_running_loop(), lambda: (self._lone(row), 0))
+
+    def _now(self, loop: asyncio.AbstractEventLoop, run: Callable[[], Any]) -> Any:
+        """``run()``'s result, the group run and committed here on the loop's thread, or
+        None when it must be queued: only when the writer is idle (:meth:`_idle`) and
+        nothing is due; the engine lock keeps the writer thread out meanwhile. What the
+        reply does not need (the key index, the commit's metrics) is done once the loop
+        has sent it: the handler returns first (issue 18); the next group does it first
+        if it gets here sooner."""
         if not self._idle(loop) or not self._engine_lock.acquire(blocking=False):
             return None
         try:
-            if self._due_now():
+            if self._due_now():  # settlements run threaded
                 return None
-            out = self._lone(row)
+            result = run()
             self.stats.inline += 1
         finally:
             self._last_done_s = time.perf_counter()
             self._engine_lock.release()
         loop.call_soon(self._finish_deferred)
-        return out, 0
+        return result
 
     def _idle(self, loop: asyncio.AbstractEventLoop) -> bool:
         """A lone submission may be committed inline: the last group was alone, nothing is

@@ -161,7 +161,6 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.hot = _HotCollector()
         r.register(self.hot)
-        self._rpc_latency = self.hot.rpc_latency
         self.queue_depth = Gauge("ledger_writer_queue_depth", "Submissions waiting for the writer",
                                  registry=r)
         self.queue_limit = Gauge("ledger_writer_queue_limit", "Writer queue bound "
@@ -175,7 +174,6 @@ class Metrics:
             registry=r)
         self.journal_rows = Gauge("ledger_journal_entries", "Journal entries committed",
                                   registry=r)
-        self._region_names = REGION_NAMES
         self.settlements = Counter("ledger_settlements", "Billing days settled", registry=r)
         self.settlement_seconds = Histogram(
             "ledger_settlement_duration_seconds", "Time to settle one billing day",
@@ -198,9 +196,10 @@ class Metrics:
         rpcs = self.hot.rpcs
         key = (method, code)
         rpcs[key] = rpcs.get(key, 0) + 1
-        h = self._rpc_latency.get(method)
+        latency = self.hot.rpc_latency
+        h = latency.get(method)
         if h is None:
-            h = self._rpc_latency[method] = _Histogram(LATENCY_BUCKETS_S)
+            h = latency[method] = _Histogram(LATENCY_BUCKETS_S)
         h.observe(seconds)
 
     def count_items(self, method: str, ok: int, failed: int) -> None:
@@ -230,12 +229,12 @@ class Metrics:
         hot.commit_latency.observe(seconds)
 
     def on_consume(self, region: int, plan_units: int, payg_units: int) -> None:
-        name = self._region_names[region]
-        billable = self.hot.billable
+        name = REGION_NAMES[region]
+        billable = self.hot.billable  # every (region, paid_by) is there from the start
         if plan_units:
-            billable[(name, "plan")] = billable.get((name, "plan"), 0) + plan_units
+            billable[(name, "plan")] += plan_units
         if payg_units:
-            billable[(name, "payg")] = billable.get((name, "payg"), 0) + payg_units
+            billable[(name, "payg")] += payg_units
 
     def serve(self, listen: str) -> int:
         host, _, port = listen.rpartition(":")

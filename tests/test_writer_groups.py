@@ -127,7 +127,7 @@ def test_r12_keys_a_failed_after_commit_lost_are_rebuilt_from_the_journal(writer
 
 def test_a_lone_consume_row_is_run_now_or_left_to_submit(writer):
     """Issue 18's lean path: an idle writer runs a single Consume's row at once and hands
-    back its group's columns; a refusal comes back as the row's error (R5); a held engine
+    back its group's columns; a refusal comes back as the row's error; a held engine
     (a busy writer) or a loop with callbacks ready leaves it to ``submit_async``."""
     async def main() -> None:
         await asyncio.sleep(0.01)  # idle
