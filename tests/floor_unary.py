@@ -9,7 +9,13 @@ inside the handler on the event loop: the key checked in a dict, one unit taken 
 the request packed as a one-item MessagePack block, SHA-256 chained, and committed as one
 row (``BEGIN IMMEDIATE``, ``INSERT``, ``COMMIT``; WAL + synchronous=FULL), before the reply.
 A replayed key commits nothing. No future, no callback, no thread: at 1 in flight nothing
-cheaper keeps R11 (the reply after its fsync). No validation, derived rows, key index,
+cheaper keeps R11 (the reply after its fsync). The reply carries what the contract's
+``ConsumeResponse`` must (``../shared/spec/CONTRACT.md``): the allocation (the account's
+one plan), the billing day and the instant it was recorded at (R1: the clock read once per
+request, the day cached as the engine caches it), the units left, and ``replayed`` for a
+replay. (Until the fourteenth sitting the floor answered with four fields only, which no
+client of the contract could use: at 1 in flight that cost it about 25 µs less than a
+whole reply, docs/performance.md.) No validation, derived rows, key index,
 metrics or grouping either, so under concurrency it commits once per call: it is a floor for
 1 in flight only. ``python -m tests.bench_designs`` runs it beside the ledger.
 
@@ -32,6 +38,7 @@ import asyncio
 import hashlib
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,7 +50,29 @@ sys.path[:0] = [str(ROOT / "protos"), str(ROOT)]  # run as a script: the protos,
 from quota_ledger.v1 import quota_ledger_pb2 as qpb  # noqa: E402
 from quota_ledger.v1 import quota_ledger_pb2_grpc as qg  # noqa: E402
 
+from ledger import calendar as cal  # noqa: E402
+
 PLAN_UNITS = 10**9  # what every account holds: the floor never runs out
+# The item's fields (the request's, then what the floor decided and when)
+PLAN, QTY, LEFT, AT_US, DAY = range(6, 11)
+
+
+def reply(request_id: str, item: tuple, replayed: bool) -> qpb.ConsumeResponse:
+    """The contract's ConsumeResponse for an item, filled in place (as the ledger fills its
+    own, ``server.convert.fill_group_response``)."""
+    msg = qpb.ConsumeResponse()
+    msg.request_id = request_id
+    msg.billable = True
+    a = msg.allocations.add()
+    a.plan_id = item[PLAN]
+    a.units = item[QTY]
+    msg.billing_day = item[DAY]
+    msg.recorded_at.seconds, micros = divmod(item[AT_US], 1_000_000)
+    msg.recorded_at.nanos = micros * 1000
+    msg.plan_units_remaining = item[LEFT]
+    if replayed:
+        msg.replayed = True
+    return msg
 
 
 class Floor(qg.QuotaLedgerServicer):
@@ -56,31 +85,42 @@ class Floor(qg.QuotaLedgerServicer):
         self.last = b"\0" * 32
         self.plan_rows = plan_rows  # mode ``derived``: the account's row in the transaction
         self._rowids: dict[str, int] = {}
+        self._plans: dict[str, str] = {}  # an account's one plan
+        self._day: tuple[int, int, str] = (0, 0, "")  # R1: the current day and its bounds
 
     async def Consume(self, req, ctx):  # noqa: N802
-        item = self.take(req.account_id, req.request_id, req.region, req.captcha_type,
-                         req.architecture, req.step, 1)
-        return qpb.ConsumeResponse(request_id=req.request_id, billable=True,
-                                   billing_day="2026-12-05", plan_units_remaining=item[-1])
+        rid = req.request_id
+        return reply(rid, *self.take(req.account_id, rid, req.region, req.captcha_type,
+                                     req.architecture, req.step, 1))
 
     def take(self, acc: str, rid: str, region: int, ctype: int, arch: int, step: int,
-             qty: int) -> tuple:
-        """The lean consume, committed before it returns (a replayed key commits nothing)."""
+             qty: int) -> tuple[tuple, bool]:
+        """The lean consume, committed before it returns: (its item, whether it was a
+        replay: a replayed key commits nothing)."""
         item = self.keys.get((acc, rid))
-        if item is None:
-            left = self.remaining.get(acc, PLAN_UNITS) - qty
-            self.remaining[acc] = left
-            item = (acc, rid, region, ctype, arch, step, left)
-            blob = msgpack.packb([item])
-            self.last = hashlib.sha256(self.last + blob).digest()
-            db = self.db
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT INTO journal (payload, hash) VALUES (?, ?)", (blob, self.last))
-            if self.plan_rows:
-                self.write_plan(acc, left)
-            db.execute("COMMIT")
-            self.keys[(acc, rid)] = item
-        return item
+        if item is not None:
+            return item, True
+        at_us = time.time_ns() // 1000
+        start, end, day = self._day
+        if not start <= at_us < end:
+            day = cal.billing_day(at_us)
+            self._day = (cal.day_start(day), cal.day_end(day), day)
+        plan_id = self._plans.get(acc)
+        if plan_id is None:
+            plan_id = self._plans[acc] = f"plan-{len(self._plans) + 1}"
+        left = self.remaining.get(acc, PLAN_UNITS) - qty
+        self.remaining[acc] = left
+        item = (acc, rid, region, ctype, arch, step, plan_id, qty, left, at_us, day)
+        blob = msgpack.packb([item])
+        self.last = hashlib.sha256(self.last + blob).digest()
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO journal (payload, hash) VALUES (?, ?)", (blob, self.last))
+        if self.plan_rows:
+            self.write_plan(acc, left)
+        db.execute("COMMIT")
+        self.keys[(acc, rid)] = item
+        return item, False
 
     def write_plan(self, acc: str, left: int) -> None:
         rowid = self._rowids.get(acc)
@@ -112,9 +152,7 @@ def essential(db: sqlite3.Connection, plan_rows: bool = False) -> Floor:
         @rpc
         async def Consume(self, req, ctx):  # noqa: N802
             row = consume_row(req)
-            item = self.take(*row[:6], row[7])
-            return qpb.ConsumeResponse(request_id=row[1], billable=True,
-                                       billing_day="2026-12-05", plan_units_remaining=item[-1])
+            return reply(row[1], *self.take(*row[:6], row[7]))
 
     floor = Essential(db, plan_rows)
     floor.ctx = essential_context()
