@@ -36,6 +36,7 @@ from . import notice_config
 from .account_services import AccountsService
 from .auth import Authorizer, is_loopback
 from .config import ServerConfig
+from .cpus import confine_front
 from .metrics import Metrics
 from .notice_delivery import Delivery
 from .notice_queue import open_queue
@@ -131,6 +132,10 @@ class LedgerServer:
                 self.metrics.watch_notices(lambda: (0, None), time.time)
             if cfg.metrics_listen:
                 self.metrics_port = self.metrics.serve(cfg.metrics_listen)
+            try:  # after the writer's thread started, before gRPC starts its own
+                confine_front(cfg.front_cpus)
+            except InvalidArgument as exc:
+                raise StartupError(exc.message) from None
             await self._serve()
         except BaseException:
             self.store.close()

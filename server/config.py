@@ -19,6 +19,8 @@ from typing import Any
 from ledger.errors import InvalidArgument
 from ledger.store.urls import URL_SCHEMES, is_pg_url, mask_url
 
+from .cpus import parse_cpus
+
 ENV_PREFIX = "QUOTA_LEDGER_"
 CONFIG_ENV = "QUOTA_LEDGER_CONFIG"
 
@@ -43,6 +45,7 @@ class ServerConfig:
     slow_commit_ms: float = 100.0
     metrics_top_accounts: int = 0
     notices: str | None = None
+    front_cpus: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ SETTINGS: tuple[Setting, ...] = (
             "with the most (0: off; keeps label cardinality bounded)."),
     Setting("notices", "path", "TOML file of webhook endpoints and notice thresholds "
             "(docs/notices.md); notices are listed either way, delivered only with it."),
+    Setting("front_cpus", "CPU list", "Linux: run the event loop and gRPC's threads on these "
+            "CPUs only (1, or 0-1,3); the writer's thread keeps them all. A lone call then "
+            "stays on one CPU (docs/operations.md). Unset: no change."),
 )
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
 assert {s.name for s in SETTINGS} == set(_FIELDS), "every setting documented, once"
@@ -144,6 +150,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                               ) from None
     if name == "db":
         check_db_path(value, source)
+    if name == "front_cpus":
+        parse_cpus(value, source)
     choices = next(s.choices for s in SETTINGS if s.name == name)
     if choices and value not in choices:
         raise InvalidArgument(f"{source}: {name} must be one of {', '.join(choices)}")

@@ -24,6 +24,9 @@ from quota_ledger.v1 import common_pb2 as pb
 from quota_ledger.v1 import quota_ledger_pb2 as qpb
 from quota_ledger.v1 import quota_ledger_pb2_grpc as qpb_grpc
 
+from ledger.errors import InvalidArgument
+from server.cpus import confine_front
+
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024  # as server/app.py
 UTC8 = timedelta(hours=8)
 
@@ -88,8 +91,15 @@ async def serve(listen: str, port_file: str | None) -> None:
 @click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT")
 @click.option("--port-file", default=None, metavar="PATH",
               help="Write {\"grpc\": port, \"pid\": pid} here once serving.")
-def main(listen: str, port_file: str | None) -> None:
+@click.option("--cpus", default=None, metavar="CPUS",
+              help="Run on these CPUs only (Linux; as the ledger's --front-cpus).")
+def main(listen: str, port_file: str | None, cpus: str | None) -> None:
     """Serve the baseline QuotaLedger (answers only; records nothing)."""
+    if cpus:
+        try:
+            confine_front(cpus)  # before gRPC starts a thread: the whole server
+        except InvalidArgument as exc:
+            raise click.ClickException(exc.message) from None
     asyncio.run(serve(listen, port_file))
 
 

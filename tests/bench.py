@@ -120,16 +120,19 @@ class Proc:
 
 
 
-def ledger_and_noop(tmp: Path) -> tuple[Proc, Proc]:
+def ledger_and_noop(tmp: Path, front_cpus: str | None = None) -> tuple[Proc, Proc]:
     """The ledger (``quota-ledger serve``, its SQLite default in ``tmp/ledger.db``) and the
-    no-op server, not yet started."""
+    no-op server, not yet started. ``front_cpus``: both fronts on those CPUs (the ledger's
+    ``--front-cpus``; the no-op, which has no writer, whole)."""
     py = sys.executable
+    placed = ["--front-cpus", front_cpus] if front_cpus else []
     ledger = Proc("ledger", [py, "-m", "server", "serve", "--listen", "127.0.0.1:0",
                              "--db", str(tmp / "ledger.db"), "--port-file",
-                             str(tmp / "ledger.json"), "--log-level", "warning"],
+                             str(tmp / "ledger.json"), "--log-level", "warning", *placed],
                   tmp / "ledger.json", tmp / "ledger.log")
     baseline = Proc("baseline", [py, "-m", "tests.baseline_server", "--listen",
-                                 "127.0.0.1:0", "--port-file", str(tmp / "baseline.json")],
+                                 "127.0.0.1:0", "--port-file", str(tmp / "baseline.json"),
+                                 *(["--cpus", front_cpus] if front_cpus else [])],
                     tmp / "baseline.json", tmp / "baseline.log")
     return ledger, baseline
 
@@ -381,7 +384,11 @@ def machine() -> dict[str, Any]:
                    "[default: 8; 1 with --quick].")
 @click.option("--quick", is_flag=True, help="Tiny sizes and 1 s loads: a smoke run.")
 @click.option("--json-out", default=None, metavar="FILE", help="Write every figure as JSON.")
-def main(runs: int, seconds: float | None, quick: bool, json_out: str | None) -> None:
+@click.option("--front-cpus", default=None, metavar="CPUS",
+              help="Run both servers' fronts on these CPUs (the ledger's --front-cpus; the "
+                   "no-op whole); unset, where the system puts them, as issue 18 measured.")
+def main(runs: int, seconds: float | None, quick: bool, json_out: str | None,
+         front_cpus: str | None) -> None:
     """Benchmark the ledger against the baseline server; print MET / MISSED per target."""
     console = Console() if sys.stdout.isatty() else Console(width=160)
     sizes = QUICK if quick else FULL
@@ -396,7 +403,10 @@ def main(runs: int, seconds: float | None, quick: bool, json_out: str | None) ->
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        ledger, baseline = ledger_and_noop(tmp)
+        ledger, baseline = ledger_and_noop(tmp, front_cpus)
+        if front_cpus:
+            console.print(f"fronts on CPUs {front_cpus}: the ledger's event loop and gRPC "
+                          "threads, the no-op whole")
         collected: list[dict[str, Any]] = []
         try:
             ledger.start()
