@@ -69,5 +69,9 @@ def test_the_front_runs_on_its_cpus_and_the_writer_on_all(tmp_path: Path) -> Non
 
 def test_cpus_this_process_may_not_use_stop_the_start(tmp_path: Path) -> None:
     beyond = max(ALLOWED, default=0) + 1
-    with pytest.raises(RuntimeError, match="may run only on CPUs"):
-        ServerProcess(tmp_path, extra=["--front-cpus", str(beyond)]).start()
+    srv = ServerProcess(tmp_path, extra=["--front-cpus", str(beyond)])
+    try:
+        with pytest.raises(RuntimeError, match="may run only on CPUs"):
+            srv.start()
+    finally:  # had it started after all, it must not outlive the test
+        srv.stop()
