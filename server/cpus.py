@@ -36,12 +36,12 @@ def parse_cpus(text: str, source: str = "--front-cpus") -> frozenset[int]:
     return frozenset(cpus)
 
 
-def confine_front(text: str | None) -> frozenset[int] | None:
+def confine_front(text: str | None) -> None:
     """Confine the calling thread (the event loop's, before gRPC starts its own threads,
-    which inherit it) to the CPUs of ``text``; the CPUs it ran on before, or None when
-    ``text`` is unset. Raises InvalidArgument for CPUs this process may not use."""
+    which inherit it) to the CPUs of ``text``; nothing when ``text`` is unset. Raises
+    InvalidArgument for CPUs this process may not use."""
     if not text:
-        return None
+        return
     cpus = parse_cpus(text)
     if not hasattr(os, "sched_setaffinity"):
         raise InvalidArgument("front_cpus needs Linux (os.sched_setaffinity)")
@@ -50,4 +50,3 @@ def confine_front(text: str | None) -> frozenset[int] | None:
         raise InvalidArgument(f"front_cpus {text}: this process may run only on CPUs "
                               f"{','.join(map(str, sorted(allowed)))}")
     os.sched_setaffinity(0, cpus)
-    return frozenset(allowed)
