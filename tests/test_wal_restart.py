@@ -68,6 +68,6 @@ def test_without_the_writers_checkpoint_it_would_not(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch):
     """The check above can fail: with the writer's checkpoint taken out, the WAL keeps
     growing under the same load."""
-    monkeypatch.setattr(Store, "_restart_wal", lambda self, c: None)
+    monkeypatch.setattr(Store, "restart_wal", lambda self: None)
     salts, commits = _steady_load(tmp_path)
     assert len(salts) < CHECKPOINTER_RUNS - 1, (len(salts), commits)

@@ -296,7 +296,7 @@ class Store(StoreReads):
         before any later lookup (R12: a retry replays, never charged twice)."""
         try:
             self.rows.committed()
-            self._restart_wal(self.conn)
+            self.restart_wal()
             self.keys.committed()
             # Committed: the keys are durable in their block (R12). Called for every group,
             # so the hashes the group's lookups computed never outlive it.
@@ -313,7 +313,7 @@ class Store(StoreReads):
         keys.recover(self._consumes_after(keys.through_seq))
         return keys
 
-    def _restart_wal(self, c: sqlite3.Connection) -> None:
+    def restart_wal(self) -> None:
         """Let the WAL start over from its beginning (issue 18). SQLite restarts it only at
         a write that begins when every frame is checkpointed; under steady load the
         checkpointer's thread never sees that moment (the writer appends while it copies),
@@ -322,13 +322,14 @@ class Store(StoreReads):
         of CPU and 280-320 µs of wall time, against 80 and 170 when the WAL is reused).
         After each of the checkpointer's runs the writer checkpoints the few frames it
         wrote since, on its own connection between two transactions (about 1-2 ms); its
-        next transaction then starts the WAL over."""
+        next transaction then starts the WAL over. (``make bench``'s commit floor calls it
+        between its commits too.)"""
         ck = self._checkpointer
         if ck is None or ck.runs == self._wal_restart_runs:
             return
         self._wal_restart_runs = ck.runs
         try:
-            c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:  # the background checkpointer logs and retries
             log.debug("writer-side checkpoint failed: %s", exc)
 
