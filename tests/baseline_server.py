@@ -63,12 +63,15 @@ class BaselineQuotaLedger(qpb_grpc.QuotaLedgerServicer):
             yield qpb.ConsumeResult(request_id=r.request_id, response=_response(r))
 
 
+SERVER_OPTIONS = [  # as server/app.py's
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+    ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+]
+
+
 async def serve(listen: str, port_file: str | None) -> None:
-    server = grpc.aio.server(options=[
-        ("grpc.so_reuseport", 0),
-        ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
-        ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
-    ])
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     qpb_grpc.add_QuotaLedgerServicer_to_server(BaselineQuotaLedger(), server)
     port = server.add_insecure_port(listen)
     if not port:

@@ -25,10 +25,8 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +44,7 @@ from clients.loadgen import LoadConfig, LoadResult, prepare_accounts, run_load
 
 from .bench_cpu import CPU_MEASURES, CpuMeter, cpu_rows, thread_table
 from .bench_loads import Units, batch_load
+from .bench_servers import Proc, bare_floor, ledger_and_noop
 from .bench_sqlite import (
     COMMIT_FLOOR_COMMITS_MAX,
     FULL,
@@ -57,84 +56,13 @@ from .bench_sqlite import (
     sqlite_commit_floor,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT_S = 30.0
 LOAD_REQUESTS_CAP = 10_000_000  # every load stops at this count or at --seconds
 # Issue 18's targets against the no-op server (tests/baseline_server.py), run side by side.
 UNARY_64_STEP, UNARY_64_GOAL = 0.70, 0.85  # unary calls/s at 64 in flight, hot and spread
 UNARY_1_P50_SLACK_MS = 0.10  # 1 in flight: p50 <= no-op p50 + one-row commit p50 + this
 STREAM_STEP = 0.70  # ConsumeStream, 4 streams x 16 in flight
-
-
-# --------------------------------------------------------------------------- subprocesses
-
-class Proc:
-    """A server subprocess that writes its ports to a JSON file once serving."""
-
-    def __init__(self, name: str, cmd: list[str], port_file: Path, log: Path) -> None:
-        self.name, self.cmd, self.port_file, self.log_path = name, cmd, port_file, log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "started"
-        return self.proc.pid
-
-    def start(self) -> Proc:
-        env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
-        self.log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log, stderr=self.log,
-                                     env=env)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.port_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} did not start within {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.05)
-        self.port = json.loads(self.port_file.read_text())["grpc"]
-        self.ready()
-        return self
-
-    def ready(self) -> None:
-        """Block until the server answers (a subclass may check more)."""
-        with grpc.insecure_channel(self.target) as ch:
-            grpc.channel_ready_future(ch).result(timeout=START_TIMEOUT_S)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc is not None:
-            self.log.close()
-            self.proc = None
-
-
-
-def ledger_and_noop(tmp: Path, front_cpus: str | None = None) -> tuple[Proc, Proc]:
-    """The ledger (``quota-ledger serve``, its SQLite default in ``tmp/ledger.db``) and the
-    no-op server, not yet started. ``front_cpus``: both fronts on those CPUs (the ledger's
-    ``--front-cpus``; the no-op, which has no writer, whole)."""
-    py = sys.executable
-    placed = ["--front-cpus", front_cpus] if front_cpus else []
-    ledger = Proc("ledger", [py, "-m", "server", "serve", "--listen", "127.0.0.1:0",
-                             "--db", str(tmp / "ledger.db"), "--port-file",
-                             str(tmp / "ledger.json"), "--log-level", "warning", *placed],
-                  tmp / "ledger.json", tmp / "ledger.log")
-    baseline = Proc("baseline", [py, "-m", "tests.baseline_server", "--listen",
-                                 "127.0.0.1:0", "--port-file", str(tmp / "baseline.json"),
-                                 *(["--cpus", front_cpus] if front_cpus else [])],
-                    tmp / "baseline.json", tmp / "baseline.log")
-    return ledger, baseline
+LONE_KEY = "unary1"  # the 1-in-flight measure, where issue 18's bare floor runs too
+FLOOR_WARMUP_S = 2.0  # the bare floor's warm-up: thousands of commits, whatever the sizes
 
 
 # --------------------------------------------------------------------------- the measures
@@ -154,7 +82,7 @@ MEASURES = (
             lambda r: r.calls_per_s, "calls/s"),
     Measure("unary64_hot", "Consume, 64 in flight, one account",
             {"shape": "unary", "concurrency": 64}, lambda r: r.calls_per_s, "calls/s", hot=True),
-    Measure("unary1", "Consume, 1 in flight", {"shape": "unary", "concurrency": 1},
+    Measure(LONE_KEY, "Consume, 1 in flight", {"shape": "unary", "concurrency": 1},
             lambda r: r.p50_ms, "p50 ms"),
     Measure("stream", "ConsumeStream, 4 streams x 16 in flight",
             {"shape": "stream", "concurrency": 64, "streams": 4},
@@ -197,12 +125,16 @@ def _summary(r: LoadResult) -> dict[str, Any]:
 
 
 async def network_run(ledger: Proc, baseline: Proc, accounts: list[str], seconds: float,
-                      run: int, console: Console, units: Units) -> dict[str, Any]:
+                      run: int, console: Console, units: Units, floor: Proc | None = None
+                      ) -> dict[str, Any]:
     """Every measure, ledger and baseline back to back (ABAB: who goes first alternates by
-    run); after each ledger load, acknowledged requests must equal recorded units."""
+    run); after each ledger load, acknowledged requests must equal recorded units. At 1 in
+    flight ``floor`` (issue 18's bare floor) takes its turn too."""
     out: dict[str, Any] = {}
     for measure in MEASURES:
         order = [("ledger", ledger), ("baseline", baseline)]
+        if floor is not None and measure.key == LONE_KEY:
+            order.append(("floor", floor))
         if run % 2:
             order.reverse()
         got: dict[str, LoadResult] = {}
@@ -229,12 +161,14 @@ async def network_run(ledger: Proc, baseline: Proc, accounts: list[str], seconds
                       f"recorded {checked['recorded']:,}"
                       + (f"  errors {errors}" if errors else "")
                       + (f"; server CPU {cpu['ledger']['us_per_call']:.0f} / "
-                         f"{cpu['baseline']['us_per_call']:.0f} µs per call" if cpu else ""))
+                         f"{cpu['baseline']['us_per_call']:.0f} µs per call" if cpu else "")
+                      + (f"; floor bare {measure.value(got['floor']):,.3f} {measure.unit}, "
+                         f"{cpu['floor']['us_per_call']:.0f} µs" if "floor" in got else ""))
     return out
 
 
-async def setup_and_warm(ledger: Proc, baseline: Proc, sizes: Sizes, console: Console
-                         ) -> list[str]:
+async def setup_and_warm(ledger: Proc, baseline: Proc, sizes: Sizes, console: Console,
+                         floor: Proc | None = None) -> list[str]:
     t0 = time.perf_counter()
     plan_cfg = LoadConfig(target=ledger.target, accounts=sizes.plan_accounts,
                           account_prefix="bench-plan-", plan="year-100m",
@@ -253,6 +187,9 @@ async def setup_and_warm(ledger: Proc, baseline: Proc, sizes: Sizes, console: Co
                                                 "view": view}, sizes.warmup_s / 2)
         await drive(proc.target, accounts, {"shape": "unary", "concurrency": 16},
                     sizes.warmup_s)
+    if floor is not None:  # its code paths, and its WAL grown to the size it keeps
+        await drive(floor.target, accounts, {"shape": "unary", "concurrency": 16},
+                    FLOOR_WARMUP_S)
     return accounts
 
 
@@ -301,11 +238,11 @@ def report(runs: list[dict[str, Any]], console: Console, sizes: Sizes) -> dict[s
             f">= {UNARY_64_STEP}x (issue 18's step; goal {UNARY_64_GOAL}x)",
             lambda ml, mr, q: q >= UNARY_64_STEP, "ratio")
     commit_p50 = median([r["commit_floor"]["p50_ms"] for r in runs])
-    add("Consume unary, 1 in flight", "p50 ms",
-        series("unary1", "ledger", lambda d: d["p50_ms"]), base,
-        series("unary1", "baseline", lambda d: d["p50_ms"]), "{:.3f}",
-        f"<= no-op + commit p50 ({commit_p50:.3f}) + {UNARY_1_P50_SLACK_MS} ms",
-        lambda ml, mr, q: ml <= mr + commit_p50 + UNARY_1_P50_SLACK_MS, "ledger")
+    for who, label in lone_rows(runs):
+        add(label, "p50 ms", series("unary1", who, lambda d: d["p50_ms"]), base,
+            series("unary1", "baseline", lambda d: d["p50_ms"]), "{:.3f}",
+            f"<= no-op + commit p50 ({commit_p50:.3f}) + {UNARY_1_P50_SLACK_MS} ms",
+            lambda ml, mr, q: ml <= mr + commit_p50 + UNARY_1_P50_SLACK_MS, "ledger")
     add("Consume unary, 1 in flight", "p99 ms",
         series("unary1", "ledger", lambda d: d["p99_ms"]), base,
         series("unary1", "baseline", lambda d: d["p99_ms"]), "{:.3f}",
@@ -319,7 +256,7 @@ def report(runs: list[dict[str, Any]], console: Console, sizes: Sizes) -> dict[s
         series("unary1", "ledger", lambda d: d["p99_ms"]), floor,
         [r["commit_floor"]["p99_ms"] for r in runs], "{:.3f}", "(physical floor)", None,
         "ratio")
-    cpu_rows(add, series, runs)
+    cpu_rows(add, series, runs, lone_rows(runs))
     add("ConsumeStream, 4 streams x 16 in flight", "messages/s",
         series("stream", "ledger", lambda d: d["rate_per_s"]), base,
         series("stream", "baseline", lambda d: d["rate_per_s"]), "{:,.0f}",
@@ -346,9 +283,23 @@ def report(runs: list[dict[str, Any]], console: Console, sizes: Sizes) -> dict[s
                   "per account (tests.bench_sqlite.journal_scan).")
     console.print("SQLite 1-row commit: BEGIN IMMEDIATE, one journal row, COMMIT, each timed "
                   "alone, WAL + synchronous=FULL, in the ledger database's directory (same "
-                  "filesystem); p50/p99 over up to "
-                  f"{COMMIT_FLOOR_COMMITS_MAX:,} commits or --seconds per run.")
+                  "filesystem), the WAL let start over as the ledger's writer lets it; p50/p99 "
+                  f"over up to {COMMIT_FLOOR_COMMITS_MAX:,} commits or --seconds per run.")
+    if len(lone_rows(runs)) > 1:
+        console.print("Floor bare (tests/floor_unary.py bare): the no-op server with the 1-row "
+                      "commit inside its handler, before its reply. Where it misses a 1-in-"
+                      "flight target, that target is out of reach on this machine for any "
+                      "design that commits a lone call before replying (issue 18).")
     return {"rows": rows}
+
+
+def lone_rows(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The 1-in-flight rows a target applies to: the ledger's, and the bare floor's when it
+    ran (issue 18: the floor shows whether the target is within reach at all)."""
+    rows = [("ledger", "Consume unary, 1 in flight")]
+    if all("floor" in r["network"][LONE_KEY] for r in runs):
+        rows.append(("floor", "  the same, floor bare (no-op + 1-row commit)"))
+    return rows
 
 
 def closing_lines(console: Console, info: dict[str, Any], t_all: float) -> float:
@@ -404,6 +355,7 @@ def main(runs: int, seconds: float | None, quick: bool, json_out: str | None,
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as tmp_name:
         tmp = Path(tmp_name)
         ledger, baseline = ledger_and_noop(tmp, front_cpus)
+        floor = bare_floor(tmp, front_cpus)
         if front_cpus:
             console.print(f"fronts on CPUs {front_cpus}: the ledger's event loop and gRPC "
                           "threads, the no-op whole")
@@ -411,6 +363,7 @@ def main(runs: int, seconds: float | None, quick: bool, json_out: str | None,
         try:
             ledger.start()
             baseline.start()
+            floor.start()
             mode = sqlite3.connect(f"file:{tmp / 'ledger.db'}?mode=ro", uri=True).execute(
                 "PRAGMA journal_mode").fetchone()[0]
             console.print(f"ledger on {ledger.target} (journal_mode {mode}, synchronous FULL "
@@ -419,11 +372,11 @@ def main(runs: int, seconds: float | None, quick: bool, json_out: str | None,
             settle_info = build_settlement_journal(settle_db, sizes, console)
 
             async def network() -> None:
-                accounts = await setup_and_warm(ledger, baseline, sizes, console)
+                accounts = await setup_and_warm(ledger, baseline, sizes, console, floor)
                 units = Units(tmp / "ledger.db")  # from here on, every unit is a measured one
                 for run in range(runs):
                     net = await network_run(ledger, baseline, accounts, seconds, run, console,
-                                            units)
+                                            units, floor)
                     ceiling = sqlite_ceiling(tmp, seconds, sizes.ceiling_rows_max)
                     console.print(f"  run {run + 1} SQLite ceiling: "
                                   f"{ceiling['rows_per_s']:,.0f} rows/s")
@@ -444,6 +397,7 @@ def main(runs: int, seconds: float | None, quick: bool, json_out: str | None,
         finally:
             ledger.stop()
             baseline.stop()
+            floor.stop()
         summary = report(collected, console, sizes)
     elapsed = closing_lines(console, info, t_all)
     if json_out:

@@ -34,8 +34,8 @@ from rich.table import Table
 
 from clients.loadgen import LoadConfig, prepare_accounts
 
-from .bench import Proc
 from .bench_loads import Units, batch_load
+from .bench_servers import Proc
 from .yardstick import describe, group_floor_us
 
 SPREAD_ACCOUNTS = 1_000

@@ -46,7 +46,8 @@ from rich.table import Table
 from clients.client import AsyncLedgerClient, LedgerError
 from clients.loadgen import LoadConfig, prepare_accounts
 
-from .bench import Proc, closing_lines, machine
+from .bench import closing_lines, machine
+from .bench_servers import Proc
 
 TARGET_BATCHED_PER_S = 30_000  # issue 19, at 256 callers
 TARGET_SPEEDUP = 3.0  # issue 18, the default client against batching=False at 64 callers

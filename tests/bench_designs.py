@@ -13,7 +13,10 @@ validation, no derived rows, no key index, no metrics. So each is a floor for it
 what the design gets on this machine at best. ``floor essential`` is the same floor with
 what the project's standards require of every call (validation, status mapping, per-call
 metrics, with the ledger's own code): the floor of any design that validates a lone call;
-``floor derived`` adds a derived row to each lone commit, as the ledger writes its plan's.
+``floor derived`` adds a derived row to each lone commit, as the ledger writes its plan's;
+``floor bare`` is the no-op server with the one-row commit floor inside its handler: what a
+lone call costs over the no-op for its fsync alone, before any ledger's work (``floor bare,
+thread``: with that commit on a thread).
 
 This runs them beside the ledger (``python -m server serve``, its default SQLite) and the
 no-op server (``tests/baseline_server.py``), on the same 1,000 accounts each with a plan,
@@ -27,10 +30,8 @@ ledger's, acknowledged requests must equal the units its journal recorded.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,17 +40,18 @@ import click
 
 from clients.loadgen import LoadConfig, prepare_accounts
 
-from .bench import Proc, drive, ledger_and_noop
+from .bench import drive
 from .bench_cpu import CpuMeter
 from .bench_loads import Units
+from .bench_servers import FLOOR_SCRIPT, ScriptServer, ledger_and_noop
 from .bench_sqlite import sqlite_commit_floor
-from .pg_cluster import free_port
 
 RESEARCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "research" / "unary-floor"
 COMMIT_FLOOR_COMMITS_MAX = 20_000
 ACCOUNTS = 1_000
 IN_FLIGHT = (64, 1)
-FLOORS = (("floor inline", []), ("floor essential", ["essential"]),
+FLOORS = (("floor bare", ["bare"]), ("floor bare, thread", ["bare-thread"]),
+          ("floor inline", []), ("floor essential", ["essential"]),
           ("floor derived", ["derived"]))
 # Design 3 with the commit in a child process (64 in flight: the next step), bare and essential
 PROCESS_FLOORS = (("process floor", []), ("process floor essential", ["essential"]))
@@ -58,24 +60,6 @@ PROCESS_SCRIPT = Path(__file__).with_name("floor_process.py")
 # that lets more requests share a group's commit, and the commit on the loop.
 PROTOTYPES = (("prototype group", ["group"]), ("prototype group, 0.5 ms linger",
               ["group", "0.0005"]), ("prototype loop", ["loop"]))
-FLOOR_SCRIPT = Path(__file__).with_name("floor_unary.py")  # a lone consume, nothing more
-
-
-class Prototype(Proc):
-    """``SCRIPT PORT ARGS...``, run from the project root (``unary_modes.py`` loads
-    ``protos/`` from there). It writes no port file: the port is chosen here and written for
-    :meth:`Proc.start`, which then waits until the server answers."""
-
-    def __init__(self, name: str, script: Path, args: list[str], tmp: Path) -> None:
-        port = free_port()
-        slug = name.replace(" ", "-")
-        super().__init__(name, [sys.executable, str(script), str(port), *args],
-                         tmp / f"{slug}.json", tmp / f"{slug}.log")
-        self._chosen = port
-
-    def start(self) -> Proc:
-        self.port_file.write_text(json.dumps({"grpc": self._chosen}))
-        return super().start()
 
 
 async def _rounds(servers: dict[str, Any], target: str, rounds: int, seconds: float,
@@ -145,12 +129,12 @@ def main(rounds: int, seconds: float, research: Path, lone_only: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-designs-") as name:
         tmp = Path(name)
         ledger, noop = ledger_and_noop(tmp)
-        protos = [] if lone_only else [Prototype(label, script, args, tmp)
+        protos = [] if lone_only else [ScriptServer(label, script, args, tmp)
                                        for label, args in PROTOTYPES]
-        protos += [Prototype(label, FLOOR_SCRIPT, [str(tmp), *args], tmp)
+        protos += [ScriptServer(label, FLOOR_SCRIPT, [str(tmp), *args], tmp)
                    for label, args in FLOORS]
         if not lone_only:
-            protos += [Prototype(label, PROCESS_SCRIPT, [str(tmp), *args], tmp)
+            protos += [ScriptServer(label, PROCESS_SCRIPT, [str(tmp), *args], tmp)
                        for label, args in PROCESS_FLOORS]
         in_flight = (1,) if lone_only else IN_FLIGHT
         try:

@@ -68,13 +68,13 @@ from ledger.verify import verify as verify_db
 
 from .bench import (
     MEASURES,
-    Proc,
     closing_lines,
     drive,
     machine,
     median,
     ratio,
 )
+from .bench_servers import Proc
 from .bench_sqlite import check_items, run_group, write_consumes
 
 ROOT = Path(__file__).resolve().parent.parent

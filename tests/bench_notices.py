@@ -26,7 +26,8 @@ from rich.console import Console
 
 from clients.loadgen import LoadConfig, prepare_accounts
 
-from .bench import MEASURES, Proc, drive
+from .bench import MEASURES, drive
+from .bench_servers import Proc
 from .webhook_receiver import Receiver, notices_file
 
 RATIO_MIN = 0.95

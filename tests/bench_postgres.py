@@ -41,8 +41,9 @@ from clients.loadgen import LoadConfig, LoadResult, prepare_accounts
 from clients.routing import ranking
 from ledger.store import is_pg_url
 
-from .bench import LOAD_REQUESTS_CAP, ROOT, Proc, drive, machine
+from .bench import LOAD_REQUESTS_CAP, drive, machine
 from .bench_cpu import process_cpu_s
+from .bench_servers import ROOT, Proc
 from .pg_cluster import PgCluster, find_bindir
 from .test_group_commit import scrape
 

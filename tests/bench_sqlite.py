@@ -22,10 +22,14 @@ from ledger.clock import TestClock
 from ledger.engine import Engine
 from ledger.money import Region, payg_cost_micros
 from ledger.store import Store, UnitOfWork, blocks, chain_hash, consume_entries
+from ledger.store.sqlite import CHECKPOINT_INTERVAL_S
 from ledger.writer import GROUP_REQUESTS_MAX
 
 INSERT_TXN_ROWS = 1_000  # the SQLite ceiling: executemany in transactions of 1,000 rows
 COMMIT_FLOOR_COMMITS_MAX = 20_000  # the commit floor: at most this many commits, or --seconds
+# Untimed commits before the floor's: two of the checkpointer's runs, so the WAL has grown to
+# the size it then keeps (a WAL that grows makes each fdatasync write the file's size too).
+COMMIT_FLOOR_WARMUP_S = 2 * CHECKPOINT_INTERVAL_S
 SETTLE_DAY = "2027-03-10"  # the settlement journal's day (a fixed day, a test clock)
 
 
@@ -115,7 +119,8 @@ def sqlite_commit_floor(tmp: Path, seconds: float, commits_max: int) -> dict[str
     synchronous=FULL, the journal's index and triggers), in ``tmp``, the directory that holds
     the ledger's database, so on the same filesystem. Each commit is timed alone (building
     the row is not). Between two commits the WAL is let start over as the ledger's writer
-    lets it (``Store.restart_wal``, untimed, as the writer's is done after its reply): until
+    lets it (``Store.restart_wal``, untimed, as the writer's is done after its reply), after
+    ``COMMIT_FLOOR_WARMUP_S`` of untimed commits that let the WAL reach its steady size: until
     the fifteenth sitting it was not, the WAL grew by every commit (200 MB in 20,000) and
     each fdatasync also wrote the file's size, which the ledger's own commits do not (the
     floor then read 0.22-0.27 ms at the p50 against 0.14-0.15 with the WAL reused). No
@@ -128,10 +133,19 @@ def sqlite_commit_floor(tmp: Path, seconds: float, commits_max: int) -> dict[str
         conn = store.conn
         latencies_s: list[float] = []
         cpu_s = 0.0  # this thread's CPU in the commits (the fsync's kernel time included)
-        deadline = time.perf_counter() + seconds
+        warm_until = time.perf_counter() + COMMIT_FLOOR_WARMUP_S
+        deadline = warm_until + seconds
+        warm = 0  # untimed commits first: the WAL grows to its steady size, as in a server
         while len(latencies_s) < commits_max and time.perf_counter() < deadline:
-            n = len(latencies_s)
+            n = len(latencies_s) + warm
             row = rows.row(t_us + n, f"acct-{n % 1000:04d}", 1, "plan-7", 0, 10**8)
+            if time.perf_counter() < warm_until and warm < commits_max:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", row)
+                conn.execute("COMMIT")
+                store.restart_wal()
+                warm += 1
+                continue
             t0, c0 = time.perf_counter(), time.thread_time()
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", row)

@@ -1,6 +1,6 @@
 """A floor for a lone Consume (issue 18), in the style of ``../shared/research/unary-floor/``.
 
-    .venv/bin/python -m tests.floor_unary PORT DIR [essential|derived]
+    .venv/bin/python -m tests.floor_unary PORT DIR [essential|derived|bare|bare-thread]
 
 (its database: DIR/floor.db, or DIR/floor-MODE.db)
 
@@ -30,6 +30,16 @@ validates and commits a lone call on the loop.
 ledger writes its plan's row: an ``UPDATE`` of the account's row by rowid (an ``INSERT`` the
 first time). What it costs over ``essential`` is what writing derived rows with each lone
 commit costs, against deferring them.
+
+``bare`` is less than any ledger could do: the no-op server (``tests/baseline_server.py``:
+its server options, its handler and its reply) with ``make bench``'s one-row commit floor
+(``tests/bench_sqlite.py``: one row, ``BEGIN IMMEDIATE``, ``INSERT``, ``COMMIT``) run inside
+its handler before the reply. No key, no plan, no chain. Its p50 over the no-op's is what
+one fsync on the loop costs a lone call, whatever the ledger does around it: when that is
+more than the one-row commit's own p50 plus the 0.10 ms issue 18 allows, the target is out of
+reach for any design that commits a lone call on the event loop before its reply.
+``bare-thread`` is ``bare`` with the commit on a thread of its own (one worker, the handler
+awaiting it: ``loop.run_in_executor``), the other place a design can put it.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import hashlib
 import sqlite3
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,6 +62,7 @@ from quota_ledger.v1 import quota_ledger_pb2 as qpb  # noqa: E402
 from quota_ledger.v1 import quota_ledger_pb2_grpc as qg  # noqa: E402
 
 from ledger import calendar as cal  # noqa: E402
+from tests.baseline_server import SERVER_OPTIONS, _response  # noqa: E402
 
 PLAN_UNITS = 10**9  # what every account holds: the floor never runs out
 # The item's fields (the request's, then what the floor decided and when)
@@ -159,15 +171,49 @@ def essential(db: sqlite3.Connection, plan_rows: bool = False) -> Floor:
     return floor
 
 
+class Bare(qg.QuotaLedgerServicer):
+    """The no-op's Consume with one row committed before its reply (mode ``bare``)."""
+
+    ROW = b"x" * 200  # the one-row commit floor's row size
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    async def Consume(self, req, ctx):  # noqa: N802
+        self.commit()
+        return _response(req)
+
+    def commit(self) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO journal (payload, hash) VALUES (?, ?)", (self.ROW, b""))
+        db.execute("COMMIT")
+
+
+class BareThread(Bare):
+    """Mode ``bare-thread``: the commit on one worker thread, awaited."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        super().__init__(db)
+        self.pool = ThreadPoolExecutor(1)
+
+    async def Consume(self, req, ctx):  # noqa: N802
+        await asyncio.get_running_loop().run_in_executor(self.pool, self.commit)
+        return _response(req)
+
+
 async def serve(port: int, directory: Path, mode: str = "") -> None:
-    db = sqlite3.connect(directory / f"floor{'-' + mode if mode else ''}.db", isolation_level=None)
+    db = sqlite3.connect(directory / f"floor{'-' + mode if mode else ''}.db", isolation_level=None,
+                         check_same_thread=False)  # bare-thread commits on its worker
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, payload BLOB,"
                " hash BLOB)")
     db.execute("CREATE TABLE IF NOT EXISTS plans (account_id TEXT, units_remaining INTEGER)")
-    floor = essential(db, mode == "derived") if mode in ("essential", "derived") else Floor(db)
-    server = grpc.aio.server()
+    floor = (Bare(db) if mode == "bare" else BareThread(db) if mode == "bare-thread"
+             else essential(db, mode == "derived")
+             if mode in ("essential", "derived") else Floor(db))
+    server = grpc.aio.server(options=SERVER_OPTIONS)  # the no-op's (and the ledger's)
     qg.add_QuotaLedgerServicer_to_server(floor, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
