@@ -13,6 +13,9 @@ In-process it also measures the SQLite ceiling (one JSON journal row per request
 before consume blocks, in plain batched inserts), the SQLite commit floor (one journal row
 per transaction, WAL + synchronous=FULL, on the filesystem of the ledger's database: the
 physical floor under the 1-in-flight latency) and settlement against a bare journal scan.
+At 1 in flight a third server takes its turn: issue 18's bare floor (`tests/floor_unary.py
+bare`, the no-op with that one-row commit in its handler), against the same limits as the
+ledger: where it misses one, so must any design that commits a lone call before replying.
 
 Every load is bounded in count and time, all traffic is on 127.0.0.1, each figure is the
 median over --runs (ledger and baseline alternate who goes first), and each target is marked
