@@ -136,22 +136,23 @@ def sqlite_commit_floor(tmp: Path, seconds: float, commits_max: int) -> dict[str
         warm_until = time.perf_counter() + COMMIT_FLOOR_WARMUP_S
         deadline = warm_until + seconds
         warm = 0  # untimed commits first: the WAL grows to its steady size, as in a server
+
+        def commit(row: tuple) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", row)
+            conn.execute("COMMIT")
+
         while len(latencies_s) < commits_max and time.perf_counter() < deadline:
             n = len(latencies_s) + warm
             row = rows.row(t_us + n, f"acct-{n % 1000:04d}", 1, "plan-7", 0, 10**8)
             if time.perf_counter() < warm_until and warm < commits_max:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", row)
-                conn.execute("COMMIT")
-                store.restart_wal()
+                commit(row)
                 warm += 1
-                continue
-            t0, c0 = time.perf_counter(), time.thread_time()
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?)", row)
-            conn.execute("COMMIT")
-            latencies_s.append(time.perf_counter() - t0)
-            cpu_s += time.thread_time() - c0
+            else:
+                t0, c0 = time.perf_counter(), time.thread_time()
+                commit(row)
+                latencies_s.append(time.perf_counter() - t0)
+                cpu_s += time.thread_time() - c0
             store.restart_wal()
         latencies_s.sort()
         return {"commits": len(latencies_s), "p50_ms": nearest_rank(latencies_s, 50) * 1e3,
