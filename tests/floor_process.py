@@ -18,6 +18,11 @@ child process instead, which has a GIL of its own:
 - the loop, woken by that pipe, answers the group (R11: after its commit) and sends the
   requests that queued meanwhile (pipelined, like design 3).
 
+The consume and the reply are ``tests/floor_unary.py``'s (``LeanConsume``, ``reply``): the
+account's one plan, the clock read once, the contract's whole ``ConsumeResponse``. (Until the
+fifteenth sitting this floor answered with four fields, which no client of the contract could
+use; its twelfth-sitting figures are of that reply.)
+
 ``essential`` adds what the project's standards require of every call, with the ledger's
 own code, as in ``tests/floor_unary.py``: validation, status mapping, per-call metrics. No
 derived rows, no key index, no engine. ``python -m tests.bench_designs`` runs it; its CPU
@@ -40,10 +45,10 @@ import msgpack
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "protos"), str(ROOT)]  # run as a script: the protos, server/
-from quota_ledger.v1 import quota_ledger_pb2 as qpb  # noqa: E402
 from quota_ledger.v1 import quota_ledger_pb2_grpc as qg  # noqa: E402
 
-PLAN_UNITS = 10**9  # what every account holds: the floor never runs out
+from tests.floor_unary import LeanConsume, reply  # noqa: E402
+
 HEADER = struct.Struct("<I")  # a group's length in bytes, then its block and its hash
 HASH_BYTES = 32
 
@@ -79,34 +84,33 @@ def committer(path: Path, rfd: int, wfd: int) -> None:
         pass
 
 
-class Floor(qg.QuotaLedgerServicer):
+class Floor(LeanConsume, qg.QuotaLedgerServicer):
     SERVICE = "QuotaLedger"  # the rpc wrapper's method names (essential mode)
 
     def __init__(self, wfd: int, rfd: int) -> None:
+        super().__init__()
         self.wfd, self.rfd = wfd, rfd
-        self.keys: dict[tuple[str, str], tuple] = {}
-        self.remaining: dict[str, int] = {}
         self.last = b"\0" * HASH_BYTES
         self.pending: list[tuple[tuple, asyncio.Future[Any]]] = []
         self.sent: list[tuple[tuple, asyncio.Future[Any]]] | None = None  # in flight
 
     def take(self, acc: str, rid: str, region: int, ctype: int, arch: int, step: int,
              qty: int) -> asyncio.Future[Any]:
-        """The lean consume; the future is answered after the commit of its group."""
+        """The lean consume; the future is answered after the commit of its group, with
+        the item and whether it was a replay."""
         fut = asyncio.get_running_loop().create_future()
         item = self.keys.get((acc, rid))
+        replayed = item is not None
         if item is None:
-            left = self.remaining.get(acc, PLAN_UNITS) - qty
-            self.remaining[acc] = left
-            item = self.keys[(acc, rid)] = (acc, rid, region, ctype, arch, step, left)
-        self.pending.append((item, fut))
+            item = self.keys[(acc, rid)] = self.decide(acc, rid, region, ctype, arch, step, qty)
+        self.pending.append(((item, replayed), fut))
         if self.sent is None:
             self._send()
         return fut
 
     def _send(self) -> None:
         group, self.pending = self.pending, []
-        blob = msgpack.packb([item for item, _ in group])
+        blob = msgpack.packb([item for (item, _), _ in group])
         self.last = hashlib.sha256(self.last + blob).digest()
         os.write(self.wfd, HEADER.pack(len(blob) + HASH_BYTES) + blob + self.last)
         self.sent = group
@@ -122,10 +126,9 @@ class Floor(qg.QuotaLedgerServicer):
             self._send()
 
     async def Consume(self, req, ctx):  # noqa: N802
-        item = await self.take(req.account_id, req.request_id, req.region, req.captcha_type,
-                               req.architecture, req.step, 1)
-        return qpb.ConsumeResponse(request_id=req.request_id, billable=True,
-                                   billing_day="2026-12-05", plan_units_remaining=item[-1])
+        rid = req.request_id
+        return reply(rid, *await self.take(req.account_id, rid, req.region, req.captcha_type,
+                                           req.architecture, req.step, 1))
 
 
 def essential(wfd: int, rfd: int) -> Floor:
@@ -138,10 +141,7 @@ def essential(wfd: int, rfd: int) -> Floor:
         @rpc
         async def Consume(self, req, ctx):  # noqa: N802
             row = consume_row(req)
-            item = await self.take(*row[:6], row[7])
-            return qpb.ConsumeResponse(request_id=row[1], billable=True,
-                                       billing_day="2026-12-05",
-                                       plan_units_remaining=item[-1])
+            return reply(row[1], *await self.take(*row[:6], row[7]))
 
     floor = Essential(wfd, rfd)
     floor.ctx = essential_context()

@@ -87,18 +87,42 @@ def reply(request_id: str, item: tuple, replayed: bool) -> qpb.ConsumeResponse:
     return msg
 
 
-class Floor(qg.QuotaLedgerServicer):
+class LeanConsume:
+    """A floor's consume in dicts: the key, the account's one plan and its units left, the
+    clock read once (R1: the day cached with its bounds, as the engine caches it). Shared
+    with ``tests/floor_process.py``."""
+
+    def __init__(self) -> None:
+        self.keys: dict[tuple[str, str], tuple] = {}
+        self.remaining: dict[str, int] = {}
+        self._plans: dict[str, str] = {}  # an account's one plan
+        self._day: tuple[int, int, str] = (0, 0, "")  # R1: the current day and its bounds
+
+    def decide(self, acc: str, rid: str, region: int, ctype: int, arch: int, step: int,
+               qty: int) -> tuple:
+        """A new request's item (see ``PLAN``..``DAY``), its unit taken; not yet a key."""
+        at_us = time.time_ns() // 1000
+        start, end, day = self._day
+        if not start <= at_us < end:
+            day = cal.billing_day(at_us)
+            self._day = (cal.day_start(day), cal.day_end(day), day)
+        plan_id = self._plans.get(acc)
+        if plan_id is None:
+            plan_id = self._plans[acc] = f"plan-{len(self._plans) + 1}"
+        left = self.remaining.get(acc, PLAN_UNITS) - qty
+        self.remaining[acc] = left
+        return (acc, rid, region, ctype, arch, step, plan_id, qty, left, at_us, day)
+
+
+class Floor(LeanConsume, qg.QuotaLedgerServicer):
     SERVICE = "QuotaLedger"  # the rpc wrapper's method names (essential mode)
 
     def __init__(self, db: sqlite3.Connection, plan_rows: bool = False) -> None:
+        super().__init__()
         self.db = db
-        self.keys: dict[tuple[str, str], tuple] = {}
-        self.remaining: dict[str, int] = {}
         self.last = b"\0" * 32
         self.plan_rows = plan_rows  # mode ``derived``: the account's row in the transaction
         self._rowids: dict[str, int] = {}
-        self._plans: dict[str, str] = {}  # an account's one plan
-        self._day: tuple[int, int, str] = (0, 0, "")  # R1: the current day and its bounds
 
     async def Consume(self, req, ctx):  # noqa: N802
         rid = req.request_id
@@ -112,24 +136,14 @@ class Floor(qg.QuotaLedgerServicer):
         item = self.keys.get((acc, rid))
         if item is not None:
             return item, True
-        at_us = time.time_ns() // 1000
-        start, end, day = self._day
-        if not start <= at_us < end:
-            day = cal.billing_day(at_us)
-            self._day = (cal.day_start(day), cal.day_end(day), day)
-        plan_id = self._plans.get(acc)
-        if plan_id is None:
-            plan_id = self._plans[acc] = f"plan-{len(self._plans) + 1}"
-        left = self.remaining.get(acc, PLAN_UNITS) - qty
-        self.remaining[acc] = left
-        item = (acc, rid, region, ctype, arch, step, plan_id, qty, left, at_us, day)
+        item = self.decide(acc, rid, region, ctype, arch, step, qty)
         blob = msgpack.packb([item])
         self.last = hashlib.sha256(self.last + blob).digest()
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         db.execute("INSERT INTO journal (payload, hash) VALUES (?, ?)", (blob, self.last))
         if self.plan_rows:
-            self.write_plan(acc, left)
+            self.write_plan(acc, item[LEFT])
         db.execute("COMMIT")
         self.keys[(acc, rid)] = item
         return item, False
