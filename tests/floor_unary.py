@@ -15,9 +15,11 @@ one plan), the billing day and the instant it was recorded at (R1: the clock rea
 request, the day cached as the engine caches it), the units left, and ``replayed`` for a
 replay. (Until the fourteenth sitting the floor answered with four fields only, which no
 client of the contract could use: at 1 in flight that cost it about 25 µs less than a
-whole reply, docs/performance.md.) No validation, derived rows, key index,
-metrics or grouping either, so under concurrency it commits once per call: it is a floor for
-1 in flight only. ``python -m tests.bench_designs`` runs it beside the ledger.
+whole reply, docs/performance-thirteenth-and-fourteenth.md.) No validation, derived rows,
+key index, metrics or grouping either, so under concurrency it commits once per call: it is a
+floor for 1 in flight only. ``python -m tests.bench_designs`` runs it beside the ledger.
+Every mode serves with the no-op's (and the ledger's) server options (since the fifteenth
+sitting; grpc's defaults before, which differ only in message size limits).
 
 ``essential`` adds only what the project's standards require of every call, with the
 ledger's own code: the request validated into its row (``server.convert.consume_row``: bad
