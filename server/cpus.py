@@ -2,10 +2,11 @@
 
 On a small virtual machine a lone call's latency depends more on where the server's threads
 run than on its code: when the event loop and gRPC's own threads may run on any CPU, a
-call's wake-ups cross between CPUs. Confined to one CPU they do not (docs/performance.md,
-fourteenth sitting). The writer's thread, and every thread started before the front is
-confined (the checkpointer, notice delivery, the metrics server), keep all of the process's
-CPUs, so the commits of a busy ledger still run beside the loop.
+call's wake-ups cross between CPUs. Confined to one CPU they do not
+(docs/performance-thirteenth-and-fourteenth.md, fourteenth sitting). The writer's thread,
+and every thread started before the front is confined (the checkpointer, notice delivery,
+the metrics server), keep all of the process's CPUs, so the commits of a busy ledger still
+run beside the loop.
 
 Linux only (``os.sched_setaffinity``); unset, nothing changes.
 """

@@ -72,7 +72,6 @@ class Proc:
             self.proc = None
 
 
-
 def ledger_and_noop(tmp: Path, front_cpus: str | None = None) -> tuple[Proc, Proc]:
     """The ledger (``quota-ledger serve``, its SQLite default in ``tmp/ledger.db``) and the
     no-op server, not yet started. ``front_cpus``: both fronts on those CPUs (the ledger's
@@ -91,9 +90,10 @@ def ledger_and_noop(tmp: Path, front_cpus: str | None = None) -> tuple[Proc, Pro
 
 
 class ScriptServer(Proc):
-    """``SCRIPT PORT ARGS...``, run from the project root (``unary_modes.py`` loads
-    ``protos/`` from there). It writes no port file: the port is chosen here and written for
-    :meth:`Proc.start`, which then waits until the server answers."""
+    """``SCRIPT PORT ARGS...``, run from the project root (the research folder's
+    ``unary_modes.py`` loads ``protos/`` from there; the floors find it themselves). It
+    writes no port file: the port is chosen here and written for :meth:`Proc.start`, which
+    then waits until the server answers."""
 
     def __init__(self, name: str, script: Path, args: list[str], tmp: Path) -> None:
         port = free_port()
