@@ -18,7 +18,7 @@ from ledger.engine import Engine
 from ledger.errors import NotFound
 from ledger.money import Region
 from ledger.store import Store
-from ledger.writer import Writer
+from ledger.writer import GATHER_FROM, Writer
 
 T0_US = 1_805_450_400_000_000  # 2027-03-16 10:00 UTC
 
@@ -170,3 +170,83 @@ def test_linger_only_after_a_group_of_several(writer):
     started = time.perf_counter()
     writer.submit(consume(31)).result(10)  # previous group was 1: no wait
     assert time.perf_counter() - started < 1.0
+
+
+@pytest.fixture
+def gathering(tmp_path: Path):
+    """A writer that gathers for up to a second (GATHER_S_MAX is 3 ms), so that the test
+    sees what decides a group's end, not the clock."""
+    store = Store(tmp_path / "ledger.db")
+    w = Writer(Engine(store, TestClock(T0_US), catalog.builtin()), linger_s_max=1.0,
+               gather_s_max=1.0)
+    w.start()
+    w.call(m.CreateAccount("acme"))
+    w.inline = False
+    try:
+        yield w
+    finally:
+        w.stop()
+        store.close()
+
+
+async def _group_of_many(w: Writer, first: int) -> None:
+    """Hold the writer while GATHER_FROM submissions pile up: one group of that many."""
+    with w._engine_lock:
+        futs = [w.submit_async(consume(first + i)) for i in range(GATHER_FROM)]
+        await asyncio.sleep(0.05)
+    assert all(o.error is None for o in await asyncio.gather(*futs))
+    await asyncio.sleep(0.05)  # the writer counts a commit after its replies
+
+
+def test_issue_18_after_many_a_group_gathers_while_the_loop_is_busy(gathering):
+    """After a group of GATHER_FROM submissions, a group that has as many keeps gathering
+    while the submitting loop has callbacks waiting (requests about to be submitted): the
+    two that come 50 ms later join it, one commit for all. Once the loop is quiet, the
+    group closes without waiting for its deadline."""
+    w = gathering
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await _group_of_many(w, 100)
+        commits = w.stats.commits
+        busy = True
+
+        def spin() -> None:  # keeps a callback in the loop's ready queue
+            if busy:
+                loop.call_soon(spin)
+
+        loop.call_soon(spin)
+        futs = [w.submit_async(consume(200 + i)) for i in range(GATHER_FROM)]
+        await asyncio.sleep(0.05)
+        assert not any(f.done() for f in futs)  # as many as last time, still gathering
+        futs += [w.submit_async(consume(300 + i)) for i in range(2)]
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        busy = False
+        assert all(o.error is None for o in await asyncio.gather(*futs))
+        assert time.perf_counter() - started < 0.5  # closed by the quiet loop, not at 1 s
+        await asyncio.sleep(0.05)  # the writer counts a commit after its replies
+        assert w.stats.commits == commits + 1  # one commit for the ten
+
+    asyncio.run(main())
+
+
+def test_issue_18_a_quiet_loop_closes_the_group_at_as_many_as_last_time(gathering):
+    """The same, the loop quiet: the group closes once it has as many as the previous one
+    (no gathering), and a later submission is a commit of its own."""
+    w = gathering
+
+    async def main() -> None:
+        await _group_of_many(w, 400)
+        commits = w.stats.commits
+        futs = [w.submit_async(consume(500 + i)) for i in range(GATHER_FROM)]
+        started = time.perf_counter()
+        assert all(o.error is None for o in await asyncio.gather(*futs))
+        assert time.perf_counter() - started < 0.5
+        await asyncio.sleep(0.05)  # the writer counts a commit after its replies
+        assert w.stats.commits == commits + 1
+        late = await w.submit_async(consume(600))
+        await asyncio.sleep(0.05)
+        assert late.error is None and w.stats.commits == commits + 2
+
+    asyncio.run(main())
