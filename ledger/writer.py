@@ -9,9 +9,10 @@ waiting without limit.
 Groups are formed on purpose (issue 9): when the previous group held several submissions,
 their callers are about to come back, so the writer waits for as many, at most
 ``LINGER_S_MAX``, asleep until the submission that completes them wakes it; after a lone
-submission it never waits. And a lone submission to an idle writer (1 in flight) does not
-travel at all: it is run and committed on the submitting thread, under the same engine
-lock, so only the commit stands between it and its reply.
+submission it never waits. After many (``GATHER_FROM``), it also keeps gathering while the
+submitting event loop has callbacks waiting to run (issue 18). And a lone submission to an
+idle writer (1 in flight) does not travel at all: it is run and committed on the submitting
+thread, under the same engine lock, so only the commit stands between it and its reply.
 
 A single Consume is submitted as its consume row (a plain tuple, issue 18): the group's
 single rows run through the engine as one consume group, and each caller gets the group's
@@ -59,8 +60,9 @@ LINGER_S_MAX = 0.001  # under load, how long a group waits at most for its calle
 # group that has its callers keeps gathering while the loop that submits still has callbacks
 # waiting to run (handlers about to submit), looking every GATHER_GAP_S, for at most
 # GATHER_S_MAX in all. A commit costs the writer about 500-800 µs of CPU whatever its size
-# (GIL handoffs with the loop, the fsync), so at 64 in flight twice the group is about a
-# quarter less CPU a call; with fewer callers the loop goes quiet and the group closes.
+# (GIL handoffs with the loop, the fsync): at 64 in flight, groups of about 22 instead of 12
+# took a quarter off the writer's CPU a call and a sixth off the server's (docs/performance.md,
+# sixteenth sitting). With fewer callers the loop goes quiet and the group closes.
 GATHER_FROM = 8
 GATHER_GAP_S = 0.0002
 GATHER_S_MAX = 0.003
