@@ -21,6 +21,7 @@ from ledger.store import Store
 from ledger.writer import GATHER_FROM, Writer
 
 T0_US = 1_805_450_400_000_000  # 2027-03-16 10:00 UTC
+LINGER_S = 0.05  # the gathering writer's wait for as many as last time
 
 
 def consume(i: int) -> m.Consume:
@@ -175,9 +176,10 @@ def test_linger_only_after_a_group_of_several(writer):
 @pytest.fixture
 def gathering(tmp_path: Path):
     """A writer that gathers for up to a second (GATHER_S_MAX is 3 ms), so that the test
-    sees what decides a group's end, not the clock."""
+    sees what decides a group's end, not the clock; it waits for as many as last time for
+    at most LINGER_S (LINGER_S_MAX is 1 ms)."""
     store = Store(tmp_path / "ledger.db")
-    w = Writer(Engine(store, TestClock(T0_US), catalog.builtin()), linger_s_max=1.0,
+    w = Writer(Engine(store, TestClock(T0_US), catalog.builtin()), linger_s_max=LINGER_S,
                gather_s_max=1.0)
     w.start()
     w.call(m.CreateAccount("acme"))
@@ -233,7 +235,8 @@ def test_issue_18_after_many_a_group_gathers_while_the_loop_is_busy(gathering):
 
 def test_issue_18_a_quiet_loop_closes_the_group_at_as_many_as_last_time(gathering):
     """The same, the loop quiet: the group closes once it has as many as the previous one
-    (no gathering), and a later submission is a commit of its own."""
+    (no gathering), and a later submission is a commit of its own, which waits for as many
+    as last time at most LINGER_S, not the gathering's second."""
     w = gathering
 
     async def main() -> None:
@@ -245,7 +248,9 @@ def test_issue_18_a_quiet_loop_closes_the_group_at_as_many_as_last_time(gatherin
         assert time.perf_counter() - started < 0.5
         await asyncio.sleep(0.05)  # the writer counts a commit after its replies
         assert w.stats.commits == commits + 1
+        started = time.perf_counter()
         late = await w.submit_async(consume(600))
+        assert LINGER_S <= time.perf_counter() - started < 0.5  # lingered, did not gather
         await asyncio.sleep(0.05)
         assert late.error is None and w.stats.commits == commits + 2
 
