@@ -57,10 +57,11 @@ GROUP_REQUESTS_MAX = 4_096  # requests committed together at most
 IDLE_WAKE_S = 0.5  # how often an idle writer looks for due work (expiries, settlements)
 LINGER_S_MAX = 0.001  # under load, how long a group waits at most for its callers to return
 # Gathering (issue 18): after a group of at least GATHER_FROM submissions (many callers), a
-# group that has its callers (as many as last time, waited for at most LINGER_S_MAX) keeps
-# gathering while the loop that submits still has callbacks waiting to run (handlers about
-# to submit), looking every GATHER_GAP_S, until about GATHER_S_MAX after it began waiting
-# (each look takes the GIL back, so a busy loop may stretch that a little). A commit costs
+# group waits for as many as last time and then, while the loop that submits still has
+# callbacks waiting to run (handlers about to submit), for more, looking every GATHER_GAP_S;
+# the whole wait ends about GATHER_S_MAX after it began (each look takes the GIL back, so a
+# busy loop may stretch that a little). Waiting for as many for only LINGER_S_MAX there
+# lost the gain: groups shrank back (docs/performance.md, sixteenth sitting). A commit costs
 # the writer about 500-800 µs of CPU whatever its size (GIL handoffs with the loop, the
 # fsync): at 64 in flight, groups of about 22 instead of 12 took a quarter off the writer's
 # CPU a call and a sixth off the server's (docs/performance.md, sixteenth sitting). With
@@ -227,20 +228,19 @@ class Writer(InlineGroups):
         # are coming back; wait for as many (at most LINGER_S_MAX) so that one commit serves
         # them all. After a lone submission (idle, 1 in flight), commit at once. After many,
         # keep gathering while more are on their way (:func:`_submitters_busy`).
-        want, deadline, gathered_by = self._last_items, 0.0, 0.0
+        want, deadline = self._last_items, 0.0
         gather = want >= GATHER_FROM
         while size < self.group_requests_max:
             try:
                 item = self._q.get_nowait()
             except queue.Empty:
                 now = time.perf_counter()
-                if not deadline:
-                    deadline = now + self.linger_s_max  # for as many as last time
-                    gathered_by = now + self.gather_s_max  # for more, once they are here
+                if not deadline:  # after many, the whole wait is bounded by gather_s_max
+                    deadline = now + (self.gather_s_max if gather else self.linger_s_max)
                 if len(group) >= want:
-                    if not gather or now >= gathered_by or not _submitters_busy(first):
+                    if not gather or now >= deadline or not _submitters_busy(first):
                         break
-                    time.sleep(min(GATHER_GAP_S, gathered_by - now))
+                    time.sleep(min(GATHER_GAP_S, deadline - now))
                     continue
                 if now >= deadline:
                     break

@@ -21,7 +21,8 @@ from ledger.store import Store
 from ledger.writer import GATHER_FROM, Writer
 
 T0_US = 1_805_450_400_000_000  # 2027-03-16 10:00 UTC
-LINGER_S = 0.05  # the gathering writer's wait for as many as last time
+LINGER_S = 0.05  # the gathering writer's linger (after a group of fewer than 8)
+GATHER_S = 0.3  # its bound on a group's whole wait after a group of GATHER_FROM or more
 
 
 def consume(i: int) -> m.Consume:
@@ -175,12 +176,11 @@ def test_linger_only_after_a_group_of_several(writer):
 
 @pytest.fixture
 def gathering(tmp_path: Path):
-    """A writer that gathers for up to a second (GATHER_S_MAX is 3 ms), so that the test
-    sees what decides a group's end, not the clock; it waits for as many as last time for
-    at most LINGER_S (LINGER_S_MAX is 1 ms)."""
+    """A writer whose waits are long enough (GATHER_S, LINGER_S; in service GATHER_S_MAX is
+    3 ms, LINGER_S_MAX 1 ms) that the test sees what ends a group, not the clock."""
     store = Store(tmp_path / "ledger.db")
     w = Writer(Engine(store, TestClock(T0_US), catalog.builtin()), linger_s_max=LINGER_S,
-               gather_s_max=1.0)
+               gather_s_max=GATHER_S)
     w.start()
     w.call(m.CreateAccount("acme"))
     w.inline = False
@@ -204,7 +204,7 @@ def test_issue_18_after_many_a_group_gathers_while_the_loop_is_busy(gathering):
     """After a group of GATHER_FROM submissions, a group that has as many keeps gathering
     while the submitting loop has callbacks waiting (requests about to be submitted): the
     two that come 50 ms later join it, one commit for all. Once the loop is quiet, the
-    group closes without waiting for its deadline."""
+    group closes without waiting for the rest of its GATHER_S."""
     w = gathering
 
     async def main() -> None:
@@ -226,7 +226,7 @@ def test_issue_18_after_many_a_group_gathers_while_the_loop_is_busy(gathering):
         started = time.perf_counter()
         busy = False
         assert all(o.error is None for o in await asyncio.gather(*futs))
-        assert time.perf_counter() - started < 0.5  # closed by the quiet loop, not at 1 s
+        assert time.perf_counter() - started < GATHER_S / 3  # closed by the quiet loop
         await asyncio.sleep(0.05)  # the writer counts a commit after its replies
         assert w.stats.commits == commits + 1  # one commit for the ten
 
@@ -235,8 +235,9 @@ def test_issue_18_after_many_a_group_gathers_while_the_loop_is_busy(gathering):
 
 def test_issue_18_a_quiet_loop_closes_the_group_at_as_many_as_last_time(gathering):
     """The same, the loop quiet: the group closes once it has as many as the previous one
-    (no gathering), and a later submission is a commit of its own, which waits for as many
-    as last time at most LINGER_S, not the gathering's second."""
+    (no gathering), and a later lone submission is a commit of its own. Waiting for as many
+    as the group of many before it, it waits at most GATHER_S (not for ever, and after a
+    group of fewer, at most LINGER_S)."""
     w = gathering
 
     async def main() -> None:
@@ -245,13 +246,16 @@ def test_issue_18_a_quiet_loop_closes_the_group_at_as_many_as_last_time(gatherin
         futs = [w.submit_async(consume(500 + i)) for i in range(GATHER_FROM)]
         started = time.perf_counter()
         assert all(o.error is None for o in await asyncio.gather(*futs))
-        assert time.perf_counter() - started < 0.5
+        assert time.perf_counter() - started < GATHER_S / 3  # closed at as many, no wait
         await asyncio.sleep(0.05)  # the writer counts a commit after its replies
         assert w.stats.commits == commits + 1
         started = time.perf_counter()
         late = await w.submit_async(consume(600))
-        assert LINGER_S <= time.perf_counter() - started < 0.5  # lingered, did not gather
+        assert GATHER_S * 0.9 <= time.perf_counter() - started < GATHER_S * 3
         await asyncio.sleep(0.05)
         assert late.error is None and w.stats.commits == commits + 2
+        started = time.perf_counter()  # the previous group was 1: no wait at all
+        assert (await w.submit_async(consume(601))).error is None
+        assert time.perf_counter() - started < LINGER_S
 
     asyncio.run(main())
