@@ -43,7 +43,12 @@ from .engine import Engine
 from .errors import LedgerError, Overloaded, Stale, Unavailable
 from .faults import PLANT_COMMIT_DELAY_S, fault
 from .threads import name_this_thread
-from .writer_inline import _EARLY_REPLIES, INLINE_GAP_S, InlineGroups  # noqa: F401
+from .writer_inline import (  # noqa: F401
+    _EARLY_REPLIES,
+    INLINE_GAP_S,
+    InlineGroups,
+    callbacks_waiting,
+)
 
 log = logging.getLogger("quota_ledger.writer")
 
@@ -432,11 +437,11 @@ def _flatten(group: list[_Item]) -> tuple[list[Any], list[tuple]]:
 
 
 def _submitters_busy(item: _Item) -> bool:
-    """Whether the event loop that submitted ``item`` has callbacks waiting to run (asyncio's
-    ready queue, read from the writer's thread: one ``len``): handlers of requests that are
-    about to be submitted. False for a thread's submission or a loop that is not asyncio's."""
+    """Whether the event loop that submitted ``item`` has callbacks waiting to run (read
+    from the writer's thread): handlers of requests that are about to be submitted. False
+    for a thread's submission or a loop that is not asyncio's."""
     get_loop = getattr(item.future, "get_loop", None)
-    return bool(get_loop is not None and getattr(get_loop(), "_ready", None))
+    return get_loop is not None and callbacks_waiting(get_loop(), unknown=False)
 
 
 def _failed_all(item: _Item, failed: Outcome) -> Any:

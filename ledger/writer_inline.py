@@ -28,6 +28,14 @@ INLINE_GAP_S = 0.0002
 _NO_CMDS: list[Any] = []  # a lone consume row's group has no commands
 
 
+def callbacks_waiting(loop: asyncio.AbstractEventLoop, unknown: bool) -> bool:
+    """Whether ``loop`` has callbacks waiting to run: asyncio's own queue of ready
+    callbacks (``_ready``, a private deque; one ``len``, safe from another thread under the
+    GIL). ``unknown`` for a loop without it. Both the inline path (issue 9) and a gathering
+    group (issue 18) read the loop's backlog through here."""
+    return bool(getattr(loop, "_ready", unknown))
+
+
 class InlineGroups:
     """The loop-side entry points of :class:`ledger.writer.Writer` for a lone submission."""
 
@@ -88,10 +96,9 @@ class InlineGroups:
         return not (
             not self.inline or self._last_items > 1 or not self._q.empty() or self._stopping
             or _EARLY_REPLIES  # a planted bug (issue 23) needs replies off the loop
-            # asyncio's queue of ready callbacks: handlers of other requests wait to run (a
-            # burst after a blocking commit), so this is not a lone request. A loop without
-            # it (not asyncio's own) never commits inline.
-            or getattr(loop, "_ready", True)
+            # Handlers of other requests wait to run (a burst after a blocking commit), so
+            # this is not a lone request. A loop not asyncio's own never commits inline.
+            or callbacks_waiting(loop, unknown=True)
             or time.perf_counter() - self._last_done_s < INLINE_GAP_S)
 
     def _due_now(self) -> bool:

@@ -101,7 +101,7 @@ class Floor(LeanConsume, qg.QuotaLedgerServicer):
         fut = asyncio.get_running_loop().create_future()
         item = self.keys.get((acc, rid))
         replayed = item is not None
-        if replayed and self.sent is None and not self.pending:  # its request is committed
+        if replayed and self.sent is None:  # nothing in flight: its request is committed
             fut.set_result((item, True))
             return fut
         if item is None:
